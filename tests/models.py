@@ -1,0 +1,46 @@
+"""Tiny random-weight models of every supported family, built from configs in code (no downloads)."""
+
+from __future__ import annotations
+
+import torch
+
+IMAGE_TOKEN = 120
+PAD = 0
+VOCAB = 128
+
+
+def tiny_llava(attn: str = "sdpa", seed: int = 0, image_size: int = 48, patch: int = 8, layers: int = 4):
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    torch.manual_seed(seed)
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                              image_size=image_size, patch_size=patch, projection_dim=32)
+    text = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=512, pad_token_id=PAD,
+                       rms_norm_eps=1e-6)
+    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN,
+                      vision_feature_layer=-2, vision_feature_select_strategy="default")
+    cfg._attn_implementation = attn
+    model = LlavaForConditionalGeneration(cfg).eval()
+    model.set_attn_implementation(attn) if hasattr(model, "set_attn_implementation") else None
+    return model
+
+
+def llava_inputs(model, batch: int = 1, seed: int = 0, pad: bool = True):
+    """Prompts [text..., <image> x n, text...] of different lengths per row, left-padded."""
+    g = torch.Generator().manual_seed(seed)
+    vcfg = model.config.vision_config
+    n_img = (vcfg.image_size // vcfg.patch_size) ** 2
+    rows = []
+    for b in range(batch):
+        pre = torch.randint(1, 100, (2 + b % 2,), generator=g)
+        post = torch.randint(1, 100, (4 + 2 * b,), generator=g)
+        rows.append(torch.cat([pre, torch.full((n_img,), IMAGE_TOKEN), post]))
+    L = max(len(r) for r in rows)
+    ids = torch.full((batch, L), PAD)
+    mask = torch.zeros(batch, L, dtype=torch.long)
+    for b, r in enumerate(rows):
+        ids[b, L - len(r):] = r
+        mask[b, L - len(r):] = 1
+    pixel_values = torch.randn(batch, 3, vcfg.image_size, vcfg.image_size, generator=g)
+    return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixel_values}

@@ -1,0 +1,190 @@
+"""Configs: an ordered list of stages, from YAML, a dict or :class:`Config`, validated at load time.
+
+```yaml
+stages:
+  - {method: visionzip, budget: 192}
+  - {method: fastv, layer: 2, budget: 0.5}
+```
+
+Every error names the stage index, the method, the field, the bad value and what is allowed. Unknown keys are
+errors. Layer ranges are checked against the model when the config is attached.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from .errors import ConfigError
+from .methods import Method, available_methods, get_method_class
+
+__all__ = ["Config", "load_config"]
+
+_TOP_LEVEL_KEYS = {"stages", "name", "description", "seed"}
+
+
+@dataclass(frozen=True)
+class Config:
+    """A validated compression config: ``stages`` run in order (vision-side first, then LLM-side by layer).
+
+    ``seed`` seeds the generator of random methods (a stage's own ``seed`` wins).
+    """
+
+    stages: tuple[Method, ...]
+    name: str = ""
+    description: str = ""
+    seed: int = 0
+    source: str = field(default="", compare=False)
+
+    @property
+    def vision_stages(self) -> tuple[Method, ...]:
+        return tuple(s for s in self.stages if s.side == "vision")
+
+    @property
+    def llm_stages(self) -> tuple[Method, ...]:
+        return tuple(s for s in self.stages if s.side == "llm")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "seed": self.seed,
+            "stages": [s.model_dump(exclude_defaults=False) for s in self.stages],
+        }
+
+
+def _format_validation_error(idx: int, method: str, err: ValidationError, raw: dict) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"] if not isinstance(p, int) or True)
+        field_name = str(e["loc"][0]) if e["loc"] else "?"
+        if e["type"] == "extra_forbidden":
+            cls = get_method_class(method)
+            allowed = sorted(cls.model_fields) if cls else []
+            lines.append(
+                f"stages[{idx}] ({method}): unknown parameter '{field_name}' "
+                f"(allowed: {', '.join(a for a in allowed if a != 'method')})"
+            )
+            continue
+        value = raw.get(field_name, "<missing>")
+        msg = e["msg"]
+        if msg.startswith("Value error, "):
+            msg = msg[len("Value error, "):]
+        lines.append(f"stages[{idx}] ({method}).{loc}: {msg} (got {value!r})")
+    return "\n".join(lines)
+
+
+def _parse_stage(idx: int, raw: Any) -> Method:
+    if isinstance(raw, Method):
+        return raw
+    if not isinstance(raw, dict):
+        raise ConfigError(f"stages[{idx}]: each stage must be a mapping with a 'method' key, got {raw!r}")
+    method = raw.get("method")
+    if method is None:
+        raise ConfigError(f"stages[{idx}]: missing 'method' (available: {', '.join(available_methods())})")
+    cls = get_method_class(str(method))
+    if cls is None:
+        raise ConfigError(
+            f"stages[{idx}]: unknown method {method!r} (available: {', '.join(available_methods())})"
+        )
+    try:
+        return cls.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(idx, str(method), err, raw)) from None
+    except ConfigError as err:
+        raise ConfigError(f"stages[{idx}] ({method}): {err}") from None
+
+
+def _check_composition(stages: tuple[Method, ...]) -> None:
+    seen: dict[int, int] = {}
+    for i, s in enumerate(stages):
+        for layer in s.llm_layers():
+            if layer in seen:
+                raise ConfigError(
+                    f"stages[{i}] ({s.method}) and stages[{seen[layer]}] ({stages[seen[layer]].method}) both act at "
+                    f"layer {layer}; two stages at one layer are not allowed (use different layers)"
+                )
+            seen[layer] = i
+    # vision stages: a 'vision'-space (pre-projector) stage cannot follow an 'llm'-space one
+    projected = False
+    for i, s in enumerate(stages):
+        if s.side != "vision":
+            continue
+        if s.space == "llm":
+            projected = True
+        elif projected:
+            raise ConfigError(
+                f"stages[{i}] ({s.method}): feature_space='vision' (before the projector) cannot follow a stage in "
+                "'llm' space (after the projector); reorder the stages"
+            )
+    llm = [s for s in stages if s.side == "llm"]
+    firsts = [min(s.llm_layers()) for s in llm]
+    if firsts != sorted(firsts):
+        raise ConfigError(
+            "LLM-side stages must be listed in increasing layer order, got layers "
+            + ", ".join(str(f) for f in firsts)
+        )
+
+
+def load_config(config: str | os.PathLike | dict | Config | list) -> Config:
+    """Load and validate a config from a YAML path, a YAML string, a dict, a list of stages or a Config.
+
+    Raises :class:`vtc.ConfigError` naming the stage, field, value and allowed values on any problem.
+    """
+    if isinstance(config, Config):
+        return config
+    source = ""
+    if isinstance(config, str | os.PathLike) and not (isinstance(config, str) and "\n" in config):
+        path = Path(config)
+        if not path.exists():
+            # maybe a bundled config name like "llava-1.5/fastv-50"
+            bundled = Path(__file__).resolve().parent.parent / "configs" / f"{config}"
+            for cand in (bundled, bundled.with_suffix(".yaml")):
+                if cand.exists():
+                    path = cand
+                    break
+            else:
+                raise ConfigError(f"config file not found: {config}")
+        source = str(path)
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: invalid YAML: {err}") from None
+    elif isinstance(config, str):
+        try:
+            data = yaml.safe_load(config)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"invalid YAML: {err}") from None
+    else:
+        data = config
+    if isinstance(data, list):
+        data = {"stages": data}
+    if not isinstance(data, dict):
+        raise ConfigError(f"a config must be a mapping with a 'stages' list, got {type(data).__name__}")
+    unknown = set(data) - _TOP_LEVEL_KEYS
+    if unknown:
+        raise ConfigError(
+            f"unknown top-level config key(s): {', '.join(sorted(map(str, unknown)))} "
+            f"(allowed: {', '.join(sorted(_TOP_LEVEL_KEYS))})"
+        )
+    raw_stages = data.get("stages")
+    if raw_stages is None:
+        raw_stages = []
+    if not isinstance(raw_stages, list | tuple):
+        raise ConfigError(f"'stages' must be a list, got {type(raw_stages).__name__}")
+    stages = tuple(_parse_stage(i, s) for i, s in enumerate(raw_stages))
+    _check_composition(stages)
+    seed = data.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ConfigError(f"seed: must be an int, got {seed!r}")
+    return Config(
+        stages=stages,
+        name=str(data.get("name", "") or (Path(source).stem if source else "")),
+        description=str(data.get("description", "") or ""),
+        seed=seed,
+        source=source,
+    )

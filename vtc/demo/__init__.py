@@ -1,0 +1,18 @@
+"""The project's own tiny trained demo VLMs and their synthetic VQA task.
+
+Submodules (imported lazily, nothing heavy here):
+
+- ``vtc.demo.task``: seeded procedural shapes-VQA generator (``get_sample``, ``get_samples``).
+- ``vtc.demo.ordered_vlm``: the ordered-1D-token VLM as transformers classes (``register()``).
+- ``vtc.demo.build``: configs, tokenizer and processors of both demo models.
+- ``vtc.demo.train``: reproducible training (``train_grid``, ``train_1d``, ``main``).
+- ``vtc.demo.evaluate``: batched greedy-generation accuracy (``evaluate``).
+"""
+
+from pathlib import Path
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+GRID_MODEL_PATH = ASSETS / "tiny-llava"
+ORDERED_MODEL_PATH = ASSETS / "tiny-1d"
+
+__all__ = ["ASSETS", "GRID_MODEL_PATH", "ORDERED_MODEL_PATH"]

@@ -1,0 +1,245 @@
+"""Method base class and the contexts methods receive.
+
+A method is a small pydantic model: its fields are the config parameters (validated, unknown keys rejected) and
+it implements one job: ``reduce_vision(VisionContext) -> Reduction`` (before the LLM) and/or
+``reduce_llm(LLMContext) -> Reduction`` (entering a decoder layer). The runtime applies the Reduction.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Annotated, Any, ClassVar, Literal
+
+import torch
+from pydantic import BaseModel, BeforeValidator, ConfigDict
+
+from ..errors import ConfigError
+from ..layout import Layout
+from ..reduction import Reduction, resolve_budget, topk_per_group
+
+__all__ = ["Budget", "Method", "VisionContext", "VisionExtras", "LLMContext", "Side"]
+
+Side = Literal["vision", "llm"]
+
+
+def _check_budget(value: Any) -> int | float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(
+            f"must be an int >= 1 (tokens per image) or a float in (0, 1] (keep fraction), got {value!r}"
+        )
+    if isinstance(value, float):
+        if math.isnan(value) or not (0.0 < value <= 1.0):
+            raise ValueError(
+                f"a float budget is a keep fraction and must be in (0, 1], got {value!r} "
+                "(use an int for a token count)"
+            )
+        return float(value)
+    if value < 1:
+        raise ValueError(f"an int budget is a token count and must be >= 1, got {value!r}")
+    return int(value)
+
+
+Budget = Annotated[int | float, BeforeValidator(_check_budget)]
+
+
+@dataclass
+class VisionExtras:
+    """What the vision encoder can provide to scoring, computed lazily and only on request.
+
+    Each entry is a zero-argument callable (None where the tower cannot provide it):
+    - ``cls_attention``: (U, n) attention of the CLS query to each fed token in the feature layer, summed over
+      heads (VisionZip's dominant score). Flash-compatible: one recomputed query row.
+    - ``received_attention``: (U, n) attention each fed token receives from a mean query (towers without CLS).
+    - ``keys``: (U, n, d) feature-layer keys averaged over heads (VisionZip's merge metric).
+    - ``cls_token``: (U, D) the CLS hidden state of the feature layer, in the same space as ``features``.
+    - ``hidden_with_cls``: (U, 1 + n, D) the feature layer's hidden states including CLS.
+    Adapters may add more (``other``).
+    """
+
+    cls_attention: Callable[[], torch.Tensor] | None = None
+    received_attention: Callable[[], torch.Tensor] | None = None
+    keys: Callable[[], torch.Tensor] | None = None
+    cls_token: Callable[[], torch.Tensor] | None = None
+    hidden_with_cls: Callable[[], torch.Tensor] | None = None
+    other: dict[str, Callable[[], torch.Tensor]] = field(default_factory=dict)
+
+    def require(self, name: str, method: str) -> torch.Tensor:
+        fn = getattr(self, name, None) if name in self.__dataclass_fields__ else self.other.get(name)
+        if fn is None:
+            raise ConfigError(
+                f"method '{method}' needs '{name}' from the vision tower, which this model/input does not provide "
+                f"(available: {', '.join(self.available()) or 'none'})"
+            )
+        return fn()
+
+    def available(self) -> list[str]:
+        names = [n for n in ("cls_attention", "received_attention", "keys", "cls_token", "hidden_with_cls")
+                 if getattr(self, n) is not None]
+        return names + sorted(self.other)
+
+
+@dataclass
+class VisionContext:
+    """Input to a vision-side method: U units (images / crops / videos) with the same layout.
+
+    features: (U, n, D), in the space the stage asked for ('vision' = before the projector, 'llm' = after).
+    """
+
+    features: torch.Tensor
+    layout: Layout
+    extras: VisionExtras = field(default_factory=VisionExtras)
+    generator: torch.Generator | None = None
+    space: Side = "llm"
+
+    @property
+    def num_units(self) -> int:
+        return self.features.shape[0]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.features.shape[1]
+
+
+@dataclass
+class LLMContext:
+    """Input to an LLM-side method entering decoder layer ``layer_idx`` during prefill.
+
+    Shapes: B batch, M current slots (the survivors of earlier stages, plus left-padding slots), n visual
+    candidates per row (padded), D hidden size.
+
+    - hidden_states (B, M, D): hidden states entering the layer.
+    - candidates (B, n): slot index of each prunable visual token (image-newline tokens are never candidates);
+      candidate_valid (B, n) marks the real ones. image_id (B, n): which image (global index) each belongs to;
+      -1 for padding.
+    - slot_positions (B, M): original sequence index of every slot; slot_valid (B, M): False for pad slots
+      added by vtc; token_valid (B, M): slot_valid and not user padding.
+    - is_visual (B, M), sizes (B, M): current token sizes (cluster sizes after merges; 1 otherwise).
+    - position_embeddings, attention_mask: the (already sliced) tensors the layer will receive.
+    - captured: inputs of earlier layers captured for this method (``capture_layers``), keyed by layer index,
+      each an :class:`LLMContext`-like snapshot (same fields).
+    - adapter: the model adapter (``adapter.project_qk`` re-projects q / k for the rows a score needs).
+    """
+
+    layer_idx: int
+    hidden_states: torch.Tensor
+    candidates: torch.Tensor
+    candidate_valid: torch.Tensor
+    image_id: torch.Tensor
+    slot_positions: torch.Tensor
+    slot_valid: torch.Tensor
+    token_valid: torch.Tensor
+    is_visual: torch.Tensor
+    sizes: torch.Tensor
+    position_embeddings: Any
+    attention_mask: torch.Tensor | None
+    adapter: Any
+    captured: dict[int, LLMContext] = field(default_factory=dict)
+    generator: torch.Generator | None = None
+    stage_index: int = 0
+    # (B, max images) number of candidates of each image (for per-image budgets)
+    image_counts: torch.Tensor | None = None
+
+    @property
+    def batch_size(self) -> int:
+        return self.hidden_states.shape[0]
+
+    def candidate_states(self, hidden_states: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, n, D) hidden states of the candidates."""
+        h = self.hidden_states if hidden_states is None else hidden_states
+        return torch.gather(h, 1, self.candidates.unsqueeze(-1).expand(-1, -1, h.shape[-1]))
+
+    def last_token_slot(self) -> torch.Tensor:
+        """(B,) slot of the last real (non-padding) token: the last prompt token."""
+        M = self.token_valid.shape[1]
+        idx = torch.arange(M, device=self.token_valid.device).expand_as(self.token_valid)
+        return torch.where(self.token_valid, idx, torch.full_like(idx, -1)).max(dim=-1).values
+
+    def instruction_mask(self) -> torch.Tensor:
+        """(B, M) real text tokens after the last visual token (the instruction / question)."""
+        M = self.is_visual.shape[1]
+        idx = torch.arange(M, device=self.is_visual.device).expand_as(self.is_visual)
+        last_vis = torch.where(self.is_visual & self.slot_valid, idx, torch.full_like(idx, -1)).max(-1).values
+        return self.token_valid & ~self.is_visual & (idx > last_vis[:, None])
+
+    def keep_top_per_image(self, scores: torch.Tensor, budget: int | float, what: str = "budget") -> Reduction:
+        """Keep the top-``budget`` candidates of every image by ``scores`` (B, n); ties by index."""
+        k = self.budget_per_image(budget, what)
+        group = torch.where(self.candidate_valid, self.image_id, torch.full_like(self.image_id, -1))
+        mask = topk_per_group(scores, group, k)
+        return Reduction.from_mask(mask)
+
+    def budget_per_image(self, budget: int | float, what: str = "budget") -> torch.Tensor:
+        """(B, G) tokens to keep per image from the per-image candidate counts."""
+        counts = self.image_counts
+        assert counts is not None
+        flat = counts.flatten().tolist()  # one host sync per stage, not per token
+        ks = [resolve_budget(budget, c, what=what) if c > 0 else 0 for c in flat]
+        return torch.tensor(ks, dtype=torch.long, device=counts.device).view_as(counts)
+
+
+class Method(BaseModel):
+    """Base class of every method. Subclasses declare fields (= config parameters) with defaults.
+
+    Class attributes:
+    - ``sides``: where the method can run. A method that supports both runs LLM-side when ``layer`` is set.
+    - ``paper``: citation shown in docs and errors.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+
+    sides: ClassVar[tuple[Side, ...]] = ("vision",)
+    paper: ClassVar[str] = ""
+
+    method: str
+
+    # ---- placement -------------------------------------------------------------------------------------------
+    @property
+    def side(self) -> Side:
+        if "llm" in self.sides and ("vision" not in self.sides or getattr(self, "layer", None) is not None):
+            return "llm"
+        return "vision"
+
+    @property
+    def space(self) -> Side:
+        """Vision-side only: 'vision' reduces the tower features before the projector, 'llm' after."""
+        return getattr(self, "feature_space", "llm")
+
+    def llm_layers(self) -> tuple[int, ...]:
+        """0-indexed decoder layers this stage acts at (the survivors enter these layers)."""
+        layer = getattr(self, "layer", None)
+        return () if layer is None else (int(layer),)
+
+    def capture_layers(self) -> tuple[int, ...]:
+        """Layers whose (post-reduction) inputs the method needs later (e.g. FastV: layer L - 1)."""
+        return ()
+
+    def validate_for_model(self, num_layers: int) -> None:
+        """Raise ConfigError when the stage does not fit the model (called at attach time)."""
+        for layer in self.llm_layers():
+            if not (1 <= layer < num_layers):
+                raise ConfigError(
+                    f"{self.method}: layer={layer} is out of range for a model with {num_layers} decoder layers "
+                    f"(allowed: 1..{num_layers - 1}; use a vision-side stage to reduce before the LLM)"
+                )
+
+    def check_layout(self, layout: Layout) -> None:
+        """Raise ConfigError if this method cannot run on ``layout``."""
+
+    def attach(self, run: Any) -> list[Any]:
+        """Extra per-instance hooks the method needs (returns removable handles). Default: none."""
+        return []
+
+    # ---- the maths -------------------------------------------------------------------------------------------
+    def reduce_vision(self, ctx: VisionContext) -> Reduction:  # pragma: no cover - overridden
+        raise ConfigError(f"method '{self.method}' cannot run vision-side")
+
+    def reduce_llm(self, ctx: LLMContext) -> Reduction:  # pragma: no cover - overridden
+        raise ConfigError(f"method '{self.method}' cannot run LLM-side")
+
+    def output_layout(self, layout: Layout, num_out: int) -> Layout:
+        """Layout of the vision-side output (default: an unordered sequence; pooling returns a grid)."""
+        from ..layout import Sequence
+
+        return Sequence(num_out, is_ordered=layout.ordered and getattr(self, "keeps_prefix", False))

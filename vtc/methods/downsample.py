@@ -1,0 +1,102 @@
+"""``downsample``: bilinear resize of the feature grid from (h, w) to (h', w') with h' * w' = k.
+
+A strong baseline in VTC-Bench (Liao et al., 2025): it matches many published pruning methods at equal budget.
+(h', w') is the factor pair of k closest to the grid's aspect ratio, or ``grid: [h', w']``. Video: per frame.
+By default it acts on the tower features before the projector (``feature_space: vision``), like pooling
+projectors; ``feature_space: llm`` resizes the projected embeddings. Every output token takes the grid cell of
+the input token nearest its centre (its anchor) for positions and drawing.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import ConfigError
+from ..layout import Grid, Layout, Video
+from ..reduction import Reduction, resolve_budget
+from . import register_method
+from .base import Budget, Method, VisionContext
+
+__all__ = ["Downsample", "closest_factor_pair", "window_anchors"]
+
+
+def closest_factor_pair(k: int, h: int, w: int) -> tuple[int, int]:
+    """(h', w') with h' * w' = k and h' / w' closest to h / w (in log ratio), h' <= h and w' <= w if possible."""
+    best = None
+    target = h / w
+    for a in range(1, k + 1):
+        if k % a:
+            continue
+        b = k // a
+        fits = a <= h and b <= w
+        score = (not fits, abs(math.log(a / b / target)))
+        if best is None or score < best[0]:
+            best = (score, (a, b))
+    return best[1]
+
+
+def window_anchors(h: int, w: int, h2: int, w2: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """For an (h, w) -> (h2, w2) resize: anchor input index (h2*w2,) of each output cell (nearest to the window
+    centre) and the source map (h*w,) output cell of each input token (the window it falls in)."""
+    rows = torch.arange(h, device=device)
+    cols = torch.arange(w, device=device)
+    r_out = (rows * h2) // h
+    c_out = (cols * w2) // w
+    source = (r_out[:, None] * w2 + c_out[None, :]).flatten()
+    rc = ((torch.arange(h2, device=device) + 0.5) * h / h2 - 0.5).round().long().clamp(0, h - 1)
+    cc = ((torch.arange(w2, device=device) + 0.5) * w / w2 - 0.5).round().long().clamp(0, w - 1)
+    anchor = (rc[:, None] * w + cc[None, :]).flatten()
+    return anchor, source
+
+
+@register_method("downsample")
+class Downsample(Method):
+    sides = ("vision",)
+    paper = "baseline (VTC-Bench, Liao et al., 2025)"
+
+    method: Literal["downsample"] = "downsample"
+    budget: Budget
+    grid: tuple[int, int] | None = None
+    feature_space: Literal["vision", "llm"] = "vision"
+
+    def check_layout(self, layout: Layout) -> None:
+        if not isinstance(layout, Grid | Video):
+            raise ConfigError(
+                f"downsample: needs a 2D grid layout (Grid or Video), got {layout!r}; use pool (1D) or random"
+            )
+
+    def _target(self, h: int, w: int) -> tuple[int, int]:
+        if self.grid is not None:
+            h2, w2 = self.grid
+            if h2 < 1 or w2 < 1 or h2 > h or w2 > w:
+                raise ConfigError(f"downsample: grid={list(self.grid)} must fit inside the {h}x{w} feature grid")
+            return h2, w2
+        k = resolve_budget(self.budget, h * w)
+        return closest_factor_pair(k, h, w)
+
+    def reduce_vision(self, ctx: VisionContext) -> Reduction:
+        layout = ctx.layout
+        U, n, D = ctx.features.shape
+        t = layout.t if isinstance(layout, Video) else 1
+        h, w = layout.h, layout.w
+        h2, w2 = self._target(h, w)
+        x = ctx.features.view(U * t, h, w, D).permute(0, 3, 1, 2).float()
+        y = F.interpolate(x, size=(h2, w2), mode="bilinear", align_corners=False)
+        y = y.permute(0, 2, 3, 1).reshape(U, t * h2 * w2, D).to(ctx.features.dtype)
+        anchor, source = window_anchors(h, w, h2, w2, ctx.features.device)
+        offs_in = (torch.arange(t, device=anchor.device) * h * w)[:, None]
+        offs_out = (torch.arange(t, device=anchor.device) * h2 * w2)[:, None]
+        anchor = (anchor[None] + offs_in).flatten().expand(U, -1)
+        source = (source[None] + offs_out).flatten().expand(U, -1)
+        k = t * h2 * w2
+        sizes = torch.bincount(source[0], minlength=k).float().expand(U, k)
+        return Reduction(anchor=anchor.contiguous(), valid=torch.ones(U, k, dtype=torch.bool, device=anchor.device),
+                         source=source.contiguous(), features=y, sizes=sizes.contiguous())
+
+    def output_layout(self, layout: Layout, num_out: int) -> Layout:
+        h2, w2 = self._target(layout.h, layout.w)
+        return Video(layout.t, h2, w2) if isinstance(layout, Video) else Grid(h2, w2)

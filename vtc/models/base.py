@@ -1,0 +1,222 @@
+"""Model adapters: the only place that knows a model family.
+
+An adapter answers, for one model instance:
+- where the decoder layers are and how to re-project q / k rows at a layer (norm, projections, RoPE);
+- which sequence positions are visual tokens (and which are never pruned, e.g. LLaVA-NeXT newlines);
+- how to run the vision encoder to get per-unit features (+ scoring extras) and how to project them;
+- how per-image reduced features are packed back (newlines, positions) for the LLM.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ..layout import Layout
+from ..methods.base import VisionExtras
+from ..scoring import apply_rope
+
+__all__ = ["ModelAdapter", "TokenMap", "VisualGroup", "ImageFeatures", "cache_kwarg_name"]
+
+
+@dataclass
+class TokenMap:
+    """Where the visual tokens of a batch sit. All (B, N).
+
+    is_visual: placeholder positions; image_id: global image index per visual token (-1 for text);
+    protected: visual positions that must never be pruned (e.g. image_newline).
+    """
+
+    is_visual: torch.Tensor
+    image_id: torch.Tensor
+    protected: torch.Tensor
+
+    @classmethod
+    def from_placeholders(cls, is_visual: torch.Tensor, tokens_per_image: list[int] | None = None) -> TokenMap:
+        """Image ids by counting placeholders in (row-major) order; ``tokens_per_image`` splits adjacent images."""
+        flat = is_visual.flatten().long()
+        rank = flat.cumsum(0) - 1  # running index of each placeholder over the batch
+        if tokens_per_image:
+            bounds = torch.tensor(tokens_per_image, device=is_visual.device).cumsum(0)
+            img = torch.searchsorted(bounds, rank, right=True)
+        else:
+            # one image per contiguous run
+            starts = flat.clone()
+            starts[1:] = flat[1:] & (1 - flat[:-1])
+            img = starts.cumsum(0) - 1
+        image_id = torch.where(flat.bool(), img, torch.full_like(img, -1)).view_as(is_visual)
+        return cls(is_visual=is_visual, image_id=image_id, protected=torch.zeros_like(is_visual))
+
+
+@dataclass
+class VisualGroup:
+    """U units that share one layout, ready for vision-side methods.
+
+    features: (U, n, Dv) tower features in the space the model feeds the projector (CLS dropped if the model
+    drops it). unit_image: (U,) which image each unit belongs to. unit_part: (U,) index of the unit inside
+    its image (crop index / 0).
+    """
+
+    features: torch.Tensor
+    layout: Layout
+    unit_image: list[int]
+    unit_part: list[int]
+    extras: VisionExtras = field(default_factory=VisionExtras)
+
+
+@dataclass
+class ImageFeatures:
+    """One image's features for the LLM after reduction: (k, Dt) embeddings, (k,) protected flags, and
+    optional per-token info for positions (e.g. M-RoPE (3, k) ids) and drawing (source map per unit)."""
+
+    embeds: torch.Tensor
+    protected: torch.Tensor
+    positions: torch.Tensor | None = None
+
+
+def cache_kwarg_name(fn) -> str:
+    """The name of the cache keyword: 'cache' (transformers >= 5.2x) or 'past_key_values' (older 5.x)."""
+    params = inspect.signature(fn).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+class ModelAdapter:
+    """Base adapter. Subclasses set ``family`` and ``model_class_names`` and fill in the vision side."""
+
+    family: ClassVar[str] = "base"
+    model_class_names: ClassVar[tuple[str, ...]] = ()
+    #: names of forward kwargs that carry visual inputs (dropped once vtc has turned them into embeddings)
+    visual_input_keys: ClassVar[tuple[str, ...]] = ("pixel_values",)
+    #: kwargs only the vision path reads (dropped together with the visual inputs)
+    vision_only_keys: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        names = {c.__name__ for c in type(model).__mro__}
+        return any(n in names for n in cls.model_class_names)
+
+    # ---- language model -----------------------------------------------------------------------------------------
+    @property
+    def inner(self) -> nn.Module:
+        """The multimodal base model (``model.model``)."""
+        return self.model.model
+
+    @property
+    def language_model(self) -> nn.Module:
+        return self.inner.language_model
+
+    @property
+    def text_config(self):
+        return self.model.config.get_text_config()
+
+    def decoder_layers(self) -> nn.ModuleList:
+        return self.language_model.layers
+
+    def num_layers(self) -> int:
+        return len(self.decoder_layers())
+
+    def attn_implementation(self) -> str:
+        return getattr(self.text_config, "_attn_implementation", None) or "eager"
+
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.get_input_embeddings()(input_ids)
+
+    def rope_rows(self, x: torch.Tensor, position_embeddings: Any, rows: torch.Tensor | None) -> torch.Tensor:
+        """Apply the model's RoPE to x (B, h, R, d) for slot rows (B, R) (None: all slots)."""
+        cos, sin = position_embeddings
+        if cos.dim() != 3:
+            raise NotImplementedError(f"{self.family}: unexpected rotary table shape {tuple(cos.shape)}")
+        B = x.shape[0]
+        cos = cos.expand(B, -1, -1)
+        sin = sin.expand(B, -1, -1)
+        if rows is not None:
+            idx = rows.unsqueeze(-1).expand(-1, -1, cos.shape[-1])
+            cos = torch.gather(cos, 1, idx)
+            sin = torch.gather(sin, 1, idx)
+        return apply_rope(x, cos, sin)
+
+    def project_qk(
+        self,
+        layer_idx: int,
+        hidden_states: torch.Tensor,
+        position_embeddings: Any,
+        query_rows: torch.Tensor | None = None,
+        *,
+        query_states: torch.Tensor | None = None,
+        rope: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Re-project queries for a few rows and keys for all rows at decoder layer ``layer_idx``.
+
+        hidden_states: (B, M, D) the layer's input (before its input norm). query_rows: (B, R) slot indices, or
+        None with ``query_states`` (B, R, D) given directly in the normed space (e.g. PACT's mean query).
+        Returns q (B, h, R, d) and k (B, h_kv, M, d), with RoPE applied when ``rope``.
+        """
+        layer = self.decoder_layers()[layer_idx]
+        attn = layer.self_attn
+        x = layer.input_layernorm(hidden_states)
+        B, M, _ = x.shape
+        head_dim = attn.head_dim
+        k = attn.k_proj(x).view(B, M, -1, head_dim).transpose(1, 2)
+        if query_states is None:
+            assert query_rows is not None
+            xq = torch.gather(x, 1, query_rows.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+        else:
+            xq = query_states
+        R = xq.shape[1]
+        q = attn.q_proj(xq).view(B, R, -1, head_dim).transpose(1, 2)
+        if rope:
+            k = self.rope_rows(k, position_embeddings, None)
+            if query_rows is not None:
+                q = self.rope_rows(q, position_embeddings, query_rows)
+        return q, k
+
+    def attention_scale(self, layer_idx: int) -> float:
+        return float(self.decoder_layers()[layer_idx].self_attn.scaling)
+
+    # ---- visual tokens ------------------------------------------------------------------------------------------
+    def has_visual_inputs(self, kwargs: dict) -> bool:
+        return any(kwargs.get(k) is not None for k in self.visual_input_keys)
+
+    def token_map(self, input_ids: torch.Tensor, kwargs: dict) -> TokenMap:
+        """Visual token positions of a prompt. Default: ``image_token_id`` placeholders, one image per run."""
+        image_token_id = self.model.config.image_token_id
+        return TokenMap.from_placeholders(input_ids == image_token_id, self.tokens_per_image(kwargs))
+
+    def tokens_per_image(self, kwargs: dict) -> list[int] | None:
+        """Placeholder count of each image in order, when adjacent images must be told apart."""
+        return None
+
+    def placeholder_token_id(self) -> int:
+        return self.model.config.image_token_id
+
+    # ---- vision side (overridden per family) --------------------------------------------------------------------
+    def encode_images(self, kwargs: dict, needs: set[str]) -> list[VisualGroup]:  # pragma: no cover
+        raise NotImplementedError(f"{self.family}: vision-side stages are not supported by this adapter yet")
+
+    def project(self, features: torch.Tensor) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def pack_images(self, groups_out: list[tuple[VisualGroup, torch.Tensor, Any]], kwargs: dict) -> list[ImageFeatures]:
+        """Per-image LLM features from the reduced units. Default: concatenate each image's units in part order."""
+        per_image: dict[int, list[tuple[int, torch.Tensor]]] = {}
+        for group, feats, _red in groups_out:
+            for u, (img, part) in enumerate(zip(group.unit_image, group.unit_part)):
+                per_image.setdefault(img, []).append((part, feats[u]))
+        out = []
+        for img in sorted(per_image):
+            parts = [f for _, f in sorted(per_image[img], key=lambda t: t[0])]
+            emb = torch.cat(parts, dim=0)
+            out.append(ImageFeatures(emb, torch.zeros(emb.shape[0], dtype=torch.bool, device=emb.device)))
+        return out
+
+    def position_ids_for(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                         images: list[ImageFeatures], kwargs: dict) -> torch.Tensor | None:
+        """Position ids for a rebuilt (vision-reduced) prompt; None lets the model use its default."""
+        return None

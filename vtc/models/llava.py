@@ -1,0 +1,76 @@
+"""LLaVA-1.5 (``LlavaForConditionalGeneration``): CLIP / SigLIP tower, MLP projector, Llama-style LM.
+
+Visual tokens: ``image_token_id`` placeholders, ``(image_size / patch_size)^2`` per image (CLS dropped with
+``vision_feature_select_strategy="default"``). Layout: ``Grid(h, w)`` per image.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..layout import Grid, Sequence
+from .base import ModelAdapter, VisualGroup
+from .vision_towers import TowerScorer
+
+__all__ = ["LlavaAdapter"]
+
+
+class LlavaAdapter(ModelAdapter):
+    family = "llava"
+    model_class_names = ("LlavaForConditionalGeneration",)
+    visual_input_keys = ("pixel_values",)
+    vision_only_keys = ("image_sizes", "vision_feature_layer", "vision_feature_select_strategy")
+
+    @property
+    def vision_tower(self):
+        return self.inner.vision_tower
+
+    def _feature_settings(self, kwargs: dict) -> tuple[int | list[int], str]:
+        cfg = self.model.config
+        layer = kwargs.get("vision_feature_layer") or cfg.vision_feature_layer
+        strategy = kwargs.get("vision_feature_select_strategy") or cfg.vision_feature_select_strategy
+        return layer, strategy
+
+    def tokens_per_image(self, kwargs: dict) -> list[int] | None:
+        pv = kwargs.get("pixel_values")
+        if pv is None:
+            return None
+        n = self._tokens_per_image()
+        return [n] * pv.shape[0]
+
+    def _tokens_per_image(self) -> int:
+        vcfg = self.model.config.vision_config
+        side = vcfg.image_size // vcfg.patch_size
+        _, strategy = self._feature_settings({})
+        return side * side + (1 if strategy == "full" else 0)
+
+    def encode_images(self, kwargs: dict, needs: set[str]) -> list[VisualGroup]:
+        pixel_values = kwargs["pixel_values"]
+        layer, strategy = self._feature_settings(kwargs)
+        tower = self.vision_tower
+        pixel_values = pixel_values.to(dtype=next(tower.parameters()).dtype)
+        out = tower(pixel_values, output_hidden_states=True, return_dict=True)
+        if isinstance(layer, int):
+            feats = out.hidden_states[layer]
+        else:
+            feats = torch.cat([out.hidden_states[i] for i in layer], dim=-1)
+        has_cls = self._tower_has_cls()
+        scorer = TowerScorer(tower, out.hidden_states, layer, has_cls=has_cls, drop_cls=(strategy == "default"))
+        if strategy == "default":
+            feats = feats[:, 1:]
+        n = feats.shape[1]
+        vcfg = self.model.config.vision_config
+        side = vcfg.image_size // vcfg.patch_size
+        layout = Grid(side, side) if side * side == n else Sequence(n)
+        U = feats.shape[0]
+        return [VisualGroup(feats, layout, list(range(U)), [0] * U, scorer.as_vision_extras())]
+
+    def _tower_has_cls(self) -> bool:
+        """CLIP-style towers prepend a CLS token; SigLIP-style towers do not."""
+        emb = getattr(self.vision_tower, "embeddings", None) or getattr(
+            getattr(self.vision_tower, "vision_model", None), "embeddings", None
+        )
+        return getattr(emb, "class_embedding", None) is not None
+
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        return self.inner.multi_modal_projector(features)

@@ -1,0 +1,168 @@
+"""The one result type every method returns, and the shared selection maths.
+
+A :class:`Reduction` describes how ``n`` input tokens (per row: per image on the vision side, per sample on the
+LLM side) become ``k`` output tokens:
+
+- ``anchor`` (R, k): for each output token, the input index whose slot and position it takes (for plain
+  pruning: the kept index; for a merge: the centre / target; for pooling: a token of its window).
+- ``valid`` (R, k): False marks padding when rows deliver different counts (content-adaptive methods).
+- ``source`` (R, n): the source map, the output slot each input token is represented by (-1: dropped). This is
+  what drawing, stats and proportional attention read (ToMe's source map).
+- ``features`` (R, k, D) or None: the output features when they are not a plain gather of the inputs
+  (merging, pooling). None means ``gather(inputs, anchor)``.
+- ``sizes`` (R, k) float or None: how many input tokens each output stands for, for proportional attention.
+
+Order: on the LLM side outputs are always sorted by anchor (the sequence stays in original order); on the vision
+side the method's output order is what the LLM sees (e.g. VisionZip: dominant, then contextual).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["Reduction", "resolve_budget", "topk_per_group", "select_topk"]
+
+
+@dataclass
+class Reduction:
+    anchor: torch.Tensor
+    valid: torch.Tensor
+    source: torch.Tensor
+    features: torch.Tensor | None = None
+    sizes: torch.Tensor | None = None
+
+    @property
+    def num_out(self) -> torch.Tensor:
+        """(R,) number of valid outputs per row."""
+        return self.valid.sum(-1)
+
+    @property
+    def num_in(self) -> int:
+        return self.source.shape[-1]
+
+    def output_features(self, inputs: torch.Tensor) -> torch.Tensor:
+        """(R, k, D) output features: ``features`` if the method produced them, else a gather of ``inputs``."""
+        if self.features is not None:
+            return self.features
+        return torch.gather(inputs, 1, self.anchor.unsqueeze(-1).expand(-1, -1, inputs.shape[-1]))
+
+    def token_sizes(self) -> torch.Tensor:
+        """(R, k) float sizes (1 for plain kept tokens)."""
+        if self.sizes is not None:
+            return self.sizes
+        return self.valid.to(torch.float32)
+
+    # -- constructors -------------------------------------------------------------------------------------------
+    @classmethod
+    def select(cls, keep: torch.Tensor, num_in: int, valid: torch.Tensor | None = None) -> Reduction:
+        """Plain pruning: keep the tokens ``keep`` (R, k) (any order; sorted here), dropping the rest."""
+        if valid is None:
+            valid = torch.ones_like(keep, dtype=torch.bool)
+        # sort valid entries first by index; invalid ones go last
+        big = torch.iinfo(keep.dtype).max
+        order_key = torch.where(valid, keep, torch.full_like(keep, big))
+        order_key, order = order_key.sort(dim=-1)
+        keep = torch.gather(keep, 1, order)
+        valid = torch.gather(valid, 1, order)
+        keep = torch.where(valid, keep, torch.zeros_like(keep))
+        return cls(anchor=keep, valid=valid, source=_source_from_keep(keep, valid, num_in))
+
+    @classmethod
+    def from_mask(cls, mask: torch.Tensor) -> Reduction:
+        """Plain pruning from a boolean keep mask (R, n); rows may keep different counts (padded)."""
+        n = mask.shape[-1]
+        counts = mask.sum(-1)
+        k = int(counts.max()) if mask.numel() else 0
+        k = max(k, 1)
+        idx = torch.arange(n, device=mask.device).expand_as(mask)
+        key = torch.where(mask, idx, idx + n)
+        order = key.argsort(dim=-1)[:, :k]
+        valid = torch.gather(mask, 1, order)
+        anchor = torch.where(valid, order, torch.zeros_like(order))
+        return cls(anchor=anchor, valid=valid, source=_source_from_keep(anchor, valid, n))
+
+    @classmethod
+    def identity(cls, rows: int, n: int, device: torch.device | None = None) -> Reduction:
+        keep = torch.arange(n, device=device).expand(rows, n).contiguous()
+        return cls.select(keep, n)
+
+
+def _source_from_keep(keep: torch.Tensor, valid: torch.Tensor, num_in: int) -> torch.Tensor:
+    """(R, n) output slot of every input token (-1: dropped) from kept indices (R, k)."""
+    rows, k = keep.shape
+    source = torch.full((rows, num_in + 1), -1, dtype=torch.long, device=keep.device)
+    target = torch.where(valid, keep, torch.full_like(keep, num_in))  # invalid entries go to a dummy column
+    slots = torch.arange(k, device=keep.device).expand(rows, k)
+    source.scatter_(1, target, slots)
+    return source[:, :num_in]
+
+
+_warned: set[tuple] = set()
+
+
+def resolve_budget(budget: int | float, available: int, *, what: str = "budget") -> int:
+    """Number of tokens to keep out of ``available``.
+
+    - int ``k``: ``k`` tokens; more than available is **clamped with a warning** (documented decision: a config
+      written for 576-token images still runs on a smaller image).
+    - float ``f`` in (0, 1]: ``max(1, floor(f * available))``.
+    """
+    if available <= 0:
+        return 0
+    if isinstance(budget, bool):  # pragma: no cover - rejected by config validation
+        raise TypeError(f"{what} must be an int or a float, not bool")
+    if isinstance(budget, int):
+        if budget > available:
+            key = (what, budget, available)
+            if key not in _warned:
+                _warned.add(key)
+                warnings.warn(
+                    f"{what}={budget} is more than the {available} tokens available; keeping all {available}",
+                    stacklevel=3,
+                )
+            return available
+        return budget
+    return max(1, min(available, int(math.floor(budget * available + 1e-6))))
+
+
+def topk_per_group(scores: torch.Tensor, group: torch.Tensor, k_per_group: torch.Tensor) -> torch.Tensor:
+    """Boolean mask of the top ``k_per_group[g]`` entries of every group, per row, vectorised.
+
+    scores: (R, n) float; entries with ``group < 0`` are never selected. group: (R, n) long group id in
+    [0, G) (e.g. which image a visual token belongs to). k_per_group: (R, G) long. Ties are broken by the lower
+    index (stable sort), so selection is deterministic.
+    """
+    R, n = scores.shape
+    if n == 0:
+        return torch.zeros_like(scores, dtype=torch.bool)
+    valid = group >= 0
+    s = torch.where(valid, scores.float(), torch.full_like(scores, float("-inf"), dtype=torch.float32))
+    # sort by score descending (stable keeps index order on ties), then stably by group
+    order = torch.sort(s, dim=-1, descending=True, stable=True).indices
+    g_sorted = torch.gather(torch.where(valid, group, torch.full_like(group, torch.iinfo(group.dtype).max)), 1, order)
+    order2 = torch.sort(g_sorted, dim=-1, stable=True).indices
+    order = torch.gather(order, 1, order2)
+    g_sorted = torch.gather(g_sorted, 1, order2)
+    # rank within group = position - first position of that group
+    pos = torch.arange(n, device=scores.device).expand(R, n)
+    is_start = torch.ones_like(g_sorted, dtype=torch.bool)
+    is_start[:, 1:] = g_sorted[:, 1:] != g_sorted[:, :-1]
+    start_pos = torch.where(is_start, pos, torch.zeros_like(pos)).cummax(dim=-1).values
+    rank = pos - start_pos
+    g_clamped = g_sorted.clamp(max=k_per_group.shape[1] - 1) if k_per_group.shape[1] > 0 else g_sorted.clamp(max=0)
+    limit = torch.gather(k_per_group, 1, g_clamped.clamp(min=0)) if k_per_group.shape[1] > 0 else torch.zeros_like(rank)
+    chosen_sorted = (rank < limit) & (g_sorted != torch.iinfo(group.dtype).max)
+    mask = torch.zeros_like(chosen_sorted)
+    mask.scatter_(1, order, chosen_sorted)
+    return mask
+
+
+def select_topk(scores: torch.Tensor, k: int) -> Reduction:
+    """Keep the top ``k`` of each row of ``scores`` (R, n), ties by index, in original order."""
+    n = scores.shape[-1]
+    order = torch.sort(scores.float(), dim=-1, descending=True, stable=True).indices[:, :k]
+    return Reduction.select(order, n)

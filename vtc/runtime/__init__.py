@@ -1,0 +1,249 @@
+"""Attach a config to a model instance, detach it exactly.
+
+``vtc.compress(model, cfg)`` is a context manager; ``vtc.apply(model, cfg)`` attaches at once and returns the
+same :class:`Run` handle (``.remove()``). Everything vtc adds is per instance and listed in ``Run._handles``:
+forward pre-hooks on the model and on decoder layers, one forward hook, and an instance-level ``generate``
+wrapper (only for vision-side stages). Removing them restores the model bit for bit.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import Config, load_config
+from ..errors import ConfigError
+from ..models import get_adapter
+from ..models.base import ModelAdapter, cache_kwarg_name
+from .llm import LLMRuntime
+from .stats import Stats
+from .vision import rebuild_prompt, VisionRuntime
+
+__all__ = ["Run", "compress", "apply"]
+
+
+class Run:
+    """A config attached (or ready to attach) to one model instance. ``stats`` describes the last prefill."""
+
+    def __init__(self, model: nn.Module, config: Config, adapter: ModelAdapter | None = None) -> None:
+        self.model = model
+        self.config = config
+        self.adapter = adapter or get_adapter(model)
+        num_layers = self.adapter.num_layers()
+        for i, stage in enumerate(config.stages):
+            try:
+                stage.validate_for_model(num_layers)
+            except ConfigError as err:
+                raise ConfigError(f"stages[{i}] ({stage.method}): {err}") from None
+        self.stats = Stats()
+        indexed = list(enumerate(config.stages))
+        self.vision = VisionRuntime(self.adapter, [(i, s) for i, s in indexed if s.side == "vision"], self.stats,
+                                    config.seed)
+        self.llm = LLMRuntime(self.adapter, [(i, s) for i, s in indexed if s.side == "llm"], self.stats,
+                              config.seed)
+        self._handles: list[Any] = []
+        self._attached = False
+        self._pending_token_map = None
+        self._forward_sig = inspect.signature(model.forward)
+        self._cache_key = cache_kwarg_name(model.forward)
+
+    # ---- lifecycle --------------------------------------------------------------------------------------------
+    @property
+    def attached(self) -> bool:
+        return self._attached
+
+    def attach(self) -> Run:
+        if self._attached:
+            raise RuntimeError("this vtc run is already attached")
+        if getattr(self.model, "_vtc_run", None) is not None:
+            raise ConfigError("this model already has a vtc config attached; remove it first (handle.remove())")
+        try:
+            self._handles.append(self.model.register_forward_pre_hook(self._pre_forward, with_kwargs=True))
+            self._handles.append(self.model.register_forward_hook(self._post_forward, with_kwargs=True))
+            layers = self.adapter.decoder_layers()
+            for i in self.llm.hook_layers:
+                self._handles.append(layers[i].register_forward_pre_hook(self.llm.layer_hook(i), with_kwargs=True))
+            for stage in self.config.stages:
+                self._handles.extend(stage.attach(self))
+            if self.vision.stages:
+                self.model.generate = self._wrap_generate(self.model.generate)
+                self._handles.append(_InstanceAttr(self.model, "generate"))
+            self.model._vtc_run = self
+            self._handles.append(_InstanceAttr(self.model, "_vtc_run"))
+        except BaseException:
+            self.remove()
+            raise
+        self._attached = True
+        return self
+
+    def remove(self) -> None:
+        """Detach everything; the model is exactly as before (safe to call twice)."""
+        while self._handles:
+            self._handles.pop().remove()
+        self.llm.reset()
+        self._pending_token_map = None
+        self._attached = False
+
+    def __enter__(self) -> Run:
+        if not self._attached:
+            self.attach()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    # ---- hooks --------------------------------------------------------------------------------------------------
+    def _bind(self, args, kwargs) -> dict:
+        if not args:
+            return dict(kwargs)
+        bound = self._forward_sig.bind_partial(*args, **kwargs)
+        out = dict(bound.arguments)
+        extra = out.pop("kwargs", None)
+        if isinstance(extra, dict):
+            out.update(extra)
+        return out
+
+    def _cache(self, kwargs):
+        return kwargs.get(self._cache_key, kwargs.get("past_key_values", kwargs.get("cache")))
+
+    def _pre_forward(self, module, args, kwargs):
+        t0 = time.perf_counter()
+        kwargs = self._bind(args, kwargs)
+        cache = self._cache(kwargs)
+        is_prefill = cache is None or (hasattr(cache, "get_seq_length") and cache.get_seq_length() == 0)
+        if is_prefill and cache is not None and getattr(cache, "is_compileable", False) and self.llm.stages:
+            raise ConfigError("LLM-side stages need a dynamic KV cache (static / compileable caches are fixed-size)")
+        token_map = None
+        input_ids = kwargs.get("input_ids")
+        if is_prefill and self._pending_token_map is None:
+            self.stats.begin_prefill()
+        if self.vision.stages and input_ids is not None and self.adapter.has_visual_inputs(kwargs):
+            prompt = self._reduce_prompt(kwargs)
+            kwargs = self._replace_inputs(kwargs, prompt)
+            token_map = prompt.token_map
+        elif self._pending_token_map is not None and is_prefill:
+            token_map = self._pending_token_map
+        elif input_ids is not None and is_prefill and self.llm.stages:
+            tm = self.adapter.token_map(input_ids, kwargs)
+            token_map = tm if bool(tm.is_visual.any()) else None
+        self._pending_token_map = None
+        if self.llm.stages:
+            if is_prefill and token_map is not None and kwargs.get("labels") is not None:
+                raise ConfigError(
+                    "labels cannot be used with LLM-side stages: the logits of pruned positions do not exist. "
+                    "Compute the loss on the logits of run.stats' kept positions, or use vision-side stages only"
+                )
+            emb = kwargs.get("inputs_embeds")
+            ref = emb if emb is not None else kwargs.get("input_ids")
+            if ref is not None:
+                am = kwargs.get("attention_mask")
+                self.llm.begin(is_prefill=is_prefill, seq_len=ref.shape[1], batch=ref.shape[0],
+                               token_map=token_map, attention_mask_2d=am if (am is not None and am.dim() == 2) else None,
+                               device=ref.device)
+                if is_prefill:
+                    self.stats.prompt_len = int(ref.shape[1])
+        self.stats.add_time(time.perf_counter() - t0)
+        return (), kwargs
+
+    def _post_forward(self, module, args, kwargs, output):
+        if self.llm.phase == "prefill":
+            self.llm.end_prefill()
+            cache = getattr(output, "cache", None)
+            if cache is None:
+                cache = getattr(output, "past_key_values", None)
+            self.stats.record_cache(cache, self.adapter.num_layers())
+        return None
+
+    def _reduce_prompt(self, kwargs):
+        images = self.vision.reduce_images(kwargs)  # times its own scoring / selection (not the tower)
+        t0 = time.perf_counter()
+        prompt = rebuild_prompt(self.adapter, kwargs["input_ids"], kwargs.get("attention_mask"), images, kwargs,
+                                labels=kwargs.get("labels"))
+        self.stats.add_time(time.perf_counter() - t0)
+        return prompt
+
+    def _replace_inputs(self, kwargs: dict, prompt) -> dict:
+        kwargs = {k: v for k, v in kwargs.items() if k not in self.adapter.visual_input_keys
+                  and k not in self.adapter.vision_only_keys and k != "input_ids"}
+        kwargs["inputs_embeds"] = prompt.inputs_embeds
+        kwargs["attention_mask"] = prompt.attention_mask
+        if prompt.position_ids is not None:
+            kwargs["position_ids"] = prompt.position_ids
+        elif kwargs.get("position_ids") is not None:
+            m = prompt.attention_mask.long()
+            kwargs["position_ids"] = (m.cumsum(-1) - 1).clamp(min=0)
+        if prompt.labels is not None:
+            kwargs["labels"] = prompt.labels
+        return kwargs
+
+    def _wrap_generate(self, original):
+        run = self
+
+        @functools.wraps(original)
+        def generate(*args, **kwargs):
+            if args:
+                kwargs.setdefault("input_ids", args[0])
+                args = args[1:]
+            input_ids = kwargs.get("input_ids")
+            if input_ids is None and "inputs" in kwargs:
+                input_ids = kwargs["inputs"] = kwargs.pop("inputs")
+                kwargs["input_ids"] = input_ids
+            if input_ids is None or not run.adapter.has_visual_inputs(kwargs):
+                return original(*args, **kwargs)
+            run.stats.begin_prefill()
+            prompt = run._reduce_prompt(kwargs)
+            new_kwargs = run._replace_inputs(kwargs, prompt)
+            new_kwargs.pop("labels", None)
+            run._pending_token_map = prompt.token_map
+            try:
+                out = original(*args, **new_kwargs)
+            finally:
+                run._pending_token_map = None
+            return _prepend_prompt(out, input_ids)
+
+        return generate
+
+
+def _prepend_prompt(out, input_ids: torch.Tensor):
+    """generate() on inputs_embeds returns only new tokens; give back [original prompt ids, new tokens]."""
+    seqs = out if isinstance(out, torch.Tensor) else out.sequences
+    full = torch.cat([input_ids.to(seqs.device), seqs], dim=1)
+    if isinstance(out, torch.Tensor):
+        return full
+    out.sequences = full
+    return out
+
+
+class _InstanceAttr:
+    """Removes an attribute vtc set on the instance (restoring the class attribute / previous value)."""
+
+    _MISSING = object()
+
+    def __init__(self, obj, name: str) -> None:
+        self.obj = obj
+        self.name = name
+        self.previous = self._MISSING  # set before assignment by the caller when needed
+
+    def remove(self) -> None:
+        if self.name in self.obj.__dict__:
+            del self.obj.__dict__[self.name]
+
+
+def compress(model: nn.Module, config: str | dict | Config | list, *, adapter: ModelAdapter | None = None) -> Run:
+    """Context manager that compresses visual tokens of ``model`` inside the ``with`` block.
+
+    ``with vtc.compress(model, "configs/llava-1.5/fastv-50.yaml") as run: model.generate(...)``.
+    The config is validated (and checked against the model) here; hooks attach on ``__enter__`` and are removed
+    on exit, also after an exception. ``run.stats`` describes the last prefill.
+    """
+    return Run(model, load_config(config), adapter)
+
+
+def apply(model: nn.Module, config: str | dict | Config | list, *, adapter: ModelAdapter | None = None) -> Run:
+    """Attach a config for the long term; returns the handle (``handle.remove()`` restores the model)."""
+    return Run(model, load_config(config), adapter).attach()

@@ -1,0 +1,131 @@
+"""``run.stats``: what vtc did on the most recent prefill, plus running totals.
+
+- ``stages``: per stage, visual tokens in / out per image (vision side) or per sample (LLM side), and the
+  reduction's source maps (for drawing).
+- ``seq_len_per_layer``: sequence length (slots, incl. vtc padding) entering each decoder layer >= the first
+  LLM-side stage; ``tokens_per_layer``: real tokens per sample.
+- ``kv_cache_len``: KV-cache entries per layer after prefill, read from the real cache.
+- ``vtc_time_s``: wall time spent inside vtc's hooks (host time; on a GPU this is launch time unless the
+  caller synchronises).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+__all__ = ["Stats", "StageStats"]
+
+
+@dataclass
+class StageStats:
+    index: int
+    method: str
+    side: str
+    layer: int | None
+    tokens_in: list[int] = field(default_factory=list)
+    tokens_out: list[int] = field(default_factory=list)
+    #: vision side: one (U, n) source map per unit group; LLM side: (B, n) over the visual candidates
+    sources: list[torch.Tensor] = field(default_factory=list, repr=False)
+    #: LLM side: (B, M) original sequence positions of the survivors, and their validity
+    kept_positions: torch.Tensor | None = field(default=None, repr=False)
+    kept_valid: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def reduction_ratio(self) -> list[float]:
+        """Per image / sample: 1 - out / in (content-adaptive methods deliver different ratios)."""
+        return [1.0 - o / i if i else 0.0 for i, o in zip(self.tokens_in, self.tokens_out)]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"index": self.index, "method": self.method, "side": self.side, "layer": self.layer,
+                "tokens_in": self.tokens_in, "tokens_out": self.tokens_out,
+                "reduction_ratio": [round(r, 4) for r in self.reduction_ratio]}
+
+
+@dataclass
+class Stats:
+    stages: list[StageStats] = field(default_factory=list)
+    seq_len_per_layer: dict[int, int] = field(default_factory=dict)
+    tokens_per_layer: dict[int, list[int]] = field(default_factory=dict)
+    kv_cache_len: list[int] = field(default_factory=list)
+    prompt_len: int = 0
+    vtc_time_s: float = 0.0
+    prefills: int = 0
+    total_visual_in: int = 0
+    total_visual_out: int = 0
+
+    # ---- recording (runtime) ---------------------------------------------------------------------------------
+    def begin_prefill(self) -> None:
+        self.stages = []
+        self.seq_len_per_layer = {}
+        self.tokens_per_layer = {}
+        self.kv_cache_len = []
+        self.prefills += 1
+
+    def add_time(self, seconds: float) -> None:
+        self.vtc_time_s += seconds
+
+    def _stage(self, index: int, method, layer: int | None) -> StageStats:
+        for s in self.stages:
+            if s.index == index and s.layer == layer:
+                return s
+        s = StageStats(index=index, method=method.method, side=method.side, layer=layer)
+        self.stages.append(s)
+        self.stages.sort(key=lambda t: (t.side != "vision", t.layer or 0, t.index))
+        return s
+
+    def record_vision_stage(self, index: int, method, group, n_in: int, reduction) -> None:
+        s = self._stage(index, method, None)
+        outs = reduction.num_out.tolist()
+        s.tokens_in.extend([n_in] * len(outs))
+        s.tokens_out.extend(int(o) for o in outs)
+        s.sources.append(reduction.source.detach())
+
+    def record_llm_stage(self, index: int, method, layer: int, ctx, gen) -> None:
+        s = self._stage(index, method, layer)
+        s.tokens_in = ctx.candidate_valid.sum(-1).tolist()
+        visual_left = (gen.is_visual & gen.slot_valid & ~gen.protected).sum(-1)
+        s.tokens_out = visual_left.tolist()
+        s.kept_positions = gen.slots.detach()
+        s.kept_valid = gen.slot_valid.detach()
+
+    def record_layer(self, layer: int, seq_len: int, tokens: torch.Tensor) -> None:
+        self.seq_len_per_layer[layer] = int(seq_len)
+        self.tokens_per_layer[layer] = tokens.tolist()
+
+    def record_cache(self, cache: Any, num_layers: int) -> None:
+        if cache is None:
+            return
+        lens = []
+        for i in range(num_layers):
+            try:
+                lens.append(int(cache.get_seq_length(i)))
+            except Exception:  # pragma: no cover - exotic caches
+                return
+        self.kv_cache_len = lens
+
+    # ---- reading ------------------------------------------------------------------------------------------
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "stages": [s.as_dict() for s in self.stages],
+            "prompt_len": self.prompt_len,
+            "seq_len_per_layer": self.seq_len_per_layer,
+            "tokens_per_layer": self.tokens_per_layer,
+            "kv_cache_len": self.kv_cache_len,
+            "vtc_time_s": self.vtc_time_s,
+            "prefills": self.prefills,
+        }
+
+    def __str__(self) -> str:
+        lines = [f"vtc stats (prefills: {self.prefills}, time in vtc: {self.vtc_time_s * 1e3:.1f} ms)"]
+        for s in self.stages:
+            where = "vision" if s.side == "vision" else f"layer {s.layer}"
+            tin = sum(s.tokens_in)
+            tout = sum(s.tokens_out)
+            lines.append(f"  stage {s.index} {s.method:<12} @ {where:<9} visual tokens {tin} -> {tout} "
+                         f"(per unit: {s.tokens_out[:8]}{'...' if len(s.tokens_out) > 8 else ''})")
+        if self.kv_cache_len:
+            lines.append(f"  KV cache per layer after prefill: {self.kv_cache_len}")
+        return "\n".join(lines)
