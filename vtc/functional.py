@@ -59,7 +59,8 @@ def reduce_embeddings(
     reductions = []
     for stage in cfg.vision_stages:
         stage.check_layout(layout)
-        ctx = VisionContext(features=x, layout=layout, extras=extras, generator=gen, space=stage.space)
+        ctx = VisionContext(features=x, layout=layout, extras=extras, generator=gen, space=stage.space,
+                            seed=cfg.seed if seed is None else seed)
         red = stage.reduce_vision(ctx)
         x = red.output_features(x)
         layout = stage.output_layout(layout, x.shape[1])

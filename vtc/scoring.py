@@ -36,9 +36,9 @@ def attention_probs(
     h_kv = k.shape[1]
     g = h // h_kv
     scale = d**-0.5 if scale is None else scale
-    qf = q.float().view(B, h_kv, g * R, d)
+    qf = q.float().reshape(B, h_kv, g * R, d)
     logits = torch.matmul(qf, k.float().transpose(-1, -2)).view(B, h_kv, g, R, -1) * scale
-    logits = logits.view(B, h, R, -1)
+    logits = logits.reshape(B, h, R, -1)
     if allowed is not None:
         logits = logits.masked_fill(~allowed[:, None], float("-inf"))
     probs = torch.softmax(logits, dim=-1)

@@ -92,6 +92,7 @@ class VisionContext:
     extras: VisionExtras = field(default_factory=VisionExtras)
     generator: torch.Generator | None = None
     space: Side = "llm"
+    seed: int = 0
 
     @property
     def num_units(self) -> int:
@@ -140,6 +141,7 @@ class LLMContext:
     stage_index: int = 0
     # (B, max images) number of candidates of each image (for per-image budgets)
     image_counts: torch.Tensor | None = None
+    seed: int = 0
 
     @property
     def batch_size(self) -> int:
@@ -162,6 +164,15 @@ class LLMContext:
         idx = torch.arange(M, device=self.is_visual.device).expand_as(self.is_visual)
         last_vis = torch.where(self.is_visual & self.slot_valid, idx, torch.full_like(idx, -1)).max(-1).values
         return self.token_valid & ~self.is_visual & (idx > last_vis[:, None])
+
+    def rank_in_image(self) -> torch.Tensor:
+        """(B, n) index of each candidate among its image's candidates (0 for padding)."""
+        B, n = self.candidates.shape
+        idx = torch.arange(n, device=self.candidates.device).expand(B, n)
+        start = torch.ones_like(self.candidate_valid)
+        start[:, 1:] = self.image_id[:, 1:] != self.image_id[:, :-1]
+        first = torch.where(start, idx, torch.zeros_like(idx)).cummax(-1).values
+        return torch.where(self.candidate_valid, idx - first, torch.zeros_like(idx))
 
     def keep_top_per_image(self, scores: torch.Tensor, budget: int | float, what: str = "budget") -> Reduction:
         """Keep the top-``budget`` candidates of every image by ``scores`` (B, n); ties by index."""

@@ -1,7 +1,9 @@
 """``random``: a uniformly random subset of k visual tokens per image, kept in original order.
 
 The honest baseline every token-reduction paper should beat. Seeded: a ``torch.Generator`` seeded with the
-stage's ``seed`` (or the config's). Vision side (per image / crop / frame unit) or LLM side (``layer`` set).
+stage's ``seed`` (or the config's ``seed``) draws one random score per token *rank within its image*, so the
+subset depends only on the seed and the image's token count, never on batch composition or padding (batched
+results equal per-sample results). Vision side (per image / crop / frame unit) or LLM side (``layer`` set).
 """
 
 from __future__ import annotations
@@ -25,20 +27,21 @@ class RandomPrune(Method):
     layer: int | None = None
     seed: int | None = None
 
-    def _generator(self, g: torch.Generator | None, device) -> torch.Generator | None:
-        if self.seed is None:
-            return g
-        return torch.Generator(device=device).manual_seed(self.seed)
+    def _scores(self, n: int, default_seed: int, device) -> torch.Tensor:
+        """(n,) random scores for token ranks 0..n-1, from the seed alone."""
+        seed = default_seed if self.seed is None else self.seed
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        return torch.rand(n, generator=gen).to(device)
 
     def reduce_vision(self, ctx: VisionContext) -> Reduction:
         U, n = ctx.features.shape[:2]
         k = resolve_budget(self.budget, n)
-        gen = self._generator(ctx.generator, ctx.features.device)
-        scores = torch.rand(U, n, generator=gen, device=ctx.features.device)
-        keep = scores.topk(k, dim=-1).indices
+        scores = self._scores(n, ctx.seed, ctx.features.device).expand(U, n)
+        keep = torch.sort(scores, dim=-1, descending=True, stable=True).indices[:, :k]
         return Reduction.select(keep, n)
 
     def reduce_llm(self, ctx: LLMContext) -> Reduction:
-        gen = self._generator(ctx.generator, ctx.hidden_states.device)
-        scores = torch.rand(ctx.candidates.shape, generator=gen, device=ctx.hidden_states.device)
+        B, n = ctx.candidates.shape
+        rank = ctx.rank_in_image()  # (B, n) position of each candidate inside its image
+        scores = self._scores(max(n, 1), ctx.seed, ctx.hidden_states.device)[rank]
         return ctx.keep_top_per_image(scores, self.budget)

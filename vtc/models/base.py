@@ -58,7 +58,8 @@ class VisualGroup:
 
     features: (U, n, Dv) tower features in the space the model feeds the projector (CLS dropped if the model
     drops it). unit_image: (U,) which image each unit belongs to. unit_part: (U,) index of the unit inside
-    its image (crop index / 0).
+    its image (crop index / 0). out_layout: set by the vision runtime after the stages ran: the layout of the
+    reduced units (e.g. ``Grid(h', w')`` after pooling, ``Sequence(k)`` after pruning), for ``pack_images``.
     """
 
     features: torch.Tensor
@@ -66,6 +67,7 @@ class VisualGroup:
     unit_image: list[int]
     unit_part: list[int]
     extras: VisionExtras = field(default_factory=VisionExtras)
+    out_layout: Layout | None = None
 
 
 @dataclass
@@ -158,9 +160,8 @@ class ModelAdapter:
         None with ``query_states`` (B, R, D) given directly in the normed space (e.g. PACT's mean query).
         Returns q (B, h, R, d) and k (B, h_kv, M, d), with RoPE applied when ``rope``.
         """
-        layer = self.decoder_layers()[layer_idx]
-        attn = layer.self_attn
-        x = layer.input_layernorm(hidden_states)
+        attn = self.decoder_layers()[layer_idx].self_attn
+        x = self.input_norm(layer_idx, hidden_states)
         B, M, _ = x.shape
         head_dim = attn.head_dim
         k = attn.k_proj(x).view(B, M, -1, head_dim).transpose(1, 2)
@@ -176,6 +177,11 @@ class ModelAdapter:
             if query_rows is not None:
                 q = self.rope_rows(q, position_embeddings, query_rows)
         return q, k
+
+    def input_norm(self, layer_idx: int, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Decoder layer ``layer_idx``'s own input norm applied to ``hidden_states`` (B, M, D) (the space q / k
+        are projected from; e.g. PACT's mean query is averaged here)."""
+        return self.decoder_layers()[layer_idx].input_layernorm(hidden_states)
 
     def attention_scale(self, layer_idx: int) -> float:
         return float(self.decoder_layers()[layer_idx].self_attn.scaling)

@@ -45,7 +45,17 @@ class LlavaAdapter(ModelAdapter):
         return side * side + (1 if strategy == "full" else 0)
 
     def encode_images(self, kwargs: dict, needs: set[str]) -> list[VisualGroup]:
-        pixel_values = kwargs["pixel_values"]
+        feats, scorer = self._run_tower(kwargs["pixel_values"], kwargs)
+        n = feats.shape[1]
+        vcfg = self.model.config.vision_config
+        side = vcfg.image_size // vcfg.patch_size
+        layout = Grid(side, side) if side * side == n else Sequence(n)
+        U = feats.shape[0]
+        return [VisualGroup(feats, layout, list(range(U)), [0] * U, scorer.as_vision_extras())]
+
+    def _run_tower(self, pixel_values: torch.Tensor, kwargs: dict) -> tuple[torch.Tensor, TowerScorer]:
+        """Tower features (U, n, Dv) exactly as the model feeds its projector (layer selection, CLS drop) for
+        images / crops ``pixel_values`` (U, C, H, W), and the scorer of that forward."""
         layer, strategy = self._feature_settings(kwargs)
         tower = self.vision_tower
         pixel_values = pixel_values.to(dtype=next(tower.parameters()).dtype)
@@ -58,12 +68,7 @@ class LlavaAdapter(ModelAdapter):
         scorer = TowerScorer(tower, out.hidden_states, layer, has_cls=has_cls, drop_cls=(strategy == "default"))
         if strategy == "default":
             feats = feats[:, 1:]
-        n = feats.shape[1]
-        vcfg = self.model.config.vision_config
-        side = vcfg.image_size // vcfg.patch_size
-        layout = Grid(side, side) if side * side == n else Sequence(n)
-        U = feats.shape[0]
-        return [VisualGroup(feats, layout, list(range(U)), [0] * U, scorer.as_vision_extras())]
+        return feats, scorer
 
     def _tower_has_cls(self) -> bool:
         """CLIP-style towers prepend a CLS token; SigLIP-style towers do not."""

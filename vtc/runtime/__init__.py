@@ -132,27 +132,29 @@ class Run:
             tm = self.adapter.token_map(input_ids, kwargs)
             token_map = tm if bool(tm.is_visual.any()) else None
         self._pending_token_map = None
+        self._last_was_prefill = is_prefill
+        ref = kwargs.get("inputs_embeds")
+        ref = ref if ref is not None else kwargs.get("input_ids")
+        if is_prefill and ref is not None:
+            self.stats.prompt_len = int(ref.shape[1])
         if self.llm.stages:
             if is_prefill and token_map is not None and kwargs.get("labels") is not None:
                 raise ConfigError(
                     "labels cannot be used with LLM-side stages: the logits of pruned positions do not exist. "
                     "Compute the loss on the logits of run.stats' kept positions, or use vision-side stages only"
                 )
-            emb = kwargs.get("inputs_embeds")
-            ref = emb if emb is not None else kwargs.get("input_ids")
             if ref is not None:
                 am = kwargs.get("attention_mask")
                 self.llm.begin(is_prefill=is_prefill, seq_len=ref.shape[1], batch=ref.shape[0],
                                token_map=token_map, attention_mask_2d=am if (am is not None and am.dim() == 2) else None,
                                device=ref.device)
-                if is_prefill:
-                    self.stats.prompt_len = int(ref.shape[1])
         self.stats.add_time(time.perf_counter() - t0)
         return (), kwargs
 
     def _post_forward(self, module, args, kwargs, output):
-        if self.llm.phase == "prefill":
-            self.llm.end_prefill()
+        self.llm.end_prefill()
+        if getattr(self, "_last_was_prefill", False):
+            self._last_was_prefill = False
             cache = getattr(output, "cache", None)
             if cache is None:
                 cache = getattr(output, "past_key_values", None)

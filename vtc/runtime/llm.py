@@ -108,6 +108,22 @@ class LLMRuntime:
             self.phase = "decode-ready"
             self.captured.clear()
 
+    def current_slots(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The slot set inside decoder layer ``layer_idx`` of the prefill in progress, or None.
+
+        Returns (slots, valid), both (B, M): the original sequence index of every slot and whether it is a real
+        token (not vtc's left padding, not user padding). None outside a prefill with visual tokens. For
+        methods that observe the layers between their stages through their own hooks (e.g. TransPrune's
+        per-token statistics, kept by original position while the sequence shrinks).
+        """
+        if not self.active or self.phase != "prefill" or self.user_mask is None:
+            return None
+        gen = self._current(layer_idx)
+        if gen is None:
+            B, N = self.user_mask.shape
+            return torch.arange(N, device=self.user_mask.device).expand(B, N), self.user_mask
+        return gen.slots, gen.slot_valid & gen.user_valid
+
     # ---- hooks ---------------------------------------------------------------------------------------------------
     def layer_hook(self, layer_idx: int):
         def hook(module, args, kwargs):
@@ -164,7 +180,7 @@ class LLMRuntime:
             reduction = method.reduce_llm(ctx)
             gen, hidden = self._apply(layer_idx, gen, hidden, ctx, reduction, method)
             self.generations.append(gen)
-            self.stats.record_llm_stage(stage_idx, method, layer_idx, ctx, gen)
+            self.stats.record_llm_stage(stage_idx, method, layer_idx, ctx, gen, reduction)
             args, kwargs = self._with_hidden(args, kwargs, hidden)
         if not gen.identity or gen.use_bias:
             kwargs = self._slice_kwargs(gen, kwargs)
@@ -198,7 +214,7 @@ class LLMRuntime:
             token_valid=gen.slot_valid & gen.user_valid, is_visual=gen.is_visual, sizes=gen.sizes,
             position_embeddings=kwargs.get("position_embeddings"), attention_mask=kwargs.get("attention_mask"),
             adapter=self.adapter, captured=captured, generator=self.generator, stage_index=stage_idx,
-            image_counts=counts_img,
+            image_counts=counts_img, seed=self.seed,
         )
 
     def _apply(self, layer_idx, gen: _Generation, hidden, ctx: LLMContext, red, method: Method):

@@ -32,6 +32,8 @@ class StageStats:
     #: LLM side: (B, M) original sequence positions of the survivors, and their validity
     kept_positions: torch.Tensor | None = field(default=None, repr=False)
     kept_valid: torch.Tensor | None = field(default=None, repr=False)
+    #: LLM side: the method's Reduction over the visual candidates (for replay / analysis)
+    reduction: Any = field(default=None, repr=False)
 
     @property
     def reduction_ratio(self) -> list[float]:
@@ -53,8 +55,6 @@ class Stats:
     prompt_len: int = 0
     vtc_time_s: float = 0.0
     prefills: int = 0
-    total_visual_in: int = 0
-    total_visual_out: int = 0
 
     # ---- recording (runtime) ---------------------------------------------------------------------------------
     def begin_prefill(self) -> None:
@@ -83,8 +83,9 @@ class Stats:
         s.tokens_out.extend(int(o) for o in outs)
         s.sources.append(reduction.source.detach())
 
-    def record_llm_stage(self, index: int, method, layer: int, ctx, gen) -> None:
+    def record_llm_stage(self, index: int, method, layer: int, ctx, gen, reduction=None) -> None:
         s = self._stage(index, method, layer)
+        s.reduction = reduction
         s.tokens_in = ctx.candidate_valid.sum(-1).tolist()
         visual_left = (gen.is_visual & gen.slot_valid & ~gen.protected).sum(-1)
         s.tokens_out = visual_left.tolist()

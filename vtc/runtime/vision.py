@@ -119,7 +119,7 @@ class VisionRuntime:
                     projected = True
                 m.check_layout(layout)
                 ctx = VisionContext(features=feats, layout=layout, extras=extras, generator=generator,
-                                    space="llm" if projected else "vision")
+                                    space="llm" if projected else "vision", seed=self.seed)
                 n_in = feats.shape[1]
                 t0 = time.perf_counter()
                 red = m.reduce_vision(ctx)
@@ -131,5 +131,6 @@ class VisionRuntime:
                 extras = VisionExtras()  # extras describe the tower's original tokens only
             if not projected:
                 feats = self.adapter.project(feats)
+            group.out_layout = layout
             outputs.append((group, feats, reductions))
         return self.adapter.pack_images(outputs, kwargs)

@@ -1,0 +1,249 @@
+"""design.md's invariants 1-6 as a data-driven matrix: every family x every method case x batch {1, 3} x
+{sdpa, eager}. Families and cases come from tests/cases/*.py (see tests/matrix.py)."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+import vtc
+from matrix import discover
+from replay import replay_config
+
+FAMILIES, CASES = discover()
+FAMILY_BY_NAME = {f.name: f for f in FAMILIES}
+ATTNS = ("sdpa", "eager")
+BATCHES = (1, 3)
+
+
+def _pairs():
+    out = []
+    for fam in FAMILIES:
+        for case in CASES:
+            if case.side not in fam.sides:
+                continue
+            if case.families is not None and fam.name not in case.families:
+                continue
+            out.append(pytest.param(fam.name, case, id=f"{fam.name}-{case.name}"))
+    return out
+
+
+PAIRS = _pairs()
+
+
+@functools.lru_cache(maxsize=None)
+def model_for(family: str, attn: str):
+    return FAMILY_BY_NAME[family].build(attn)
+
+
+@functools.lru_cache(maxsize=None)
+def inputs_for(family: str, batch: int, seed: int = 0):
+    fam = FAMILY_BY_NAME[family]
+    return fam.inputs(model_for(family, "sdpa"), batch, seed)
+
+
+def cfg(stage: dict) -> dict:
+    return {"stages": [stage]}
+
+
+@torch.no_grad()
+def logits(model, inputs, **kw):
+    return model(**inputs, **kw).logits
+
+
+def _is_vtc(fn) -> bool:
+    fn = getattr(fn, "__func__", fn)
+    return (getattr(fn, "__module__", "") or "").startswith(("vtc", "replay"))
+
+
+def no_vtc_left(model) -> None:
+    """No hook vtc registered is left (transformers' own lazily installed output-capturing hooks may exist)."""
+    for name, mod in model.named_modules():
+        for kind in ("_forward_pre_hooks", "_forward_hooks"):
+            left = [h for h in getattr(mod, kind).values() if _is_vtc(h)]
+            assert not left, f"vtc {kind} left on {name or 'model'}: {left}"
+    assert "generate" not in model.__dict__
+    assert not hasattr(model, "_vtc_run")
+
+
+GEN = {"max_new_tokens": 3, "do_sample": False, "pad_token_id": 0}
+
+
+# ---- 1. identity -------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("attn", ATTNS)
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("family,case", PAIRS)
+def test_identity(family, case, batch, attn):
+    if case.identity is None:
+        pytest.skip("method cannot keep every token")
+    model = model_for(family, attn)
+    inputs = inputs_for(family, batch)
+    ref = logits(model, inputs)
+    ref_gen = model.generate(**inputs, **GEN)
+    with vtc.compress(model, cfg(case.identity)):
+        out = logits(model, inputs)
+        gen = model.generate(**inputs, **GEN)
+    assert out.shape == ref.shape
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    assert torch.equal(gen, ref_gen)
+
+
+# ---- 2. detach ------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("attn", ATTNS)
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("family,case", PAIRS)
+def test_detach(family, case, batch, attn):
+    model = model_for(family, attn)
+    inputs = inputs_for(family, batch)
+    before = logits(model, inputs)
+    with vtc.compress(model, cfg(case.reduce)):
+        logits(model, inputs)
+    assert torch.equal(logits(model, inputs), before)
+    no_vtc_left(model)
+    handle = vtc.apply(model, cfg(case.reduce))
+    logits(model, inputs)
+    handle.remove()
+    assert torch.equal(logits(model, inputs), before)
+    no_vtc_left(model)
+    with pytest.raises(RuntimeError, match="boom"):
+        with vtc.compress(model, cfg(case.reduce)):
+            logits(model, inputs)
+            raise RuntimeError("boom")
+    assert torch.equal(logits(model, inputs), before)
+    no_vtc_left(model)
+
+
+# ---- 3. decode consistency ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("attn", ATTNS)
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("family,case", PAIRS)
+def test_decode_consistency(family, case, batch, attn):
+    """Cached greedy generate == recomputing every step without a cache over the same kept tokens."""
+    model = model_for(family, attn)
+    inputs = inputs_for(family, batch)
+    config = vtc.load_config(cfg(case.reduce))
+    with vtc.compress(model, config) as run:
+        out = model.generate(**inputs, **GEN, output_logits=True, return_dict_in_generate=True)
+        stats = run.stats
+    replay = replay_config(config, stats, key=f"{family}-{case.name}-{batch}-{attn}")
+    prompt_len = inputs["input_ids"].shape[1]
+    new_tokens = out.sequences[:, prompt_len:]
+    with vtc.compress(model, replay):
+        for t in range(new_tokens.shape[1]):
+            step = dict(inputs)
+            step["input_ids"] = torch.cat([inputs["input_ids"], new_tokens[:, :t]], dim=1)
+            if inputs.get("attention_mask") is not None:
+                step["attention_mask"] = torch.cat(
+                    [inputs["attention_mask"], torch.ones_like(new_tokens[:, :t])], dim=1)
+            full = logits(model, step, use_cache=False)[:, -1]
+            torch.testing.assert_close(full, out.logits[t], atol=case.tol, rtol=case.tol)
+
+
+# ---- 4. backend agnostic --------------------------------------------------------------------------------------
+def _kept(stats):
+    out = []
+    for st in stats.stages:
+        if st.side == "vision":
+            out.append([s.clone() for s in st.sources])
+        else:
+            out.append((st.kept_positions.clone(), st.kept_valid.clone()))
+    return out
+
+
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("family,case", PAIRS)
+def test_sdpa_equals_eager(family, case, batch):
+    inputs = inputs_for(family, batch)
+    results = {}
+    for attn in ATTNS:
+        model = model_for(family, attn)
+        with vtc.compress(model, cfg(case.reduce)) as run:
+            results[attn] = (logits(model, inputs), _kept(run.stats))
+    (l_s, k_s), (l_e, k_e) = results["sdpa"], results["eager"]
+    assert len(k_s) == len(k_e)
+    for a, b in zip(k_s, k_e):
+        if isinstance(a, list):
+            for x, y in zip(a, b):
+                assert torch.equal(x, y)
+        else:
+            assert torch.equal(a[0][a[1]], b[0][b[1]])
+    torch.testing.assert_close(l_s[:, -1], l_e[:, -1], atol=case.tol, rtol=case.tol)
+
+
+# ---- 5. batching ------------------------------------------------------------------------------------------------
+def _row(inputs: dict, b: int) -> dict:
+    """Sample b of a padded batch as a batch of one, without padding."""
+    fam_row = inputs.get("_rows")
+    if fam_row is not None:  # families whose visual inputs are not batched per row provide rows themselves
+        return fam_row[b]
+    keep = inputs["attention_mask"][b].bool()
+    row = {}
+    for k, v in inputs.items():
+        if k in ("input_ids", "attention_mask"):
+            row[k] = v[b:b + 1][:, keep]
+        elif isinstance(v, torch.Tensor) and v.shape[0] == inputs["input_ids"].shape[0]:
+            row[k] = v[b:b + 1]
+        else:
+            row[k] = v
+    return row
+
+
+@pytest.mark.parametrize("attn", ATTNS)
+@pytest.mark.parametrize("family,case", PAIRS)
+def test_batch_equals_single(family, case, attn):
+    model = model_for(family, attn)
+    inputs = {k: v for k, v in inputs_for(family, 3).items()}
+    rows = inputs.pop("_rows", None)
+    with vtc.compress(model, cfg(case.reduce)) as run:
+        batched = logits(model, inputs)[:, -1]
+        kept_batch = [st.tokens_out for st in run.stats.stages]
+        gen_batch = model.generate(**inputs, **GEN)
+        for b in range(3):
+            row = rows[b] if rows is not None else _row(inputs, b)
+            single = logits(model, row)[:, -1]
+            torch.testing.assert_close(single[0], batched[b], atol=case.tol, rtol=case.tol)
+            kept_single = [st.tokens_out for st in run.stats.stages]
+            for kb, ks in zip(kept_batch, kept_single):
+                per_row = len(kb) // 3
+                assert kb[b * per_row:(b + 1) * per_row] == ks
+            gen_single = model.generate(**row, **GEN)
+            assert torch.equal(gen_single[0, -GEN["max_new_tokens"]:], gen_batch[b, -GEN["max_new_tokens"]:])
+
+
+# ---- 6. budgets are exact; stats agree with the real cache -------------------------------------------------------
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("family,case", PAIRS)
+def test_budget_and_stats(family, case, batch):
+    model = model_for(family, "sdpa")
+    inputs = inputs_for(family, batch)
+    with vtc.compress(model, cfg(case.reduce)) as run:
+        with torch.no_grad():
+            out = model(**inputs, use_cache=True)
+        stats = run.stats
+    cache = out.cache if "cache" in out else out.past_key_values
+    n_layers = len(stats.kv_cache_len)
+    assert n_layers > 0
+    real = [cache.get_seq_length(i) for i in range(n_layers)]
+    assert stats.kv_cache_len == real
+    assert len(stats.stages) >= 1
+    for st in stats.stages:
+        assert len(st.tokens_in) == len(st.tokens_out) > 0
+        if case.expected is not None:
+            assert st.tokens_out == [case.expected(n) for n in st.tokens_in]
+        else:
+            assert all(o <= i for i, o in zip(st.tokens_in, st.tokens_out))
+    if case.side == "llm":
+        first = min(st.layer for st in stats.stages)
+        for layer, length in stats.seq_len_per_layer.items():
+            assert real[layer] == length
+        assert all(real[i] == stats.prompt_len for i in range(first))
+        if batch == 1:
+            st = [s for s in stats.stages if s.layer == first][0]
+            assert real[first] == stats.prompt_len - (st.tokens_in[0] - st.tokens_out[0])
+    else:
+        assert len(set(real)) == 1 and real[0] == stats.prompt_len
+        removed = sum(i - o for st in stats.stages for i, o in zip(st.tokens_in, st.tokens_out))
+        if batch == 1 and len(stats.stages) == 1:
+            assert stats.prompt_len == inputs["input_ids"].shape[1] - removed

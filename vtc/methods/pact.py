@@ -1,0 +1,355 @@
+"""``pact``: PACT (Dhouib et al., "PACT: Pruning and Clustering-Based Token Reduction for Faster Visual Language
+Models", CVPR 2025, arXiv:2504.08966). LLM side: prune unimportant visual tokens, cluster the rest, merge clusters.
+
+At decoder layer L (``layer``, default 4) during prefill, from the hidden states H (B, M, D) entering layer L:
+
+1. **EUTI** (Efficient Unimportant Token Identification), no RoPE. P = the real tokens 0..last visual token of
+   each sample. With layer L's own input norm and q / k projections, the global query is the mean query
+   q̄_h = mean_{i∈P} Q_{i,h} (computed as q_proj(mean_{i∈P} norm(H_i)): q_proj is affine, so this is exact),
+   g_j = mean_h softmax_{j∈P}(q̄_h · K_{j,h} · scale) in fp32 (GQA keys shared), and the score of visual token j
+   is s_j = g_j · ‖H_j‖₂ (raw hidden state). The top ⌊keep · n⌋ visual tokens of every image are kept, ties by
+   lower index (:meth:`LLMContext.keep_top_per_image`).
+2. **DBDPC** (Distance Bounded Density Peak Clustering) on the kept tokens. Features: layer-L keys **after**
+   the model's RoPE (M-RoPE for Qwen2-VL, via the adapter), flattened over KV heads, L2-normalised; distance
+   D_ij = max(0, 1 - ẑ_i · ẑ_j). Density ρ_i = Σ_j exp(-(D_ij / 2)²), replaced by its rank (only the order
+   matters; equal densities: the lower index counts as denser). Centres: the sequential greedy "in decreasing
+   density, a point becomes a centre iff its distance to every existing centre is > ``cutoff``" computed in
+   vectorised rounds (:func:`dbdpc_centres`), which reproduces the greedy exactly. Every other point joins its
+   nearest centre (ties: lower index). Clusters never span two images (cross-image distances are +inf).
+3. **Retrieval**: a token pruned by EUTI joins its nearest centre if that distance is ≤ ``coef_pruned · cutoff``
+   (default 1.5 · cutoff), else it is discarded.
+4. **Merge**: each cluster becomes one token in its centre's slot, keeping the centre's original position id
+   (M-RoPE triple for Qwen2-VL; the runtime keeps anchors' positions). ``merge: mean`` (default) = the mean of
+   the members' H (weighted by their current sizes, which are all 1 unless an earlier stage merged);
+   ``merge: centre`` keeps the centre's own H (ablation). Text and image-newline tokens are never candidates,
+   so they are untouched.
+5. **Proportional attention** (``proportional: true``): the Reduction carries cluster sizes s; the runtime adds
+   log s_j to the attention logits of key j in every layer ≥ L, in prefill and in every decode step (sdpa and
+   eager take it as an additive float mask). flash_attention_2 cannot take an additive mask: attaching PACT with
+   proportional attention to a flash-attention-2 model raises a ConfigError (use sdpa, or ``proportional:
+   false``). The exact flash construction (an extra head dimension: q gets √d, k_j gets log s_j) is not
+   implemented.
+
+Modes (ablations): ``pact`` (1-4), ``euti`` (pruning only: exactly ⌊keep · n⌋ per image), ``dbdpc``
+(clustering of all visual tokens, no EUTI, no retrieval). The token count of ``pact`` / ``dbdpc`` is
+content-adaptive; ``run.stats`` reports the delivered count and reduction ratio per sample.
+
+Defaults (official code): LLaVA family keep 0.55, cutoff 0.21; Qwen2-VL keep 0.80, cutoff 0.10; L = 4.
+
+Cost and memory (m = kept tokens of a sample, p = pruned ones, n = m + p, B samples): EUTI O(|P| · D · h_kv · d)
+for the key projection plus O(h · |P| · d) for the single mean-query row (never an N x N attention map);
+DBDPC O(m² · h_kv · d) time and O(B · m²) memory (a few fp32 / bool m x m matrices per sample: ~ 13 bytes · B · m²,
+e.g. 33 MB for m = 1600), computed over the kept tokens only; retrieval O(B · p · m). Host syncs: one for the
+kept-set size, one per DBDPC round (not per cluster; the number of rounds is the longest chain of
+"denser neighbour within cutoff" dependencies, typically a few to a few dozen), one for the output size.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import field_validator
+
+from ..errors import ConfigError
+from ..reduction import Reduction
+from ..scoring import attention_probs
+from . import register_method
+from .base import LLMContext, Method
+
+__all__ = [
+    "PACT",
+    "euti_prefix_mask",
+    "euti_scores",
+    "cosine_distances",
+    "dbdpc_density_rank",
+    "dbdpc_centres",
+    "dbdpc",
+    "nearest_centre",
+    "compact",
+    "merge_clusters",
+]
+
+
+# ---- EUTI ------------------------------------------------------------------------------------------------------
+def euti_prefix_mask(token_valid: torch.Tensor, is_visual: torch.Tensor) -> torch.Tensor:
+    """(B, M) bool: P, the real tokens from the first slot up to (and including) the last visual token."""
+    B, M = token_valid.shape
+    idx = torch.arange(M, device=token_valid.device).expand(B, M)
+    last_vis = torch.where(is_visual & token_valid, idx, torch.full_like(idx, -1)).max(-1).values
+    return token_valid & (idx <= last_vis[:, None])
+
+
+def euti_scores(
+    hidden: torch.Tensor, q_mean: torch.Tensor, keys: torch.Tensor, prefix: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """EUTI importance s_j = mean_h softmax_{j∈P}(q̄_h · K_{j,h} · scale) · ‖H_j‖₂, for every slot: (B, M) fp32.
+
+    hidden: (B, M, D) raw hidden states (for the norm); q_mean: (B, h, 1, d) the mean query (no RoPE);
+    keys: (B, h_kv, M, d) keys without RoPE (GQA: h a multiple of h_kv, keys shared); prefix: (B, M) bool P.
+    Slots outside P score 0.
+    """
+    probs = attention_probs(q_mean, keys, prefix[:, None, :], scale)  # (B, h, 1, M), fp32
+    g = probs.mean(dim=1)[:, 0]  # (B, M)
+    return g * hidden.float().norm(dim=-1)
+
+
+# ---- DBDPC -----------------------------------------------------------------------------------------------------
+def cosine_distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """D_ij = max(0, 1 - â_i · b̂_j) in fp32. a: (B, m, F), b: (B, r, F) -> (B, m, r)."""
+    a = F.normalize(a.float(), dim=-1)
+    b = F.normalize(b.float(), dim=-1)
+    return (1.0 - torch.bmm(a, b.transpose(1, 2))).clamp_(min=0.0)
+
+
+def dbdpc_density_rank(dist: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Densities ρ_i = Σ_j exp(-(D_ij / 2)²) over valid j, and their rank (0 = densest).
+
+    dist: (B, m, m) with +inf for pairs that must not interact; valid: (B, m). Equal densities: the lower index
+    counts as denser (stable sort). Invalid points rank last. Returns (rho (B, m) fp32, rank (B, m) long).
+    """
+    B, m = valid.shape
+    rho = torch.exp(-(dist * 0.5).square()).sum(-1)  # exp(-inf) = 0 for masked pairs
+    key = torch.where(valid, rho, torch.full_like(rho, float("-inf")))
+    order = torch.sort(key, dim=-1, descending=True, stable=True).indices
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(m, device=dist.device).expand(B, m))
+    return rho, rank
+
+
+def dbdpc_centres(
+    dist: torch.Tensor, valid: torch.Tensor, rank: torch.Tensor, cutoff: float, *, max_rounds: int | None = None
+) -> tuple[torch.Tensor, int]:
+    """Greedy DBDPC centres, in vectorised rounds. Returns (centre mask (B, m), number of rounds).
+
+    Sequential definition: visit points in increasing ``rank`` (decreasing density); a point becomes a centre iff
+    its distance to every centre chosen so far is > ``cutoff``.
+
+    Rounds (exactly equivalent): keep the set U of undecided points (initially all valid ones). In a round,
+    every u ∈ U with no denser point of U within ``cutoff`` becomes a centre (nothing that could make it a
+    non-centre precedes it: denser points outside U are centres — which would have covered u — or non-centres);
+    then every point of U within ``cutoff`` of a new centre is a non-centre (that centre is denser than it,
+    otherwise the centre would have been blocked). The densest point of U is always a new centre, so U shrinks
+    every round. One host sync per round (the emptiness test); the m x m work per round is a mat-vec.
+    """
+    B, m = valid.shape
+    close = (dist <= cutoff) & valid[:, :, None] & valid[:, None, :]
+    denser = rank[:, None, :] < rank[:, :, None]  # [b, i, j]: j is denser than i
+    blocker = (close & denser).to(dist.dtype)  # (B, m, m)
+    close_f = close.to(dist.dtype)
+    undecided = valid.clone()
+    centre = torch.zeros_like(valid)
+    rounds = 0
+    limit = m + 1 if max_rounds is None else max_rounds
+    while rounds < limit and bool(undecided.any()):
+        blocked = torch.bmm(blocker, undecided.to(dist.dtype).unsqueeze(-1)).squeeze(-1) > 0
+        new = undecided & ~blocked
+        centre |= new
+        covered = torch.bmm(close_f, new.to(dist.dtype).unsqueeze(-1)).squeeze(-1) > 0
+        undecided &= ~(covered | new)
+        rounds += 1
+    return centre, rounds
+
+
+def nearest_centre(dist: torch.Tensor, centre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nearest centre of every row point: (index (B, r), distance (B, r)); ties: lower index.
+
+    dist: (B, r, m) from r points to m candidates; centre: (B, m) which candidates are centres. Distance is +inf
+    (index 0) where no centre is reachable.
+    """
+    d = dist.masked_fill(~centre[:, None, :], float("inf"))
+    best, idx = d.min(dim=-1)  # torch returns the first (lowest) index among equal minima
+    return idx, best
+
+
+def dbdpc(
+    dist: torch.Tensor, valid: torch.Tensor, cutoff: float
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """DBDPC on one padded batch of point sets.
+
+    dist: (B, m, m) cosine distances, +inf for pairs that must not interact (padding, different images);
+    valid: (B, m). Returns (centre (B, m) bool, assign (B, m) long: index of each point's centre, -1 for
+    invalid points, rounds).
+    """
+    dist = dist.clone()
+    dist.diagonal(dim1=1, dim2=2).zero_()  # a point is at distance 0 of itself (fp rounding of 1 - |ẑ|²)
+    _, rank = dbdpc_density_rank(dist, valid)
+    centre, rounds = dbdpc_centres(dist, valid, rank, cutoff)
+    assign, _ = nearest_centre(dist, centre)
+    assign = torch.where(valid, assign, torch.full_like(assign, -1))
+    return centre, assign, rounds
+
+
+# ---- merge -----------------------------------------------------------------------------------------------------
+def compact(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices of the True entries of ``mask`` (B, n), in order, left-aligned and padded: (idx (B, k), valid)."""
+    B, n = mask.shape
+    k = max(int(mask.sum(-1).max()) if mask.numel() else 0, 1)
+    idx = torch.arange(n, device=mask.device).expand(B, n)
+    order = torch.where(mask, idx, idx + n).argsort(dim=-1)[:, :k]
+    valid = torch.gather(mask, 1, order)
+    return torch.where(valid, order, torch.zeros_like(order)), valid
+
+
+def merge_clusters(
+    centre_of: torch.Tensor, valid: torch.Tensor, features: torch.Tensor | None, sizes: torch.Tensor
+) -> Reduction:
+    """Turn a cluster assignment into a :class:`Reduction` (one output per cluster, in the centre's slot).
+
+    centre_of: (B, n) long, the candidate index of each candidate's cluster centre (a centre points to itself),
+    -1 for dropped candidates. valid: (B, n). features: (B, n, D) candidate hidden states to average (size-
+    weighted mean, fp32 accumulation, cast back), or None to keep the centres' own states (``merge: centre``).
+    sizes: (B, n) current token sizes. Output order: centres by candidate index.
+    """
+    B, n = centre_of.shape
+    dev = centre_of.device
+    ar = torch.arange(n, device=dev).expand(B, n)
+    is_centre = (centre_of == ar) & valid
+    anchor, out_valid = compact(is_centre)  # (B, k)
+    k = anchor.shape[1]
+    slot_of = torch.cumsum(is_centre.long(), dim=-1) - 1  # output slot of every centre
+    member = valid & (centre_of >= 0)
+    source = torch.where(member, torch.gather(slot_of, 1, centre_of.clamp(min=0)), torch.full_like(centre_of, -1))
+    tgt = torch.where(member, source, torch.full_like(source, k))  # dropped -> dummy column k
+    w = torch.where(member, sizes.float(), torch.zeros_like(sizes, dtype=torch.float32))
+    out_sizes = torch.zeros(B, k + 1, dtype=torch.float32, device=dev).scatter_add_(1, tgt, w)[:, :k]
+    feats = None
+    if features is not None:
+        D = features.shape[-1]
+        acc = torch.zeros(B, k + 1, D, dtype=torch.float32, device=dev)
+        acc.scatter_add_(1, tgt.unsqueeze(-1).expand(-1, -1, D), features.float() * w.unsqueeze(-1))
+        feats = (acc[:, :k] / out_sizes.clamp(min=1e-12).unsqueeze(-1)).to(features.dtype)
+        feats = feats * out_valid.unsqueeze(-1).to(feats.dtype)
+    return Reduction(anchor=anchor, valid=out_valid, source=source, features=feats, sizes=out_sizes)
+
+
+# ---- the method ------------------------------------------------------------------------------------------------
+@register_method("pact")
+class PACT(Method):
+    """PACT: EUTI pruning + DBDPC clustering + merging with proportional attention (LLM side, one layer)."""
+
+    sides = ("llm",)
+    paper = ("Dhouib et al., PACT: Pruning and Clustering-Based Token Reduction for Faster Visual Language "
+             "Models, CVPR 2025 (arXiv:2504.08966)")
+
+    method: Literal["pact"] = "pact"
+    #: decoder layer L (0-indexed) whose input is reduced; layers < L see every token
+    layer: int = 4
+    #: EUTI keep fraction in (0, 1]: ⌊keep · n⌋ visual tokens per image survive the pruning step
+    keep: float = 0.55
+    #: DBDPC cutoff distance d_c (cosine distance of post-RoPE keys), > 0
+    cutoff: float = 0.21
+    #: retrieval radius of EUTI-pruned tokens, as a multiple of cutoff (>= 0)
+    coef_pruned: float = 1.5
+    #: add log(cluster size) to the attention logits of merged keys in layers >= L
+    proportional: bool = True
+    merge: Literal["mean", "centre"] = "mean"
+    mode: Literal["pact", "euti", "dbdpc"] = "pact"
+
+    @field_validator("keep", mode="before")
+    @classmethod
+    def _check_keep(cls, v):
+        if isinstance(v, bool) or not isinstance(v, int | float) or math.isnan(v) or not (0.0 < v <= 1.0):
+            raise ValueError(f"keep must be a fraction in (0, 1], got {v!r}")
+        return float(v)
+
+    @field_validator("cutoff", mode="before")
+    @classmethod
+    def _check_cutoff(cls, v):
+        if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or v <= 0:
+            raise ValueError(f"cutoff must be a finite distance > 0 (cosine distance, in (0, 2]), got {v!r}")
+        return float(v)
+
+    @field_validator("coef_pruned", mode="before")
+    @classmethod
+    def _check_coef(cls, v):
+        if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or v < 0:
+            raise ValueError(f"coef_pruned must be a finite number >= 0, got {v!r}")
+        return float(v)
+
+    def attach(self, run) -> list:
+        impl = run.adapter.attn_implementation()
+        if self.proportional and self.mode != "euti" and "flash" in str(impl):
+            raise ConfigError(
+                f"pact: proportional=true needs an additive attention bias, which attn_implementation={impl!r} "
+                "cannot take (allowed: 'sdpa', 'eager'); load the model with attn_implementation='sdpa' or set "
+                "proportional: false"
+            )
+        return []
+
+    # ---- maths on the context -------------------------------------------------------------------------------
+    def _project(self, ctx: LLMContext, with_query: bool) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        """Layer-L projections without RoPE: (mean query (B, h, 1, d) or None, keys (B, h_kv, M, d), P (B, M))."""
+        L = ctx.layer_idx
+        h = ctx.hidden_states
+        prefix = euti_prefix_mask(ctx.token_valid, ctx.is_visual)  # (B, M)
+        if with_query:
+            normed = ctx.adapter.input_norm(L, h)
+            w = prefix.to(torch.float32)
+            mean = (normed.float() * w.unsqueeze(-1)).sum(1, keepdim=True) / w.sum(1).clamp(min=1.0)[:, None, None]
+            query = mean.to(h.dtype)
+        else:
+            query = h[:, :1]  # unused (the keys are what is needed)
+        q, k = ctx.adapter.project_qk(L, h, None, None, query_states=query, rope=False)
+        return (q if with_query else None), k, prefix
+
+    def euti(self, ctx: LLMContext, q_mean: torch.Tensor, keys: torch.Tensor, prefix: torch.Tensor) -> torch.Tensor:
+        """(B, n) EUTI scores of the candidates (0 for padding)."""
+        scores = euti_scores(ctx.hidden_states, q_mean, keys, prefix, ctx.adapter.attention_scale(ctx.layer_idx))
+        return torch.gather(scores, 1, ctx.candidates) * ctx.candidate_valid
+
+    def cluster_keys(self, ctx: LLMContext, keys: torch.Tensor, cand_idx: torch.Tensor) -> torch.Tensor:
+        """(B, r, h_kv * d) post-RoPE keys of the candidates ``cand_idx`` (B, r), from pre-RoPE keys (B, h_kv, M, d).
+
+        RoPE is applied by the adapter (M-RoPE for Qwen2-VL) to these rows only, at their own positions.
+        """
+        slots = torch.gather(ctx.candidates, 1, cand_idx)  # (B, r)
+        B, hkv, _, d = keys.shape
+        kr = torch.gather(keys, 2, slots[:, None, :, None].expand(-1, hkv, -1, d))
+        kr = ctx.adapter.rope_rows(kr, ctx.position_embeddings, slots)  # (B, h_kv, r, d)
+        return kr.transpose(1, 2).reshape(B, slots.shape[1], hkv * d)
+
+    def reduce_llm(self, ctx: LLMContext) -> Reduction:
+        valid = ctx.candidate_valid
+        q_mean, keys, prefix = self._project(ctx, with_query=self.mode != "dbdpc")
+        if self.mode == "dbdpc":
+            kept = valid
+        else:
+            scores = self.euti(ctx, q_mean, keys, prefix)
+            kept = ctx.keep_top_per_image(scores, self.keep, what="keep").source >= 0
+            if self.mode == "euti":
+                return Reduction.from_mask(kept)
+        return self._cluster(ctx, keys, kept)
+
+    def _cluster(self, ctx: LLMContext, keys: torch.Tensor, kept: torch.Tensor) -> Reduction:
+        """DBDPC on the kept candidates (B, n) bool, retrieval of the pruned ones, merge."""
+        valid = ctx.candidate_valid
+        B, n = valid.shape
+        inf = float("inf")
+        image = torch.where(valid, ctx.image_id, torch.full_like(ctx.image_id, -1))
+        k_idx, k_valid = compact(kept & valid)  # (B, m) kept candidates, padded
+        zk = self.cluster_keys(ctx, keys, k_idx)
+        img_k = torch.gather(image, 1, k_idx)
+        pair = k_valid[:, :, None] & k_valid[:, None, :] & (img_k[:, :, None] == img_k[:, None, :])
+        dist = cosine_distances(zk, zk).masked_fill_(~pair, inf)  # (B, m, m): the only m x m matrix
+        centre, assign, _ = dbdpc(dist, k_valid, self.cutoff)
+        # centre_of[b, c]: candidate index of candidate c's centre (-1: dropped); column n is a dummy target
+        centre_of = torch.full((B, n + 1), -1, dtype=torch.long, device=valid.device)
+        k_centre = torch.where(k_valid, torch.gather(k_idx, 1, assign.clamp(min=0)), torch.full_like(k_idx, -1))
+        centre_of.scatter_(1, torch.where(k_valid, k_idx, torch.full_like(k_idx, n)), k_centre)
+        pruned = valid & ~kept
+        if self.mode == "pact" and bool(pruned.any()):
+            p_idx, p_valid = compact(pruned)  # (B, p)
+            zp = self.cluster_keys(ctx, keys, p_idx)
+            img_p = torch.gather(image, 1, p_idx)
+            ok = p_valid[:, :, None] & k_valid[:, None, :] & (img_p[:, :, None] == img_k[:, None, :])
+            dpc = cosine_distances(zp, zk).masked_fill_(~ok, inf)  # (B, p, m)
+            near, dmin = nearest_centre(dpc, centre)
+            join = p_valid & (dmin <= self.coef_pruned * self.cutoff)
+            p_centre = torch.where(join, torch.gather(k_idx, 1, near), torch.full_like(p_idx, -1))
+            centre_of.scatter_(1, torch.where(p_valid, p_idx, torch.full_like(p_idx, n)), p_centre)
+        cand_sizes = torch.gather(ctx.sizes, 1, ctx.candidates)
+        feats = ctx.candidate_states() if self.merge == "mean" else None
+        return merge_clusters(centre_of[:, :n], valid, feats, cand_sizes)

@@ -1,0 +1,370 @@
+"""``transprune``: TransPrune (Li et al., "TransPrune: Token Transition Pruning for Efficient Large
+Vision-Language Model", 2025, arXiv:2507.20630). LLM side, progressive, with an attention-free core score.
+
+**Token transition variation (TTV).** For each sub-module m in {attention, MLP} of a decoder layer, with
+x (B, M, D) the module's input *after* its pre-norm (``input_layernorm`` / ``post_attention_layernorm``: it is
+exactly what the module receives) and y (B, M, D) its output *before* the residual add:
+
+    r_i = ||y_i|| / ||x_i||                          (magnitude of the transition)
+    p_i = softmax_i(1 - cos(x_i, y_i))               (direction, softmax over the real tokens of the row)
+    TTV_m,i = r_i * p_i,          TTV_l,i = TTV_attn,i + TTV_mlp,i
+
+summed over the accumulation layers seen so far (default: paper layers 7-12), for the tokens still alive in
+each layer, then L1-normalised over the visual candidates: T_i = acc_i / (sum_{j in V} acc_j + 1e-8).
+O(N * D) per sub-module; no attention weights are needed: per-instance forward hooks on each accumulation
+layer's ``self_attn`` and ``mlp`` (removed on exit) read x and y. The accumulator is indexed by *original*
+sequence position (the runtime's :meth:`LLMRuntime.current_slots`), so it survives the sequence shrinking at
+each pruning point. Decode steps never accumulate.
+
+**Instruction-guided attention (IGA)**, at each pruning point entering 0-indexed layer L: with layer L's input
+norm, q/k projections and (M-)RoPE (``adapter.project_qk``), the instruction tokens (real text tokens after the
+last visual token) attend causally to all tokens; the probabilities are averaged over heads and instruction
+rows, restricted to the visual candidates and L1-normalised: I_i. Only those |T| query rows are computed
+(flash-compatible, never N x N).
+
+**Score** = ``ttv_weight`` * T_i + ``iga_weight`` * I_i (defaults 1, 1). ``iga_weight: 0`` is the attention-free
+variant (no q/k projection at all); ``ttv_weight: 0`` skips the hooks (IGA only). At pruning point j the top
+``floor(keep[j] * n0)`` candidates of every image are kept in original order, where n0 is the image's
+candidate count entering the *first* pruning point (the original count unless an earlier stage reduced it).
+The same k applies to every sample of a batch with the same image size; scores are per sample.
+
+**Layer convention (the one place where the paper's 1-indexed layers are converted):** vtc's ``layers`` are
+0-indexed decoder layers the survivors *enter* (like every LLM-side method's ``layer``). "Prune after paper
+layer k" (1-indexed) = after 0-indexed layer k - 1 = entering 0-indexed layer k, so the paper's pruning points
+[7, 9, 12] are ``layers: [7, 9, 12]`` unchanged. ``accumulate: [first, last]`` is an inclusive range of
+0-indexed decoder layers whose TTV is summed: the paper's layers 7-12 are ``accumulate: [6, 11]``.
+:func:`from_paper_layers` does this conversion and produces the defaults.
+
+Defaults (every shipped LLaVA-1.5-7B / LLaVA-NeXT-7B script of the official code): ``layers: [7, 9, 12]``,
+``keep: [0.875, 0.625, 0.125]`` (576 -> 504 -> 360 -> 72 visual tokens), ``accumulate: [6, 11]``.
+
+Positions: survivors keep their original position ids (like FastV and PACT in vtc). The official code is
+batch-size-1 only and compacts position ids after pruning; vtc does not offer compaction (decoding continues at
+the original length, which keeps the KV cache and batching exact).
+
+Bad input: ``layers`` not strictly increasing, ``keep`` increasing or outside (0, 1], lengths that differ,
+an accumulation range that starts at or after the first pruning layer: ``ConfigError``. A prompt with no
+instruction tokens after the image falls back to TTV only for that sample (warned once per attached run).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+import weakref
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from pydantic import ValidationInfo, field_validator
+
+from ..errors import ConfigError
+from ..reduction import Reduction, resolve_budget, topk_per_group
+from ..scoring import attention_from_rows
+from . import register_method
+from .base import LLMContext, Method
+
+__all__ = [
+    "TransPrune",
+    "from_paper_layers",
+    "transition_variation",
+    "accumulate_by_position",
+    "l1_normalise",
+    "instruction_guided_attention",
+    "PAPER_PRUNE_AFTER",
+    "PAPER_KEEP",
+    "PAPER_ACCUMULATE",
+]
+
+#: the paper's schedule, 1-indexed as in the paper and the official scripts (LLaVA-1.5-7B, LLaVA-NeXT-7B)
+PAPER_PRUNE_AFTER: tuple[int, ...] = (7, 9, 12)  # prune after these layers
+PAPER_KEEP: tuple[float, ...] = (0.875, 0.625, 0.125)  # fractions of the original visual tokens
+PAPER_ACCUMULATE: tuple[int, int] = (7, 12)  # TTV summed over these layers (inclusive)
+
+
+def from_paper_layers(prune_after: tuple[int, ...], accumulate: tuple[int, int]) -> tuple[tuple[int, ...],
+                                                                                         tuple[int, int]]:
+    """Convert the paper's 1-indexed schedule to vtc's 0-indexed one (the only place this happens).
+
+    - pruning "after 1-indexed layer k" = the survivors *enter* 0-indexed layer k: ``layers`` unchanged;
+    - accumulation over 1-indexed layers a..b = 0-indexed decoder layers a-1..b-1.
+
+    >>> from_paper_layers((7, 9, 12), (7, 12))
+    ((7, 9, 12), (6, 11))
+    """
+    layers = tuple(int(k) for k in prune_after)
+    acc = (int(accumulate[0]) - 1, int(accumulate[1]) - 1)
+    return layers, acc
+
+
+DEFAULT_LAYERS, DEFAULT_ACCUMULATE = from_paper_layers(PAPER_PRUNE_AFTER, PAPER_ACCUMULATE)
+
+
+# ---- the maths (pure functions) ---------------------------------------------------------------------------------
+def transition_variation(x: torch.Tensor, y: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """TTV of one sub-module: (B, M) float32, ``r_i * softmax_i(1 - cos(x_i, y_i))``, 0 on invalid slots.
+
+    x: (B, M, D) the sub-module's input after its pre-norm; y: (B, M, D) its output before the residual add;
+    valid: (B, M) bool, the real tokens of each row (the softmax runs over them only). Computed in fp32.
+    """
+    xf, yf = x.float(), y.float()
+    nx = torch.linalg.vector_norm(xf, dim=-1)
+    ny = torch.linalg.vector_norm(yf, dim=-1)
+    ratio = ny / nx.clamp(min=1e-12)
+    cos = (xf * yf).sum(-1) / (nx * ny).clamp(min=1e-8)
+    change = (1.0 - cos).masked_fill(~valid, float("-inf"))
+    p = torch.nan_to_num(torch.softmax(change, dim=-1), nan=0.0)
+    return torch.where(valid, ratio * p, torch.zeros_like(p))
+
+
+def accumulate_by_position(acc: torch.Tensor, ttv: torch.Tensor, slots: torch.Tensor,
+                           valid: torch.Tensor) -> torch.Tensor:
+    """Add per-slot values ``ttv`` (B, M) into ``acc`` (B, N) at original positions ``slots`` (B, M), in place.
+
+    Invalid slots (vtc's left padding, user padding) add nothing. Returns ``acc``.
+    """
+    acc.scatter_add_(1, slots, torch.where(valid, ttv, torch.zeros_like(ttv)).to(acc.dtype))
+    return acc
+
+
+def l1_normalise(scores: torch.Tensor, valid: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """(B, n) ``s_i / (sum_{valid j} s_j + eps)`` with invalid entries set to 0."""
+    s = torch.where(valid, scores.float(), torch.zeros_like(scores, dtype=torch.float32))
+    return s / (s.sum(-1, keepdim=True) + eps)
+
+
+def _rows_from_mask(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, M) bool -> slot indices (B, R) of the True entries (R = max count, >= 1) and their validity."""
+    B, M = mask.shape
+    R = max(int(mask.sum(-1).max()), 1) if B else 1  # one host sync per stage
+    idx = torch.arange(M, device=mask.device).expand(B, M)
+    rows = torch.where(mask, idx, idx + M).sort(-1).values[:, :R]
+    ok = rows < M
+    return torch.where(ok, rows, torch.zeros_like(rows)), ok
+
+
+def instruction_guided_attention(ctx: LLMContext) -> tuple[torch.Tensor, torch.Tensor]:
+    """IGA at the pruning point entering layer ``ctx.layer_idx``: ((B, n) scores over the candidates, (B,) bool).
+
+    Instruction tokens (``ctx.instruction_mask()``: real text after the last visual token) are the query rows,
+    re-projected with layer ``ctx.layer_idx``'s input norm, q/k projections and RoPE; they attend causally to
+    every real token. Probabilities averaged over heads and rows, gathered at the candidates, L1-normalised.
+    The second output marks the samples that have instruction tokens (the others get zeros).
+    """
+    inst = ctx.instruction_mask()
+    has = inst.any(-1)
+    rows, row_ok = _rows_from_mask(inst)
+    M = inst.shape[1]
+    q, k = ctx.adapter.project_qk(ctx.layer_idx, ctx.hidden_states, ctx.position_embeddings, rows)
+    slots = torch.arange(M, device=inst.device)
+    allowed = (slots[None, None, :] <= rows[:, :, None]) & ctx.token_valid[:, None, :] & row_ok[:, :, None]
+    att = attention_from_rows(q, k, allowed, ctx.adapter.attention_scale(ctx.layer_idx))  # (B, M)
+    return l1_normalise(torch.gather(att, 1, ctx.candidates), ctx.candidate_valid), has
+
+
+# ---- per-run state -------------------------------------------------------------------------------------------------
+@dataclass
+class _RunState:
+    """What one attached run remembers during a prefill."""
+
+    acc: torch.Tensor | None = None  # (B, N) fp32 TTV summed so far, by original sequence position
+    base_counts: torch.Tensor | None = None  # (B, G) candidates per image entering the first pruning point
+    warned: bool = False
+
+
+# adapter (one per Run) -> {id(method): state}; entries are removed with the run's handles
+_STATES: weakref.WeakKeyDictionary[Any, dict[int, _RunState]] = weakref.WeakKeyDictionary()
+
+
+class _StateHandle:
+    def __init__(self, adapter: Any, key: int) -> None:
+        self.adapter = weakref.ref(adapter)
+        self.key = key
+
+    def remove(self) -> None:
+        adapter = self.adapter()
+        if adapter is not None and adapter in _STATES:
+            _STATES[adapter].pop(self.key, None)
+            if not _STATES[adapter]:
+                del _STATES[adapter]
+
+
+def _submodules(layer: torch.nn.Module, idx: int) -> tuple[torch.nn.Module, torch.nn.Module]:
+    attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+    if attn is None or mlp is None:
+        raise ConfigError(
+            f"transprune: decoder layer {idx} ({type(layer).__name__}) has no 'self_attn' / 'mlp' sub-modules; "
+            "token transition variation needs a pre-norm decoder layer (use iga_weight only: ttv_weight: 0)"
+        )
+    return attn, mlp
+
+
+@register_method("transprune")
+class TransPrune(Method):
+    """TransPrune: progressive pruning by token transition variation (+ instruction-guided attention).
+
+    Fields (defaults = the paper's LLaVA-1.5-7B / LLaVA-NeXT-7B schedule, see the module docstring):
+    - ``layers``: 0-indexed decoder layers the survivors enter, strictly increasing (paper "after 7, 9, 12").
+    - ``keep``: fraction of the original visual tokens of each image kept at each layer, in (0, 1],
+      non-increasing, one per layer.
+    - ``accumulate``: inclusive 0-indexed range of layers whose TTV is summed; must start before ``layers[0]``.
+      Layers at or after the last pruning layer are not hooked (their TTV would never be used).
+    - ``ttv_weight``, ``iga_weight``: weights of the two normalised scores (>= 0, not both 0).
+    """
+
+    sides = ("llm",)
+    paper = "Li et al., TransPrune: Token Transition Pruning for Efficient Large Vision-Language Model, 2025 " \
+            "(arXiv:2507.20630)"
+
+    method: Literal["transprune"] = "transprune"
+    layers: tuple[int, ...] = DEFAULT_LAYERS
+    keep: tuple[float, ...] = PAPER_KEEP
+    accumulate: tuple[int, int] = DEFAULT_ACCUMULATE
+    ttv_weight: float = 1.0
+    iga_weight: float = 1.0
+
+    # ---- validation -------------------------------------------------------------------------------------------
+    @field_validator("layers")
+    @classmethod
+    def _check_layers(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if not v:
+            raise ValueError("needs at least one pruning layer, e.g. [7, 9, 12]")
+        if any(layer < 1 for layer in v):
+            raise ValueError("pruning layers are 0-indexed layers entered and must be >= 1")
+        if any(b <= a for a, b in zip(v, v[1:])):
+            raise ValueError("must be strictly increasing, e.g. [7, 9, 12]")
+        return v
+
+    @field_validator("keep")
+    @classmethod
+    def _check_keep(cls, v: tuple[float, ...], info: ValidationInfo) -> tuple[float, ...]:
+        if any(math.isnan(f) or not (0.0 < f <= 1.0) for f in v):
+            raise ValueError("every keep fraction must be in (0, 1]")
+        if any(b > a for a, b in zip(v, v[1:])):
+            raise ValueError("keep fractions must not increase from one pruning layer to the next")
+        layers = info.data.get("layers")
+        if layers is not None and len(layers) != len(v):
+            raise ValueError(f"needs one fraction per pruning layer: {len(layers)} layers {list(layers)}, "
+                             f"{len(v)} fractions")
+        return v
+
+    @field_validator("accumulate")
+    @classmethod
+    def _check_accumulate(cls, v: tuple[int, int], info: ValidationInfo) -> tuple[int, int]:
+        first, last = v
+        if first < 0 or last < first:
+            raise ValueError("must be an inclusive 0-indexed layer range [first, last] with 0 <= first <= last")
+        layers = info.data.get("layers")
+        if layers and first >= layers[0]:
+            raise ValueError(f"must start before the first pruning layer {layers[0]} (TTV is accumulated over the "
+                             f"layers before each pruning point), e.g. [{layers[0] - 1}, {layers[-1] - 1}]")
+        return v
+
+    @field_validator("ttv_weight", "iga_weight")
+    @classmethod
+    def _check_weight(cls, v: float, info: ValidationInfo) -> float:
+        if math.isnan(v) or v < 0:
+            raise ValueError("must be >= 0")
+        if info.field_name == "iga_weight" and v == 0 and info.data.get("ttv_weight") == 0:
+            raise ValueError("ttv_weight and iga_weight cannot both be 0")
+        return v
+
+    def validate_for_model(self, num_layers: int) -> None:
+        super().validate_for_model(num_layers)
+        if self.accumulate[1] >= num_layers:
+            raise ConfigError(
+                f"transprune: accumulate={list(self.accumulate)} is out of range for a model with {num_layers} "
+                f"decoder layers (0-indexed, allowed: 0..{num_layers - 1})"
+            )
+
+    # ---- placement ----------------------------------------------------------------------------------------------
+    def llm_layers(self) -> tuple[int, ...]:
+        return tuple(self.layers)
+
+    def accumulation_layers(self) -> tuple[int, ...]:
+        """0-indexed layers whose TTV is captured: ``accumulate`` clipped to before the last pruning layer."""
+        if self.ttv_weight == 0:
+            return ()
+        return tuple(range(self.accumulate[0], min(self.accumulate[1], self.layers[-1] - 1) + 1))
+
+    def attach(self, run: Any) -> list[Any]:
+        state = _RunState()
+        _STATES.setdefault(run.adapter, {})[id(self)] = state
+        handles: list[Any] = [_StateHandle(run.adapter, id(self))]
+        try:
+            decoder = run.adapter.decoder_layers()
+            acc_layers = self.accumulation_layers()
+            for layer_idx in acc_layers:
+                attn, mlp = _submodules(decoder[layer_idx], layer_idx)
+                first = layer_idx == acc_layers[0]
+                handles.append(attn.register_forward_hook(_ttv_hook(run, state, layer_idx, first), with_kwargs=True))
+                handles.append(mlp.register_forward_hook(_ttv_hook(run, state, layer_idx, False), with_kwargs=True))
+        except BaseException:
+            for h in reversed(handles):
+                h.remove()
+            raise
+        return handles
+
+    # ---- the stage ----------------------------------------------------------------------------------------------
+    def reduce_llm(self, ctx: LLMContext) -> Reduction:
+        state = _STATES.get(ctx.adapter, {}).get(id(self))
+        if state is None:
+            raise RuntimeError("transprune: no state for this model; attach it with vtc.compress / vtc.apply")
+        j = self.layers.index(ctx.layer_idx)
+        counts = ctx.image_counts
+        assert counts is not None
+        if j == 0 or state.base_counts is None or state.base_counts.shape != counts.shape:
+            state.base_counts = counts.clone()
+        valid = ctx.candidate_valid
+        score = torch.zeros(valid.shape, dtype=torch.float32, device=valid.device)
+        if self.ttv_weight > 0:
+            acc = state.acc
+            if acc is None or acc.shape[0] != valid.shape[0]:
+                raise RuntimeError("transprune: no token transition variation was captured in this prefill")
+            positions = torch.gather(ctx.slot_positions, 1, ctx.candidates)
+            score = score + self.ttv_weight * l1_normalise(torch.gather(acc, 1, positions), valid)
+        if self.iga_weight > 0:
+            iga, has = instruction_guided_attention(ctx)
+            if not state.warned and not bool(has.all()):
+                state.warned = True
+                warnings.warn(
+                    "transprune: a prompt has no instruction tokens after the image; its visual tokens are "
+                    "ranked by token transition variation only (no instruction-guided attention)",
+                    stacklevel=2,
+                )
+            score = score + self.iga_weight * iga
+        k = self._keep_per_image(state.base_counts, counts, self.keep[j])
+        group = torch.where(valid, ctx.image_id, torch.full_like(ctx.image_id, -1))
+        return Reduction.from_mask(topk_per_group(score, group, k))
+
+    @staticmethod
+    def _keep_per_image(base: torch.Tensor, current: torch.Tensor, frac: float) -> torch.Tensor:
+        """(B, G) floor(frac * base) (>= 1 for non-empty images), never more than the current count."""
+        ks = [resolve_budget(frac, c, what="keep") if c > 0 else 0 for c in base.flatten().tolist()]
+        k = torch.tensor(ks, dtype=torch.long, device=base.device).view_as(base)
+        return torch.minimum(k, current)
+
+
+def _ttv_hook(run: Any, state: _RunState, layer_idx: int, first: bool):
+    """Forward hook on a sub-module of an accumulation layer: add its TTV to ``state.acc`` (prefill only)."""
+
+    def hook(module, args, kwargs, output):
+        llm = run.llm
+        if llm.phase != "prefill":
+            return None
+        current = llm.current_slots(layer_idx)
+        if current is None:
+            return None
+        t0 = time.perf_counter()
+        slots, valid = current
+        x = args[0] if args else kwargs["hidden_states"]
+        y = output[0] if isinstance(output, tuple | list) else output
+        B = x.shape[0]
+        if first or state.acc is None or state.acc.shape != (B, llm.prefill_len):
+            state.acc = torch.zeros(B, llm.prefill_len, dtype=torch.float32, device=x.device)
+        accumulate_by_position(state.acc, transition_variation(x, y, valid), slots, valid)
+        run.stats.add_time(time.perf_counter() - t0)
+        return None
+
+    return hook
