@@ -231,7 +231,7 @@ class Method(BaseModel):
         for layer in self.llm_layers():
             if not (1 <= layer < num_layers):
                 raise ConfigError(
-                    f"{self.method}: layer={layer} is out of range for a model with {num_layers} decoder layers "
+                    f"layer={layer} is out of range for a model with {num_layers} decoder layers "
                     f"(allowed: 1..{num_layers - 1}; use a vision-side stage to reduce before the LLM)"
                 )
 

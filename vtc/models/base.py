@@ -202,6 +202,10 @@ class ModelAdapter:
     def placeholder_token_id(self) -> int:
         return self.model.config.image_token_id
 
+    def placeholder_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, N) bool: visual placeholder tokens (families with several kinds, e.g. image + video, override)."""
+        return input_ids == self.placeholder_token_id()
+
     # ---- vision side (overridden per family) --------------------------------------------------------------------
     def encode_images(self, kwargs: dict, needs: set[str]) -> list[VisualGroup]:  # pragma: no cover
         raise NotImplementedError(f"{self.family}: vision-side stages are not supported by this adapter yet")

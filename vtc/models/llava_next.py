@@ -225,23 +225,49 @@ class LlavaNextAdapter(_llava.LlavaAdapter):
         """Placeholders -> visual (image id from the per-image counts); newline positions -> protected."""
         is_visual = input_ids == self.placeholder_token_id()
         geoms = self.geometries(kwargs)
-        if geoms is None:
-            return TokenMap.from_placeholders(is_visual)
-        h, w = self.crop_grid
-        extra = self._base_extra(kwargs)
-        counts = [g.num_tokens(h, w, extra) for g in geoms]
+        if geoms is not None:
+            h, w = self.crop_grid
+            extra = self._base_extra(kwargs)
+            counts = [g.num_tokens(h, w, extra) for g in geoms]
+            newline = torch.cat([g.newline_mask(h, w, extra, device=input_ids.device) for g in geoms])
+            source = "image_sizes"
+        else:
+            packed = self._encoder_outputs(kwargs)
+            if packed is None:
+                return TokenMap.from_placeholders(is_visual)
+            counts = [p.shape[0] for p in packed]
+            newline = self._newline_rows(packed).to(input_ids.device)
+            source = "the precomputed image features"
         found = int(is_visual.sum())
         if found != sum(counts):
             raise ConfigError(
-                f"llava_next: the prompt has {found} image placeholder tokens but image_sizes imply {sum(counts)} "
+                f"llava_next: the prompt has {found} image placeholder tokens but {source} imply {sum(counts)} "
                 f"({counts} for {len(counts)} image(s)); build the prompt with the model's processor"
             )
         tm = TokenMap.from_placeholders(is_visual, counts)
-        newline = torch.cat([g.newline_mask(h, w, extra, device=input_ids.device) for g in geoms])
         protected = torch.zeros_like(is_visual)
         protected[is_visual] = newline
         tm.protected = protected
         return tm
+
+    @staticmethod
+    def _encoder_outputs(kwargs: dict) -> list[torch.Tensor] | None:
+        """Per-image packed features precomputed by ``generate`` (transformers >= 5.2x passes
+        ``mm_encoder_outputs={"image": output}`` instead of ``pixel_values`` / ``image_sizes``), or None."""
+        enc = kwargs.get("mm_encoder_outputs")
+        out = enc.get("image") if isinstance(enc, dict) else None
+        pooled = getattr(out, "pooler_output", None)
+        if pooled is None:
+            return None
+        if isinstance(pooled, torch.Tensor):
+            return list(pooled.unbind(0)) if pooled.dim() == 3 else None
+        return list(pooled)
+
+    def _newline_rows(self, packed: list[torch.Tensor]) -> torch.Tensor:
+        """(sum T_i,) True where a packed feature row is the model's ``image_newline`` vector (the model copies
+        the parameter there bit for bit; a projected patch feature never equals it exactly)."""
+        nl = self.inner.image_newline
+        return torch.cat([(p == nl.to(device=p.device, dtype=p.dtype)).all(-1) for p in packed])
 
     # ---- vision side ------------------------------------------------------------------------------------------
     def encode_images(self, kwargs: dict, needs: set[str]) -> list[VisualGroup]:

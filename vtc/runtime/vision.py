@@ -76,7 +76,7 @@ def rebuild_prompt(adapter: ModelAdapter, input_ids: torch.Tensor, attention_mas
     new_labels = None
     if labels is not None:
         new_labels = torch.where(valid, torch.gather(labels, 1, order), torch.full_like(order, -100))
-    new_tm = TokenMap.from_placeholders(new_ids == adapter.placeholder_token_id(), [int(x) for x in k.tolist()])
+    new_tm = TokenMap.from_placeholders(adapter.placeholder_mask(new_ids), [int(x) for x in k.tolist()])
     new_tm.is_visual &= valid
     embeds = adapter.embed_tokens(new_ids)
     if n_img:
