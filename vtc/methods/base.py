@@ -72,7 +72,10 @@ class VisionExtras:
                 f"method '{method}' needs '{name}' from the vision tower, which this model/input does not provide "
                 f"(available: {', '.join(self.available()) or 'none'})"
             )
-        return fn()
+        try:
+            return fn()
+        except ConfigError as err:
+            raise ConfigError(f"method '{method}' needs '{name}' from the vision tower: {err}") from None
 
     def available(self) -> list[str]:
         names = [n for n in ("cls_attention", "received_attention", "keys", "cls_token", "hidden_with_cls")
@@ -93,6 +96,9 @@ class VisionContext:
     generator: torch.Generator | None = None
     space: Side = "llm"
     seed: int = 0
+    #: (U,) long: which image each unit belongs to (LLaVA-NeXT crops of one image share it); None: one image per
+    #: unit. Lets a method split a per-image budget over the units of an image.
+    unit_image: torch.Tensor | None = None
 
     @property
     def num_units(self) -> int:

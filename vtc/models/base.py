@@ -199,6 +199,16 @@ class ModelAdapter:
         """Placeholder count of each image in order, when adjacent images must be told apart."""
         return None
 
+    def unit_layouts(self, kwargs: dict, image: int) -> list[Layout]:
+        """Layouts of the units (crops / frames / the image) of image ``image`` in its original token order,
+        for drawing. Default: one unordered sequence of the image's placeholder count."""
+        counts = self.tokens_per_image(kwargs)
+        if counts is None:
+            raise NotImplementedError(f"{self.family}: unit_layouts needs the visual inputs")
+        from ..layout import Sequence
+
+        return [Sequence(counts[image])]
+
     def placeholder_token_id(self) -> int:
         return self.model.config.image_token_id
 

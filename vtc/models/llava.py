@@ -38,6 +38,11 @@ class LlavaAdapter(ModelAdapter):
         n = self._tokens_per_image()
         return [n] * pv.shape[0]
 
+    def unit_layouts(self, kwargs: dict, image: int):
+        vcfg = self.model.config.vision_config
+        side = vcfg.image_size // vcfg.patch_size
+        return [Grid(side, side)] if self._tokens_per_image() == side * side else [Sequence(self._tokens_per_image())]
+
     def _tokens_per_image(self) -> int:
         vcfg = self.model.config.vision_config
         side = vcfg.image_size // vcfg.patch_size

@@ -32,8 +32,12 @@ class StageStats:
     #: LLM side: (B, M) original sequence positions of the survivors, and their validity
     kept_positions: torch.Tensor | None = field(default=None, repr=False)
     kept_valid: torch.Tensor | None = field(default=None, repr=False)
-    #: LLM side: the method's Reduction over the visual candidates (for replay / analysis)
+    #: LLM side: the method's Reduction over the visual candidates (for replay / analysis), and the image id
+    #: of each candidate (B, n) (-1: padding)
     reduction: Any = field(default=None, repr=False)
+    candidate_image: torch.Tensor | None = field(default=None, repr=False)
+    #: vision side: the image index of every unit, per group (parallel to ``sources``)
+    unit_images: list[list[int]] = field(default_factory=list, repr=False)
 
     @property
     def reduction_ratio(self) -> list[float]:
@@ -82,10 +86,12 @@ class Stats:
         s.tokens_in.extend([n_in] * len(outs))
         s.tokens_out.extend(int(o) for o in outs)
         s.sources.append(reduction.source.detach())
+        s.unit_images.append(list(group.unit_image))
 
     def record_llm_stage(self, index: int, method, layer: int, ctx, gen, reduction=None) -> None:
         s = self._stage(index, method, layer)
         s.reduction = reduction
+        s.candidate_image = torch.where(ctx.candidate_valid, ctx.image_id, torch.full_like(ctx.image_id, -1))
         s.tokens_in = ctx.candidate_valid.sum(-1).tolist()
         visual_left = (gen.is_visual & gen.slot_valid & ~gen.protected).sum(-1)
         s.tokens_out = visual_left.tolist()

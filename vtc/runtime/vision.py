@@ -113,16 +113,22 @@ class VisionRuntime:
             projected = False
             generator = torch.Generator(device=feats.device).manual_seed(self.seed)
             reductions = []
-            for stage_idx, m in self.stages:
+            for pos, (stage_idx, m) in enumerate(self.stages):
                 if m.space == "llm" and not projected:
                     feats = self.adapter.project(feats)
                     projected = True
                 m.check_layout(layout)
                 ctx = VisionContext(features=feats, layout=layout, extras=extras, generator=generator,
-                                    space="llm" if projected else "vision", seed=self.seed)
+                                    space="llm" if projected else "vision", seed=self.seed,
+                                    unit_image=torch.as_tensor(group.unit_image, device=feats.device))
                 n_in = feats.shape[1]
                 t0 = time.perf_counter()
                 red = m.reduce_vision(ctx)
+                if pos + 1 < len(self.stages) and not bool(red.valid.all()):
+                    raise ConfigError(
+                        f"stages[{stage_idx}] ({m.method}) delivers different token counts per unit (e.g. a per-image "
+                        "budget split over crops); it must be the last vision-side stage"
+                    )
                 feats = red.output_features(feats)
                 self.stats.add_time(time.perf_counter() - t0)
                 layout = m.output_layout(layout, feats.shape[1])

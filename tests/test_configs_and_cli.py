@@ -1,0 +1,43 @@
+"""Every shipped config loads; the CLI parses; kept-token drawing puts pixels where the tokens are."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+import vtc
+from vtc.cli import build_parser
+from vtc.viz import draw_kept
+
+CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[str(p.relative_to(p.parents[1])) for p in CONFIGS])
+def test_shipped_config_loads(path):
+    cfg = vtc.load_config(path)
+    assert cfg.stages, f"{path} has no stages"
+
+
+def test_bundled_config_by_name():
+    assert vtc.load_config("llava-1.5/fastv-50").stages[0].method == "fastv"
+
+
+def test_cli_parser():
+    args = build_parser().parse_args(["demo"])
+    assert args.model == "grid" and args.out.endswith(".png")
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["nope"])
+
+
+def test_draw_kept_pixels():
+    img = Image.new("RGB", (40, 40), (200, 200, 200))
+    groups = [torch.tensor([0, -1, 1, 1])]  # 2x2 grid: kept, dropped, merged pair
+    out = draw_kept(img, groups, [vtc.Grid(2, 2)], size=40)
+    kept = out.getpixel((10, 10))
+    dropped = out.getpixel((30, 10))
+    merged_a, merged_b = out.getpixel((10, 30)), out.getpixel((30, 30))
+    assert sum(dropped) < 150 < sum(kept)  # dropped cells are darkened
+    assert merged_a == merged_b != kept  # a merged group shares one colour

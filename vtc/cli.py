@@ -1,0 +1,213 @@
+"""The ``vtc`` command: demo, generate, show, train-demo.
+
+``vtc demo`` runs offline with no arguments on the bundled tiny VLM trained by the project.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+__all__ = ["main"]
+
+DEFAULT_DEMO_CONFIGS = {
+    "grid": {"name": "demo: fastv 25% from layer 2", "stages": [{"method": "fastv", "layer": 2, "budget": 0.25}]},
+    "1d": {"name": "demo: prefix 8 of 32 latents", "stages": [{"method": "prefix", "budget": 8}]},
+}
+
+
+def _load_model(path: str | None, kind: str = "grid"):
+    """(model, processor, description). ``path=None``: the bundled demo model of ``kind``."""
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    import vtc  # noqa: F401  (registers the demo model classes with the Auto API)
+
+    if path is None:
+        from .demo import GRID_MODEL_PATH, ORDERED_MODEL_PATH
+
+        p = GRID_MODEL_PATH if kind == "grid" else ORDERED_MODEL_PATH
+        if not (p / "config.json").exists():
+            raise SystemExit(
+                f"the bundled demo model is missing at {p}; retrain it with `vtc train-demo --model {kind}`"
+            )
+        path = str(p)
+    model = AutoModelForImageTextToText.from_pretrained(path, attn_implementation="sdpa", dtype=torch.float32)
+    processor = AutoProcessor.from_pretrained(path)
+    processor.tokenizer.padding_side = "left"
+    return model.eval(), processor, path
+
+
+def _prefill_ms(model, inputs, repeats: int = 5) -> float:
+    import torch
+
+    times = []
+    with torch.no_grad():
+        model(**inputs)  # warm-up
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            model(**inputs)
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def _answer(model, processor, inputs, max_new_tokens: int = 8) -> str:
+    import torch
+
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    return processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0].strip()
+
+
+def _layouts_for(run, inputs) -> list:
+    return run.adapter.unit_layouts(inputs, 0)
+
+
+def _run_pair(model, processor, image, prompt, config, out_png: str | None):
+    """Answer uncompressed and compressed; returns a dict of results and writes the kept-token picture."""
+    import vtc
+    from vtc.viz import draw_kept, token_groups
+
+    inputs = processor(images=image, text=prompt, return_tensors="pt")
+    base_answer = _answer(model, processor, inputs)
+    base_ms = _prefill_ms(model, inputs)
+    n_visual = int((inputs["input_ids"] == model.config.image_token_id).sum())
+    with vtc.compress(model, config) as run:
+        answer = _answer(model, processor, inputs)
+        stats = run.stats
+        kv = list(stats.kv_cache_len)
+        ms = _prefill_ms(model, inputs)
+        layouts = _layouts_for(run, inputs)
+    final = stats.stages[-1].tokens_out[0] if stats.stages else n_visual
+    result = {"answer_uncompressed": base_answer, "answer_compressed": answer, "visual_tokens_before": n_visual,
+              "visual_tokens_after": final, "prefill_ms_uncompressed": base_ms, "prefill_ms_compressed": ms,
+              "kv_cache_len": kv, "stats": stats}
+    if out_png:
+        groups = token_groups(stats, 0, num_tokens=[lay.num_tokens for lay in layouts])
+        draw_kept(image, groups, layouts).save(out_png)
+        result["png"] = out_png
+    return result
+
+
+def cmd_demo(args) -> int:
+    import torch
+
+    from .demo import task
+
+    torch.manual_seed(0)
+    model, processor, path = _load_model(None, args.model)
+    config = args.config or DEFAULT_DEMO_CONFIGS[args.model]
+    sample = task.get_sample("test", args.index)
+    prompt = task.format_prompt(sample.question)
+    t0 = time.perf_counter()
+    res = _run_pair(model, processor, sample.image, prompt, config, args.out)
+    import vtc
+
+    cfg = vtc.load_config(config)
+    print(f"vtc demo — model: {path} ({'ordered 1D latents' if args.model == '1d' else 'LLaVA grid'})")
+    print(f"config:   {cfg.name or args.config}")
+    print(f"question: {sample.question}   (expected: {sample.answer})")
+    print(f"{'':14}{'answer':>10}{'visual tokens':>16}{'prefill ms':>13}")
+    print(f"{'uncompressed':14}{res['answer_uncompressed']:>10}{res['visual_tokens_before']:>16}"
+          f"{res['prefill_ms_uncompressed']:>13.1f}")
+    print(f"{'vtc':14}{res['answer_compressed']:>10}{res['visual_tokens_after']:>16}"
+          f"{res['prefill_ms_compressed']:>13.1f}")
+    print(f"KV cache per layer after prefill (compressed): {res['kv_cache_len']}")
+    print(res["stats"])
+    if args.out:
+        print(f"kept tokens drawn to {args.out}")
+    print(f"({time.perf_counter() - t0:.1f} s)")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from PIL import Image
+
+    import vtc
+
+    model, processor, _ = _load_model(args.model)
+    image = Image.open(args.image).convert("RGB")
+    prompt = args.prompt if "<image>" in args.prompt else f"USER: <image>\n{args.prompt} ASSISTANT:"
+    inputs = processor(images=image, text=prompt, return_tensors="pt")
+    if args.config:
+        with vtc.compress(model, args.config) as run:
+            text = _answer(model, processor, inputs, args.max_new_tokens)
+        print(text)
+        print(run.stats, file=sys.stderr)
+    else:
+        print(_answer(model, processor, inputs, args.max_new_tokens))
+    return 0
+
+
+def cmd_show(args) -> int:
+    from PIL import Image
+
+    model, processor, _ = _load_model(args.model)
+    image = Image.open(args.image).convert("RGB")
+    prompt = args.prompt if "<image>" in args.prompt else f"USER: <image>\n{args.prompt} ASSISTANT:"
+    res = _run_pair(model, processor, image, prompt, args.config, args.out)
+    print(f"{res['visual_tokens_before']} -> {res['visual_tokens_after']} visual tokens; drawn to {args.out}")
+    return 0
+
+
+def cmd_train_demo(args) -> int:
+    from .demo import train
+
+    argv = ["--model", args.model]
+    if args.out:
+        argv += ["--out", args.out]
+    return train.main(argv)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vtc", description="Visual token compression for Hugging Face VLMs.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("demo", help="run the bundled tiny VLM uncompressed and compressed (offline)")
+    d.add_argument("--model", choices=["grid", "1d"], default="grid")
+    d.add_argument("--config", default=None, help="config (YAML path or bundled name); default: a demo config")
+    d.add_argument("--index", type=int, default=3, help="which test sample of the synthetic task to use")
+    d.add_argument("--out", default="vtc-demo-kept.png", help="PNG of the kept tokens")
+    d.set_defaults(func=cmd_demo)
+
+    g = sub.add_parser("generate", help="answer a prompt about an image, optionally compressed")
+    g.add_argument("--model", required=True)
+    g.add_argument("--image", required=True)
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--config", default=None)
+    g.add_argument("--max-new-tokens", type=int, default=32)
+    g.set_defaults(func=cmd_generate)
+
+    s = sub.add_parser("show", help="draw the kept / merged tokens of a config over the image")
+    s.add_argument("--model", required=True)
+    s.add_argument("--image", required=True)
+    s.add_argument("--prompt", required=True)
+    s.add_argument("--config", required=True)
+    s.add_argument("--out", default="kept.png")
+    s.set_defaults(func=cmd_show)
+
+    t = sub.add_parser("train-demo", help="retrain the bundled demo models from scratch (fixed seed)")
+    t.add_argument("--model", choices=["grid", "1d", "all"], default="all")
+    t.add_argument("--out", default=None)
+    t.set_defaults(func=cmd_train_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except Exception as err:  # clear one-line errors for config problems
+        from .errors import ConfigError
+
+        if isinstance(err, ConfigError):
+            print(f"vtc: config error: {err}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
