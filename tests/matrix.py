@@ -27,6 +27,9 @@ class Family:
     tokens_per_unit: int | None = None
     #: which method sides this family supports so far
     sides: tuple[str, ...] = ("vision", "llm")
+    #: row(inputs, b) -> sample b of a padded batch as an unpadded batch of one, for families whose visual
+    #: inputs are not batched per row (e.g. Qwen's packed pixel_values); None: the generic split
+    row: Callable[[dict, int], dict] | None = None
 
 
 @dataclass

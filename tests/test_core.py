@@ -8,9 +8,9 @@ import warnings
 
 import pytest
 import torch
+from models import IMAGE_TOKEN, llava_inputs, tiny_llava
 
 import vtc
-from models import IMAGE_TOKEN, llava_inputs, tiny_llava
 from vtc.reduction import Reduction, resolve_budget, topk_per_group
 
 
@@ -216,7 +216,7 @@ def test_vision_side_equals_direct_feed(model):
         vtc.Grid(6, 6), config)
     with torch.no_grad():
         feats = model.model.multi_modal_projector(red_feats)
-    ids, mask = [], []
+    ids = []
     for b in range(2):
         row = inputs["input_ids"][b][inputs["attention_mask"][b].bool()]
         vis = (row == IMAGE_TOKEN).nonzero().flatten()

@@ -7,10 +7,10 @@ import functools
 
 import pytest
 import torch
-
-import vtc
 from matrix import discover
 from replay import replay_config
+
+import vtc
 
 FAMILIES, CASES = discover()
 FAMILY_BY_NAME = {f.name: f for f in FAMILIES}
@@ -33,12 +33,12 @@ def _pairs():
 PAIRS = _pairs()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def model_for(family: str, attn: str):
     return FAMILY_BY_NAME[family].build(attn)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def inputs_for(family: str, batch: int, seed: int = 0):
     fam = FAMILY_BY_NAME[family]
     return fam.inputs(model_for(family, "sdpa"), batch, seed)
@@ -137,6 +137,10 @@ def test_decode_consistency(family, case, batch, attn):
             if inputs.get("attention_mask") is not None:
                 step["attention_mask"] = torch.cat(
                     [inputs["attention_mask"], torch.ones_like(new_tokens[:, :t])], dim=1)
+            for key, v in inputs.items():  # other per-token inputs (e.g. mm_token_type_ids): new tokens are text
+                if key not in ("input_ids", "attention_mask") and isinstance(v, torch.Tensor) \
+                        and v.shape == inputs["input_ids"].shape:
+                    step[key] = torch.cat([v, torch.zeros_like(new_tokens[:, :t]).to(v.dtype)], dim=1)
             full = logits(model, step, use_cache=False)[:, -1]
             torch.testing.assert_close(full, out.logits[t], atol=case.tol, rtol=case.tol)
 
@@ -173,8 +177,10 @@ def test_sdpa_equals_eager(family, case, batch):
 
 
 # ---- 5. batching ------------------------------------------------------------------------------------------------
-def _row(inputs: dict, b: int) -> dict:
+def _row(inputs: dict, b: int, family: str | None = None) -> dict:
     """Sample b of a padded batch as a batch of one, without padding."""
+    if family is not None and FAMILY_BY_NAME[family].row is not None:
+        return FAMILY_BY_NAME[family].row(inputs, b)
     fam_row = inputs.get("_rows")
     if fam_row is not None:  # families whose visual inputs are not batched per row provide rows themselves
         return fam_row[b]
@@ -201,7 +207,7 @@ def test_batch_equals_single(family, case, attn):
         kept_batch = [st.tokens_out for st in run.stats.stages]
         gen_batch = model.generate(**inputs, **GEN)
         for b in range(3):
-            row = rows[b] if rows is not None else _row(inputs, b)
+            row = rows[b] if rows is not None else _row(inputs, b, family)
             single = logits(model, row)[:, -1]
             torch.testing.assert_close(single[0], batched[b], atol=case.tol, rtol=case.tol)
             kept_single = [st.tokens_out for st in run.stats.stages]

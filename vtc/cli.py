@@ -9,7 +9,6 @@ import argparse
 import statistics
 import sys
 import time
-from pathlib import Path
 
 __all__ = ["main"]
 

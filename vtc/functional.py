@@ -1,6 +1,25 @@
-"""Standalone API: run vision-side methods on plain tensors, no model needed (serving engines, pipelines)."""
+"""Standalone API: run vision-side methods on plain tensors, no model needed (serving engines, pipelines).
+
+```python
+import torch, vtc
+
+feats = torch.randn(2, 576, 1024)                    # two images, 24 x 24 CLIP patches each (CLS dropped)
+extras = {"cls_attention": attn_cls,                 # (2, 576) CLS row of the feature layer, summed over heads
+          "keys": keys,                              # (2, 576, 64) the layer's keys averaged over heads
+          "cls_token": cls}                          # (2, 1024) the layer's CLS hidden state
+out, red = vtc.reduce_embeddings(feats, vtc.Grid(24, 24), "configs/llava-1.5/visionzip-64.yaml", extras=extras)
+out.shape          # (2, 64, 1024): then your projector
+red.source         # (2, 576): the output token each patch went to (-1: dropped)
+
+out, red = vtc.reduce_embeddings(feats, vtc.Grid(24, 24), {"stages": [{"method": "pool", "budget": 144}]})
+```
+
+For a timm ViT, :func:`vtc.models.timm_tower.timm_extras` returns the features and these extras.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
@@ -12,6 +31,68 @@ from .reduction import Reduction
 
 __all__ = ["reduce_embeddings"]
 
+_FIELDS = ("cls_attention", "received_attention", "keys", "cls_token", "hidden_with_cls")
+
+
+def _as_extras(extras: VisionExtras | dict | None, batched: bool) -> VisionExtras:
+    """A VisionExtras from a dict of tensors (or callables); unknown names go to ``other``. Unbatched inputs
+    (features given as (n, D)) get a leading unit dimension."""
+    if extras is None:
+        return VisionExtras()
+    if isinstance(extras, VisionExtras):
+        return extras
+    if not isinstance(extras, dict):
+        raise ConfigError(f"extras must be a dict of tensors or a vtc.methods.VisionExtras, got {type(extras).__name__}")
+
+    def wrap(name: str, v) -> Callable[[], torch.Tensor]:
+        if callable(v) and not isinstance(v, torch.Tensor):
+            return v
+        if not isinstance(v, torch.Tensor):
+            raise ConfigError(f"extras['{name}'] must be a tensor, got {type(v).__name__}")
+        t = v if batched else v.unsqueeze(0)
+        return lambda: t
+
+    known = {k: wrap(k, v) for k, v in extras.items() if k in _FIELDS}
+    other = {k: wrap(k, v) for k, v in extras.items() if k not in _FIELDS and k != "other"}
+    other.update(extras.get("other", {}) or {})
+    return VisionExtras(**known, other=other)
+
+
+def _map_extras(extras: VisionExtras, fn: Callable[[str, torch.Tensor], torch.Tensor]) -> VisionExtras:
+    """Lazily transform every extra with ``fn(name, tensor)``."""
+
+    def lazy(name, f):
+        return None if f is None else (lambda: fn(name, f()))
+
+    return VisionExtras(**{n: lazy(n, getattr(extras, n)) for n in _FIELDS},
+                        other={k: lazy(k, f) for k, f in extras.other.items()})
+
+
+def _run_stages(x: torch.Tensor, layout: Layout, cfg: Config, extras: VisionExtras, seed: int,
+                unit_image: torch.Tensor | None = None) -> tuple[torch.Tensor, list[Reduction]]:
+    gen = torch.Generator(device=x.device).manual_seed(seed)
+    stages = cfg.vision_stages
+    reductions = []
+    for i, stage in enumerate(stages):
+        stage.check_layout(layout)
+        ctx = VisionContext(features=x, layout=layout, extras=extras, generator=gen, space=stage.space, seed=seed,
+                            unit_image=unit_image)
+        red = stage.reduce_vision(ctx)
+        if i + 1 < len(stages) and not bool(red.valid.all()):
+            raise ConfigError(f"stage {stage.method} delivers different token counts per unit (e.g. a per-image "
+                              "budget split over crops); it must be the last vision-side stage")
+        x = red.output_features(x)
+        layout = stage.output_layout(layout, x.shape[1])
+        reductions.append(red)
+        extras = VisionExtras()  # extras describe the original tokens only
+    return x, reductions
+
+
+def _rows(red: Reduction, rows: slice) -> Reduction:
+    return Reduction(anchor=red.anchor[rows], valid=red.valid[rows], source=red.source[rows],
+                     features=None if red.features is None else red.features[rows],
+                     sizes=None if red.sizes is None else red.sizes[rows])
+
 
 def reduce_embeddings(
     features: torch.Tensor,
@@ -20,14 +101,22 @@ def reduce_embeddings(
     *,
     extras: VisionExtras | dict | None = None,
     seed: int | None = None,
-) -> tuple[torch.Tensor, Reduction | list[Reduction]]:
-    """Reduce visual features with the vision-side stages of ``config``.
+) -> tuple[torch.Tensor, Reduction | list]:
+    """Reduce visual features with the vision-side stages of ``config``, no model needed.
 
-    features: (n, D) for one image or (U, n, D) for U images sharing ``layout``. For a :class:`MultiCrop`
-    layout each part (base, crops) is reduced separately and concatenated.
-    extras: what scoring methods need when the features do not come from a supported model, e.g.
-    ``{"cls_attention": (U, n) tensor, "keys": (U, n, d) tensor}`` (see :class:`vtc.methods.VisionExtras`).
-    Returns (reduced features (U, k, D) or (k, D), Reduction) — for several stages, the list of Reductions.
+    features: (n, D) for one image or (U, n, D) for U images sharing ``layout``.
+    extras: what scoring methods need when the features do not come from a supported model, as a dict of tensors
+    (or a :class:`vtc.methods.VisionExtras`), e.g. ``{"cls_attention": (U, n), "keys": (U, n, d),
+    "cls_token": (U, D)}`` for VisionZip on a CLIP-style tower, ``{"received_attention": (U, n), "keys": ...}``
+    on a tower without CLS. Unbatched features take unbatched extras ((n,), (n, d), (D,)).
+
+    :class:`MultiCrop` layouts (LLaVA-NeXT anyres: base + crops): each part is a unit of its own, so a method
+    reduces every crop to its budget (``per: image`` methods split one budget over the image's parts); token-wise
+    extras are given over all the image's tokens ((U, N_total, ...)), per-part extras with a part axis
+    ((U, P, ...), e.g. ``cls_token`` (U, P, D)). The parts' outputs are concatenated per image.
+
+    Returns (reduced features (U, k, D) or (k, D), Reduction); with several stages a list of Reductions (one per
+    stage); for a MultiCrop layout a list over the parts of those.
     """
     cfg = load_config(config)
     if cfg.llm_stages:
@@ -42,29 +131,56 @@ def reduce_embeddings(
         raise ValueError(f"features must be (n, D) or (U, n, D), got shape {tuple(features.shape)}")
     if x.shape[1] != layout.num_tokens:
         raise ValueError(f"features have {x.shape[1]} tokens but layout {layout!r} has {layout.num_tokens}")
-    if isinstance(extras, dict):
-        extras = VisionExtras(**{k: (lambda v=v: v) for k, v in extras.items() if k != "other"})
-    extras = extras or VisionExtras()
-    gen = torch.Generator(device=x.device).manual_seed(cfg.seed if seed is None else seed)
-    if isinstance(layout, MultiCrop):
-        outs, reds, start = [], [], 0
-        for part in layout.parts:
-            n = part.num_tokens
-            y, r = reduce_embeddings(x[:, start:start + n], part, cfg, seed=seed)
-            outs.append(y)
-            reds.append(r)
-            start += n
+    ex = _as_extras(extras, batched=not squeeze)
+    seed = cfg.seed if seed is None else seed
+    if not isinstance(layout, MultiCrop):
+        y, reductions = _run_stages(x, layout, cfg, ex, seed)
+        result: Reduction | list = reductions[0] if len(reductions) == 1 else reductions
+        return (y[0] if squeeze else y), result
+
+    # ---- MultiCrop: every part is a unit ------------------------------------------------------------------------
+    U, N, D = x.shape
+    parts = layout.parts
+    P = len(parts)
+    sizes = [p.num_tokens for p in parts]
+    starts = [sum(sizes[:i]) for i in range(P)]
+
+    def part_slice(name: str, t: torch.Tensor, p: int) -> torch.Tensor:
+        if t.dim() >= 2 and t.shape[1] == N:
+            return t[:, starts[p]:starts[p] + sizes[p]]
+        if t.dim() >= 2 and t.shape[1] == P:
+            return t[:, p]
+        raise ConfigError(f"extras['{name}'] has shape {tuple(t.shape)}; on a MultiCrop layout give it over all "
+                          f"{N} tokens (U, {N}, ...) or per part (U, {P}, ...)")
+
+    if len(set(parts)) == 1:
+        # all parts alike: one batch of U * P units, so per-image methods see the image's parts together
+        n = sizes[0]
+        xu = x.view(U, P, n, D).reshape(U * P, n, D)
+
+        def stack(name: str, t: torch.Tensor) -> torch.Tensor:
+            if t.dim() >= 2 and t.shape[1] == N:
+                return t.reshape(U, P, n, *t.shape[2:]).reshape(U * P, n, *t.shape[2:])
+            if t.dim() >= 2 and t.shape[1] == P:
+                return t.reshape(U * P, *t.shape[2:])
+            return part_slice(name, t, 0)  # raises the shape error
+
+        unit_image = torch.arange(U, device=x.device).repeat_interleave(P)
+        y, reductions = _run_stages(xu, parts[0], cfg, _map_extras(ex, stack), seed, unit_image)
+        valid = reductions[-1].valid if reductions else torch.ones(U * P, y.shape[1], dtype=torch.bool,
+                                                                   device=x.device)
+        y = y[valid].view(U, -1, y.shape[-1])  # each image's parts' tokens, padding of uneven units dropped
+        per_part = [[_rows(r, slice(p, None, P)) for r in reductions] for p in range(P)]
+    else:
+        if any(getattr(s, "per", "crop") == "image" for s in cfg.vision_stages):
+            raise ConfigError("per: image needs the parts of a MultiCrop layout to share one grid; these differ: "
+                              f"{[repr(p) for p in parts]}")
+        outs, per_part = [], []
+        for p, part in enumerate(parts):
+            sub = _map_extras(ex, lambda name, t, p=p: part_slice(name, t, p))
+            yp, reds = _run_stages(x[:, starts[p]:starts[p] + sizes[p]], part, cfg, sub, seed)
+            outs.append(yp)
+            per_part.append(reds)
         y = torch.cat(outs, dim=1)
-        return (y[0] if squeeze else y), reds
-    reductions = []
-    for stage in cfg.vision_stages:
-        stage.check_layout(layout)
-        ctx = VisionContext(features=x, layout=layout, extras=extras, generator=gen, space=stage.space,
-                            seed=cfg.seed if seed is None else seed)
-        red = stage.reduce_vision(ctx)
-        x = red.output_features(x)
-        layout = stage.output_layout(layout, x.shape[1])
-        reductions.append(red)
-        extras = VisionExtras()
-    result: Reduction | list[Reduction] = reductions[0] if len(reductions) == 1 else reductions
-    return (x[0] if squeeze else x), result
+    reds_out = [r[0] if len(r) == 1 else r for r in per_part]
+    return (y[0] if squeeze else y), reds_out

@@ -66,7 +66,7 @@ def vision_config():
     return CLIPVisionConfig(
         hidden_size=128,
         intermediate_size=512,
-        num_hidden_layers=6,
+        num_hidden_layers=4,
         num_attention_heads=4,
         image_size=IMAGE_SIZE,
         patch_size=PATCH,
@@ -81,7 +81,7 @@ def text_config(vocab_size: int):
     return LlamaConfig(
         vocab_size=vocab_size,
         hidden_size=256,
-        intermediate_size=640,
+        intermediate_size=512,
         num_hidden_layers=4,
         num_attention_heads=4,
         num_key_value_heads=4,

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import time
 from pathlib import Path
 
@@ -29,6 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from . import ASSETS
 from .build import (
@@ -46,8 +46,8 @@ __all__ = ["train_grid", "train_1d", "main", "DEFAULT_LOG_DIR"]
 
 DEFAULT_LOG_DIR = Path(__file__).resolve().parents[2] / "eval" / "results" / "demo_training"
 
-GRID_DEFAULTS = dict(stage1_steps=300, stage1_batch=32, stage2_steps=900, stage2_batch=24, turns=6, lr=1e-3)
-ORDERED_DEFAULTS = dict(stage1_steps=300, stage1_batch=32, stage2_steps=1200, stage2_batch=32, turns=6, lr=1e-3)
+GRID_DEFAULTS = dict(stage1_steps=150, stage1_batch=32, stage2_steps=600, stage2_batch=12, turns=12, lr=1.5e-3)
+ORDERED_DEFAULTS = dict(stage1_steps=150, stage1_batch=32, stage2_steps=700, stage2_batch=16, turns=12, lr=1.5e-3)
 
 
 # ------------------------------------------------------------------------------------------- helpers
@@ -111,13 +111,13 @@ def pretrain_tower(clip_vision_model, processor, steps: int, batch: int, device,
     torch.manual_seed(seed)
     head = _SceneHead(clip_vision_model.config.hidden_size).to(device)
     params = list(clip_vision_model.parameters()) + list(head.parameters())
-    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.05, betas=(0.9, 0.98))
+    opt = torch.optim.AdamW(params, lr=2e-3, weight_decay=0.05, betas=(0.9, 0.98))
     clip_vision_model.train()
     idx = 10_000_000  # stage-1 images come from a separate range of the train split
     bar = tqdm(range(steps), desc=f"{desc} stage1 (tower)")
     for step in bar:
         for g in opt.param_groups:
-            g["lr"] = 1e-3 * _lr_factor(step, steps, max(1, steps // 20))
+            g["lr"] = 2e-3 * _lr_factor(step, steps, max(1, steps // 20))
         samples = [get_sample("train", idx + i) for i in range(batch)]
         idx += batch
         pv = _pixel_values(processor, [s.image for s in samples], device)
@@ -131,14 +131,15 @@ def pretrain_tower(clip_vision_model, processor, steps: int, batch: int, device,
         bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{acc.item():.3f}")
         if step % 20 == 0 or step == steps - 1:
             log(f"stage1 step {step} loss {loss.item():.4f} cell_acc {acc.item():.4f}")
-    return clip_vision_model
+    return head
 
 
 def _vqa_batch(tokenizer, processor, start: int, batch: int, turns: int, device):
     """Images start..start+batch-1 of the train split, each with ``turns`` QA turns; answer-only labels."""
-    texts, images = [], []
+    texts, images, targets = [], [], []
     for i in range(start, start + batch):
         s = get_sample("train", i)
+        targets.append(_scene_targets(s.scene))
         rng = np.random.default_rng([777, i])
         qas = [(s.question, s.answer)] + [(q, a) for q, a, _ in scene_qas(s.scene, rng, turns - 1)]
         texts.append(format_conversation(qas))
@@ -154,7 +155,8 @@ def _vqa_batch(tokenizer, processor, start: int, batch: int, turns: int, device)
     after = torch.zeros_like(ans)
     after[:, 1:] = ans[:, :-1] & (ids[:, 1:] == eos)
     labels[after] = eos
-    return ids.to(device), am.to(device), enc["pixel_values"].to(device), labels.to(device)
+    tg = torch.from_numpy(np.stack(targets)).to(device)
+    return ids.to(device), am.to(device), enc["pixel_values"].to(device), labels.to(device), tg
 
 
 def _nested_dropout(ids, am, n_latents: int, rng: np.random.Generator, p_full: float):
@@ -174,22 +176,37 @@ def _nested_dropout(ids, am, n_latents: int, rng: np.random.Generator, p_full: f
     return am, pos_keep
 
 
-def _train_vlm(model, processor, tower_params, steps, batch, turns, lr, device, log, seed, desc,
-               nested: int | None = None, eval_every: int = 150):
+def _encode_grid(model, pv):
+    """Exactly ``LlavaModel.get_image_features`` (layer -2, CLS dropped) plus the pooled CLS for the aux loss."""
+    vt = model.model.vision_tower(pv, output_hidden_states=True)
+    layer, strategy = model.config.vision_feature_layer, model.config.vision_feature_select_strategy
+    hs = vt.hidden_states[layer]
+    feats = model.model.multi_modal_projector(hs[:, 1:] if strategy == "default" else hs)
+    return feats, vt.pooler_output
+
+
+def _encode_ordered(model, pv):
+    vt = model.model.vision_tower(pv)
+    return model.model.multi_modal_projector(vt.last_hidden_state), vt.pooler_output
+
+
+def _train_vlm(model, processor, tower_params, steps, batch, turns, lr, device, log, seed, desc, encode, head,
+               out: Path, nested: int | None = None, eval_every: int = 100, tower_lr_mult: float = 0.5,
+               aux_weight: float = 0.3):
     from tqdm.auto import tqdm
 
     torch.manual_seed(seed)
     rng = np.random.default_rng([seed, 12345])
     tok = processor.tokenizer
     tower_ids = {id(p) for p in tower_params}
-    rest = [p for p in model.parameters() if id(p) not in tower_ids]
+    rest = [p for p in model.parameters() if id(p) not in tower_ids] + list(head.parameters())
     decay = lambda ps: [p for p in ps if p.ndim >= 2]  # noqa: E731
     no_decay = lambda ps: [p for p in ps if p.ndim < 2]  # noqa: E731
     groups = [
         {"params": decay(rest), "weight_decay": 0.05, "base": lr},
         {"params": no_decay(rest), "weight_decay": 0.0, "base": lr},
-        {"params": decay(tower_params), "weight_decay": 0.05, "base": lr * 0.1},
-        {"params": no_decay(tower_params), "weight_decay": 0.0, "base": lr * 0.1},
+        {"params": decay(tower_params), "weight_decay": 0.05, "base": lr * tower_lr_mult},
+        {"params": no_decay(tower_params), "weight_decay": 0.0, "base": lr * tower_lr_mult},
     ]
     opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98))
     all_params = [p for g in groups for p in g["params"]]
@@ -200,23 +217,29 @@ def _train_vlm(model, processor, tower_params, steps, batch, turns, lr, device, 
         f = _lr_factor(step, steps, max(1, steps // 20))
         for g in opt.param_groups:
             g["lr"] = g["base"] * f
-        ids, am, pv, labels = _vqa_batch(tok, processor, step * batch, batch, turns, device)
+        ids, am, pv, labels, tg = _vqa_batch(tok, processor, step * batch, batch, turns, device)
         pos = None
         if nested is not None:
             am, pos = _nested_dropout(ids, am, nested, rng, p_full=0.35)
-        out = model(input_ids=ids, attention_mask=am, position_ids=pos, pixel_values=pv, labels=labels)
+        feats, cls = encode(model, pv)
+        mm = {"image": BaseModelOutputWithPooling(pooler_output=list(feats))}
+        res = model(input_ids=ids, attention_mask=am, position_ids=pos, mm_encoder_outputs=mm, labels=labels)
+        aux, _ = head.loss(cls, tg)
+        loss = res.loss + aux_weight * aux
         opt.zero_grad(set_to_none=True)
-        out.loss.backward()
+        loss.backward()
         torch.nn.utils.clip_grad_norm_(all_params, 1.0)
         opt.step()
-        li = out.loss.item()
+        li = res.loss.item()
         ema = li if ema is None else 0.95 * ema + 0.05 * li
         bar.set_postfix(loss=f"{ema:.3f}")
         if step % 20 == 0 or step == steps - 1:
-            log(f"stage2 step {step} loss {li:.4f} ema {ema:.4f} lr {opt.param_groups[0]['lr']:.2e}")
+            log(f"stage2 step {step} loss {li:.4f} ema {ema:.4f} aux {aux.item():.4f} "
+                f"lr {opt.param_groups[0]['lr']:.2e}")
         if (step + 1) % eval_every == 0 and step + 1 < steps:
-            r = evaluate(model, processor, split="val", n=300, batch_size=50, mode="first_token")
+            r = evaluate(model, processor, split="val", n=150, batch_size=50, mode="first_token")
             log(f"stage2 step {step + 1} val_first_token_acc {r['accuracy']:.4f} per_type {json.dumps(r['per_type'])}")
+            _save(model, processor, out, log)  # checkpoint (overwritten by the final model)
     model.eval()
     return model
 
@@ -253,8 +276,8 @@ def _save(model, processor, out: Path, log) -> int:
     return size
 
 
-def _setup(seed: int, device: str | None):
-    torch.set_num_threads(int(os.environ.get("VTC_TRAIN_THREADS", "2")))
+def _setup(seed: int, device: str | None, threads: int = 2):
+    torch.set_num_threads(threads)
     torch.manual_seed(seed)
     np.random.seed(seed)
     return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -262,12 +285,12 @@ def _setup(seed: int, device: str | None):
 
 # ----------------------------------------------------------------------------------------- public API
 def train_grid(out: str | Path | None = None, log_dir: str | Path | None = None, seed: int = 0,
-               device: str | None = None, n_test: int = 600, **overrides) -> dict:
+               device: str | None = None, n_test: int = 600, threads: int = 2, **overrides) -> dict:
     """Train ``vtc-tiny-llava`` (stock LLaVA, CLIP tower with CLS) from scratch; save it; return metrics."""
     hp = {**GRID_DEFAULTS, **overrides}
     out = Path(out) if out else ASSETS / "tiny-llava"
     log_dir = Path(log_dir) if log_dir else DEFAULT_LOG_DIR
-    dev = _setup(seed, device)
+    dev = _setup(seed, device, threads)
     log = _Logger(log_dir / "grid.log")
     log(f"train grid model: {json.dumps(hp)} seed {seed} device {dev}")
     t0 = time.time()
@@ -275,10 +298,10 @@ def train_grid(out: str | Path | None = None, log_dir: str | Path | None = None,
     model = build_grid_model(tok).to(dev)
     processor = build_grid_processor(tok)
     tower = model.model.vision_tower
-    pretrain_tower(tower, processor, hp["stage1_steps"], hp["stage1_batch"], dev, log, seed, "grid")
+    head = pretrain_tower(tower, processor, hp["stage1_steps"], hp["stage1_batch"], dev, log, seed, "grid")
     t1 = time.time()
     _train_vlm(model, processor, list(tower.parameters()), hp["stage2_steps"], hp["stage2_batch"], hp["turns"],
-               hp["lr"], dev, log, seed + 1, "grid")
+               hp["lr"], dev, log, seed + 1, "grid", _encode_grid, head, out)
     train_time = time.time() - t0
     log(f"training wall time {train_time:.0f}s (stage1 {t1 - t0:.0f}s)")
     size = _save(model.cpu(), processor, out, log)
@@ -292,12 +315,12 @@ def train_grid(out: str | Path | None = None, log_dir: str | Path | None = None,
 
 
 def train_1d(out: str | Path | None = None, log_dir: str | Path | None = None, seed: int = 0,
-             device: str | None = None, n_test: int = 600, **overrides) -> dict:
+             device: str | None = None, n_test: int = 600, threads: int = 2, **overrides) -> dict:
     """Train ``vtc-tiny-1d`` (32 ordered latents, nested dropout) from scratch; save it; return metrics."""
     hp = {**ORDERED_DEFAULTS, **overrides}
     out = Path(out) if out else ASSETS / "tiny-1d"
     log_dir = Path(log_dir) if log_dir else DEFAULT_LOG_DIR
-    dev = _setup(seed, device)
+    dev = _setup(seed, device, threads)
     log = _Logger(log_dir / "1d.log")
     log(f"train ordered 1D model: {json.dumps(hp)} seed {seed} device {dev}")
     t0 = time.time()
@@ -305,10 +328,10 @@ def train_1d(out: str | Path | None = None, log_dir: str | Path | None = None, s
     model = build_ordered_model(tok).to(dev)
     processor = build_ordered_processor(tok)
     clip = model.model.vision_tower.encoder
-    pretrain_tower(clip, processor, hp["stage1_steps"], hp["stage1_batch"], dev, log, seed, "1d")
+    head = pretrain_tower(clip, processor, hp["stage1_steps"], hp["stage1_batch"], dev, log, seed, "1d")
     t1 = time.time()
     _train_vlm(model, processor, list(clip.parameters()), hp["stage2_steps"], hp["stage2_batch"], hp["turns"],
-               hp["lr"], dev, log, seed + 1, "1d", nested=model.config.n_latents)
+               hp["lr"], dev, log, seed + 1, "1d", _encode_ordered, head, out, nested=model.config.n_latents)
     train_time = time.time() - t0
     log(f"training wall time {train_time:.0f}s (stage1 {t1 - t0:.0f}s)")
     size = _save(model.cpu(), processor, out, log)
@@ -365,6 +388,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stage1-steps", type=int, default=None)
     ap.add_argument("--stage2-steps", type=int, default=None)
     ap.add_argument("--n-test", type=int, default=600)
+    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     args = ap.parse_args(argv)
     root = Path(args.out) if args.out else ASSETS
     over = {}
@@ -374,9 +398,9 @@ def main(argv: list[str] | None = None) -> int:
         over["stage2_steps"] = args.stage2_steps
     results = {}
     if args.model in ("grid", "all"):
-        results["grid"] = train_grid(root / "tiny-llava", args.log_dir, args.seed, args.device, args.n_test, **over)
+        results["grid"] = train_grid(root / "tiny-llava", args.log_dir, args.seed, args.device, args.n_test, args.threads, **over)
     if args.model in ("1d", "all"):
-        results["1d"] = train_1d(root / "tiny-1d", args.log_dir, args.seed, args.device, args.n_test, **over)
+        results["1d"] = train_1d(root / "tiny-1d", args.log_dir, args.seed, args.device, args.n_test, args.threads, **over)
     for name, m in results.items():
         print(f"{name}: test {m['test_accuracy']:.3f} blind {m['blind_test_accuracy']:.3f} "
               f"train {m['train_seconds'] / 60:.1f} min, {m['bytes_on_disk'] / 1e6:.1f} MB")

@@ -271,7 +271,12 @@ class TransPrune(Method):
         return v
 
     def validate_for_model(self, num_layers: int) -> None:
-        super().validate_for_model(num_layers)
+        bad = [layer for layer in self.layers if layer >= num_layers]
+        if bad:
+            raise ConfigError(
+                f"transprune: layers={list(self.layers)} has layer(s) {bad} out of range for a model with "
+                f"{num_layers} decoder layers (0-indexed layers entered, allowed: 1..{num_layers - 1})"
+            )
         if self.accumulate[1] >= num_layers:
             raise ConfigError(
                 f"transprune: accumulate={list(self.accumulate)} is out of range for a model with {num_layers} "

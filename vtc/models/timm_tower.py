@@ -102,6 +102,12 @@ class TimmTowerScorer(QKRowScorer):
         k_norm = getattr(self.block.attn, "k_norm", None)
         return k_norm(k) if k_norm is not None else k
 
+    def mean_query(self) -> torch.Tensor:
+        q_norm = getattr(self.block.attn, "q_norm", None)
+        if q_norm is None or isinstance(q_norm, nn.Identity):
+            return super().mean_query()
+        return self._queries(self._normed).mean(2, keepdim=True)  # qk-norm is not linear: average the real rows
+
     def features(self) -> torch.Tensor:
         return self.output[:, self.num_prefix:]
 

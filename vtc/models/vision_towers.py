@@ -83,11 +83,18 @@ class QKRowScorer:
     def _k(self) -> torch.Tensor:
         return self._keys(self._normed)
 
-    def row_probs(self, xn_rows: torch.Tensor) -> torch.Tensor:
-        """fp32 attention probabilities (U, h, R, N) of query rows given in the block's normed input space."""
-        q = self._queries(xn_rows)
+    def row_probs(self, xn_rows: torch.Tensor | None = None, q: torch.Tensor | None = None) -> torch.Tensor:
+        """fp32 attention probabilities (U, h, R, N) of query rows, given in the block's normed input space
+        (``xn_rows`` (U, R, D)) or as queries (``q`` (U, h, R, d))."""
+        if q is None:
+            q = self._queries(xn_rows)
         logits = torch.matmul(q.float(), self._k.float().transpose(-1, -2)) * self.scale
         return logits.softmax(-1)
+
+    def mean_query(self) -> torch.Tensor:
+        """(U, h, 1, d) the mean of the block's query rows. The query map is affine here, so it is the query of
+        the mean input (one row); subclasses with a non-linear query map (qk-norm) average the real rows."""
+        return self._queries(self._normed.mean(1, keepdim=True))
 
     def cls_attention(self) -> torch.Tensor:
         """(U, n) CLS-row attention summed over heads, restricted to the fed tokens."""
@@ -97,7 +104,7 @@ class QKRowScorer:
 
     def received_attention(self) -> torch.Tensor:
         """(U, n) attention each fed token receives from the mean query, averaged over heads."""
-        return self.row_probs(self._normed.mean(1, keepdim=True))[:, :, 0].mean(1)[:, self.fed]
+        return self.row_probs(q=self.mean_query())[:, :, 0].mean(1)[:, self.fed]
 
     def keys(self) -> torch.Tensor:
         """(U, n, d) the block's keys averaged over heads, for the fed tokens."""

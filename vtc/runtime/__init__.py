@@ -22,7 +22,7 @@ from ..models import get_adapter
 from ..models.base import ModelAdapter, cache_kwarg_name
 from .llm import LLMRuntime
 from .stats import Stats
-from .vision import rebuild_prompt, VisionRuntime
+from .vision import VisionRuntime, rebuild_prompt
 
 __all__ = ["Run", "compress", "apply"]
 

@@ -344,7 +344,6 @@ class LLMRuntime:
                                  or gen.use_bias)
 
     def _finish_mask(self, allowed, key_valid, query_valid, key_sizes, float_out: bool):
-        B = allowed.shape[0]
         Q, K = allowed.shape[-2:]
         allowed = allowed & key_valid[:, None, None, :]
         if query_valid is not None:
