@@ -277,3 +277,44 @@ def test_no_warning_spam(model):
         with vtc.compress(model, {"stages": [{"method": "fastv", "layer": 2, "budget": 0.5}]}):
             with torch.no_grad():
                 model(**inputs)
+
+
+# ---- several images in one prompt, a row without images ----------------------------------------------------------
+def _mixed_batch(model):
+    """Row 0: two adjacent images then text; row 1: text only. Left-padded."""
+    g = torch.Generator().manual_seed(7)
+    n = 36
+    row0 = torch.cat([torch.randint(1, 100, (2,), generator=g), torch.full((2 * n,), IMAGE_TOKEN),
+                      torch.randint(1, 100, (5,), generator=g)])
+    row1 = torch.randint(1, 100, (6,), generator=g)
+    L = len(row0)
+    ids = torch.zeros(2, L, dtype=torch.long)
+    mask = torch.zeros(2, L, dtype=torch.long)
+    ids[0], mask[0] = row0, 1
+    ids[1, L - len(row1):], mask[1, L - len(row1):] = row1, 1
+    return {"input_ids": ids, "attention_mask": mask, "pixel_values": torch.randn(2, 3, 48, 48, generator=g)}
+
+
+@pytest.mark.parametrize("stage,per_image", [
+    ({"method": "fastv", "layer": 2, "budget": 0.25}, 9),
+    ({"method": "random", "layer": 1, "budget": 5}, 5),
+    ({"method": "downsample", "budget": 4}, 4),
+])
+def test_two_images_and_a_text_only_row(model, stage, per_image):
+    inputs = _mixed_batch(model)
+    with torch.no_grad(), vtc.compress(model, {"stages": [stage]}) as run:
+        out = model(**inputs).logits
+        gen = model.generate(**inputs, max_new_tokens=2, do_sample=False, pad_token_id=0)
+    st = run.stats.stages[0]
+    if stage.get("layer"):
+        assert st.tokens_in == [72, 0] and st.tokens_out == [2 * per_image, 0]
+        groups = st.candidate_image[0][st.reduction.source[0] >= 0]
+        assert torch.bincount(groups).tolist() == [per_image, per_image]  # budget per image, not per sample
+    else:
+        assert st.tokens_out == [per_image, per_image]
+    assert torch.isfinite(out).all() and gen.shape == (2, inputs["input_ids"].shape[1] + 2)
+    # the text-only row is unaffected by the compression of row 0
+    with torch.no_grad():
+        ref = model(input_ids=inputs["input_ids"][1:, -6:]).logits[:, -1]
+    torch.testing.assert_close(out[1, -1], ref[0], atol=1e-4, rtol=1e-4)
+    assert len(run.stats.seq_len_per_layer) == 4

@@ -20,7 +20,7 @@ from ..layout import Layout
 from ..methods.base import VisionExtras
 from ..scoring import apply_rope
 
-__all__ = ["ModelAdapter", "TokenMap", "VisualGroup", "ImageFeatures", "cache_kwarg_name"]
+__all__ = ["ModelAdapter", "TokenMap", "VisualGroup", "ImageFeatures", "cache_kwarg_name", "precomputed_counts"]
 
 
 @dataclass
@@ -78,6 +78,19 @@ class ImageFeatures:
     embeds: torch.Tensor
     protected: torch.Tensor
     positions: torch.Tensor | None = None
+
+
+def precomputed_counts(kwargs: dict, modality: str = "image") -> list[int] | None:
+    """Tokens per image of features ``generate`` precomputed and passes as ``mm_encoder_outputs``
+    (transformers >= 5.2x computes the vision features before the first forward), or None."""
+    mm = kwargs.get("mm_encoder_outputs")
+    out = mm.get(modality) if isinstance(mm, dict) else None
+    feats = getattr(out, "pooler_output", None) if out is not None else None
+    if feats is None:
+        return None
+    if isinstance(feats, torch.Tensor):
+        return [feats.shape[-2]] * feats.shape[0] if feats.dim() == 3 else [feats.shape[0]]
+    return [int(f.shape[0]) for f in feats]
 
 
 def cache_kwarg_name(fn) -> str:
@@ -197,7 +210,7 @@ class ModelAdapter:
 
     def tokens_per_image(self, kwargs: dict) -> list[int] | None:
         """Placeholder count of each image in order, when adjacent images must be told apart."""
-        return None
+        return precomputed_counts(kwargs, "image")
 
     def unit_layouts(self, kwargs: dict, image: int) -> list[Layout]:
         """Layouts of the units (crops / frames / the image) of image ``image`` in its original token order,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..layout import Grid, Sequence
-from .base import ModelAdapter, VisualGroup
+from .base import ModelAdapter, VisualGroup, precomputed_counts
 from .vision_towers import TowerScorer
 
 __all__ = ["LlavaAdapter"]
@@ -34,7 +34,7 @@ class LlavaAdapter(ModelAdapter):
     def tokens_per_image(self, kwargs: dict) -> list[int] | None:
         pv = kwargs.get("pixel_values")
         if pv is None:
-            return None
+            return precomputed_counts(kwargs, "image")
         n = self._tokens_per_image()
         return [n] * pv.shape[0]
 

@@ -8,7 +8,7 @@ layout is ``Sequence(n_latents, is_ordered=True)``: prefix truncation is valid. 
 from __future__ import annotations
 
 from ..layout import Sequence
-from .base import ModelAdapter, VisualGroup
+from .base import ModelAdapter, VisualGroup, precomputed_counts
 
 __all__ = ["OrderedVLMAdapter"]
 
@@ -20,7 +20,7 @@ class OrderedVLMAdapter(ModelAdapter):
 
     def tokens_per_image(self, kwargs: dict) -> list[int] | None:
         pv = kwargs.get("pixel_values")
-        return None if pv is None else [self.model.config.n_latents] * pv.shape[0]
+        return precomputed_counts(kwargs, "image") if pv is None else [self.model.config.n_latents] * pv.shape[0]
 
     def unit_layouts(self, kwargs: dict, image: int):
         return [Sequence(self.model.config.n_latents, is_ordered=True)]

@@ -158,7 +158,11 @@ class Run:
             cache = getattr(output, "cache", None)
             if cache is None:
                 cache = getattr(output, "past_key_values", None)
-            self.stats.record_cache(cache, self.adapter.num_layers())
+            n_layers = self.adapter.num_layers()
+            self.stats.record_cache(cache, n_layers)
+            for layer in range(n_layers):  # layers before the first LLM-side stage see the whole prompt
+                self.stats.seq_len_per_layer.setdefault(layer, self.stats.prompt_len)
+            self.stats.seq_len_per_layer = dict(sorted(self.stats.seq_len_per_layer.items()))
         return None
 
     def _reduce_prompt(self, kwargs):
