@@ -318,3 +318,25 @@ def test_two_images_and_a_text_only_row(model, stage, per_image):
         ref = model(input_ids=inputs["input_ids"][1:, -6:]).logits[:, -1]
     torch.testing.assert_close(out[1, -1], ref[0], atol=1e-4, rtol=1e-4)
     assert len(run.stats.seq_len_per_layer) == 4
+
+
+def test_register_adapter_takes_precedence(model):
+    from vtc.models import _ADAPTERS, get_adapter
+    from vtc.models.llava import LlavaAdapter
+
+    class MyLlava(LlavaAdapter):
+        family = "my-llava"
+
+    vtc.register_adapter(MyLlava)
+    try:
+        assert isinstance(get_adapter(model), MyLlava)
+        inputs = llava_inputs(model)
+        with vtc.compress(model, {"stages": [{"method": "fastv", "budget": 0.5}]}) as run:
+            with torch.no_grad():
+                model(**inputs)
+        assert run.adapter.family == "my-llava" and run.stats.stages[0].tokens_out == [18]
+    finally:
+        _ADAPTERS.remove(MyLlava)
+    assert type(get_adapter(model)) is LlavaAdapter
+    with pytest.raises(TypeError):
+        vtc.register_adapter(int)

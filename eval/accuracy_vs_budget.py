@@ -1,0 +1,174 @@
+"""Accuracy vs visual-token budget of every method on the bundled demo VLMs (synthetic shapes-VQA test split).
+
+    python -m eval.accuracy_vs_budget [--n 600] [--out eval/results/accuracy_vs_budget]
+
+For the grid model (196 patch tokens, 14x14) every method runs at 100%, 50%, 25% and 11% of the visual tokens;
+the ordered 1D model (32 latents) runs prefix truncation and pooling. Composed configs (e.g. VisionZip then PACT)
+too. Writes ``results.json``, ``results.md`` (the table quoted in the README) and ``accuracy_vs_budget.png``.
+Methods that are not installed are listed as skipped. Every number comes from this script.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+FRACTIONS = (1.0, 0.5, 0.25, 0.11)
+GRID_TOKENS = 196
+LATENTS = 32
+
+
+def _k(frac: float, n: int) -> int:
+    return max(1, round(frac * n))
+
+
+def grid_configs() -> dict[str, callable]:
+    """name -> (fraction -> config) for the grid model (4 LLM layers, 14x14 CLIP patches + CLS)."""
+
+    def vz(f):
+        k = _k(f, GRID_TOKENS)
+        return [{"method": "visionzip", "budget": k}]
+
+    return {
+        "random": lambda f: [{"method": "random", "budget": _k(f, GRID_TOKENS)}],
+        "downsample": lambda f: [{"method": "downsample", "budget": _k(f, GRID_TOKENS)}],
+        "pool-avg": lambda f: [{"method": "pool", "mode": "avg", "budget": _k(f, GRID_TOKENS)}],
+        "pool-max": lambda f: [{"method": "pool", "mode": "max", "budget": _k(f, GRID_TOKENS)}],
+        "pool-attn": lambda f: [{"method": "pool", "mode": "attn", "budget": _k(f, GRID_TOKENS)}],
+        "pool-cluster": lambda f: [{"method": "pool", "mode": "cluster", "budget": _k(f, GRID_TOKENS)}],
+        "fastv (L=2)": lambda f: [{"method": "fastv", "layer": 2, "budget": f}],
+        "random-llm (L=2)": lambda f: [{"method": "random", "layer": 2, "budget": f}],
+        "visionzip": vz,
+        "pact (L=2)": lambda f: [{"method": "pact", "layer": 2, "keep": f, "cutoff": 0.21}],
+        "transprune (L=1,2,3)": lambda f: [{"method": "transprune", "layers": [1, 2, 3],
+                                            "keep": [min(1.0, f * 1.75), min(1.0, f * 1.25), f],
+                                            "accumulate": [1, 3]}],
+        "visionzip + pact": lambda f: vz(min(1.0, f / 0.75)) + [{"method": "pact", "layer": 2, "keep": 0.75}],
+        "visionzip + fastv": lambda f: vz(min(1.0, f * 2)) + [{"method": "fastv", "layer": 2, "budget": 0.5}],
+    }
+
+
+def ordered_configs() -> dict[str, callable]:
+    return {
+        "prefix": lambda f: [{"method": "prefix", "budget": _k(f, LATENTS)}],
+        "pool-avg (1D)": lambda f: [{"method": "pool", "mode": "avg", "budget": _k(f, LATENTS)}],
+        "random": lambda f: [{"method": "random", "budget": _k(f, LATENTS)}],
+    }
+
+
+def run(n: int, out: Path, batch_size: int = 50, models=("grid", "1d")) -> dict:
+    import vtc
+    from vtc.cli import _load_model
+    from vtc.demo.evaluate import evaluate
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    results: dict = {"n": n, "split": "test", "fractions": list(FRACTIONS), "models": {}}
+    available = set(vtc.available_methods())
+    for kind in models:
+        model, processor, path = _load_model(None, kind)
+        table = {}
+        t0 = time.perf_counter()
+        base = evaluate(model, processor, split="test", n=n, batch_size=batch_size)
+        table["uncompressed"] = {"1.0": {"accuracy": base["accuracy"], "visual_tokens": None}}
+        configs = grid_configs() if kind == "grid" else ordered_configs()
+        skipped = []
+        for name, make in configs.items():
+            methods = {s["method"] for s in make(1.0)}
+            if not methods <= available:
+                skipped.append(name)
+                continue
+            row = {}
+            for f in FRACTIONS:
+                cfg = {"stages": make(f)}
+                try:
+                    with vtc.compress(model, cfg) as r:
+                        rep = evaluate(model, processor, split="test", n=n, batch_size=batch_size)
+                        kept = r.stats.stages[-1].tokens_out if r.stats.stages else []
+                except vtc.ConfigError as err:
+                    row[str(f)] = {"error": str(err)}
+                    continue
+                row[str(f)] = {"accuracy": rep["accuracy"], "per_type": rep["per_type"],
+                               "visual_tokens": (sum(kept) / len(kept)) if kept else None}
+            table[name] = row
+        results["models"][kind] = {"path": str(path), "table": table, "skipped": skipped,
+                                   "seconds": time.perf_counter() - t0}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    (out / "results.md").write_text(to_markdown(results))
+    plot(results, out / "accuracy_vs_budget.png")
+    return results
+
+
+def to_markdown(results: dict) -> str:
+    lines = [f"Test accuracy (%) on {results['n']} test questions of the synthetic shapes-VQA task, by share of "
+             "visual tokens kept (measured by `python -m eval.accuracy_vs_budget`; for content-adaptive methods "
+             "the column is the target, the kept count is in results.json).", ""]
+    for kind, res in results["models"].items():
+        base = res["table"]["uncompressed"]["1.0"]["accuracy"]
+        lines.append(f"### {'grid model (196 tokens)' if kind == 'grid' else 'ordered 1D model (32 latents)'}"
+                     f" — uncompressed {100 * base:.1f}%")
+        lines.append("")
+        lines.append("| method | " + " | ".join(f"{int(round(f * 100))}%" for f in results["fractions"]) + " |")
+        lines.append("|---|" + "---|" * len(results["fractions"]))
+        for name, row in res["table"].items():
+            if name == "uncompressed":
+                continue
+            cells = []
+            for f in results["fractions"]:
+                c = row.get(str(f), {})
+                cells.append(f"{100 * c['accuracy']:.1f}" if "accuracy" in c else "err")
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        if res["skipped"]:
+            lines.append("")
+            lines.append("Not installed: " + ", ".join(res["skipped"]))
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kinds = list(results["models"])
+    fig, axes = plt.subplots(1, len(kinds), figsize=(6.5 * len(kinds), 4.5), squeeze=False)
+    for ax, kind in zip(axes[0], kinds):
+        res = results["models"][kind]
+        base = res["table"]["uncompressed"]["1.0"]["accuracy"]
+        for name, row in res["table"].items():
+            if name == "uncompressed":
+                continue
+            xs = [f for f in results["fractions"] if "accuracy" in row.get(str(f), {})]
+            ax.plot([100 * x for x in xs], [100 * row[str(x)]["accuracy"] for x in xs], marker="o", label=name)
+        ax.axhline(100 * base, color="k", ls="--", lw=1, label="uncompressed")
+        ax.set_xscale("log")
+        ax.set_xticks([11, 25, 50, 100], ["11%", "25%", "50%", "100%"])
+        ax.set_xlabel("visual tokens kept")
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_title("grid model" if kind == "grid" else "ordered 1D model")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--n", type=int, default=600)
+    p.add_argument("--batch-size", type=int, default=50)
+    p.add_argument("--models", nargs="+", default=["grid", "1d"], choices=["grid", "1d"])
+    p.add_argument("--out", default="eval/results/accuracy_vs_budget")
+    args = p.parse_args(argv)
+    res = run(args.n, Path(args.out), args.batch_size, tuple(args.models))
+    print(to_markdown(res))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
