@@ -312,6 +312,7 @@ class TransPrune(Method):
         return handles
 
     # ---- the stage ----------------------------------------------------------------------------------------------
+    @torch.no_grad()
     def reduce_llm(self, ctx: LLMContext) -> Reduction:
         state = _STATES.get(ctx.adapter, {}).get(id(self))
         if state is None:
@@ -333,9 +334,11 @@ class TransPrune(Method):
             iga, has = instruction_guided_attention(ctx)
             if not state.warned and not bool(has.all()):
                 state.warned = True
+                fallback = ("ranked by token transition variation only" if self.ttv_weight > 0 else
+                            "all scored 0 (ttv_weight is 0), so the first ones of each image are kept")
                 warnings.warn(
-                    "transprune: a prompt has no instruction tokens after the image; its visual tokens are "
-                    "ranked by token transition variation only (no instruction-guided attention)",
+                    f"transprune: a prompt has no instruction tokens after the image; its visual tokens are "
+                    f"{fallback} (no instruction-guided attention)",
                     stacklevel=2,
                 )
             score = score + self.iga_weight * iga
@@ -366,9 +369,10 @@ def _ttv_hook(run: Any, state: _RunState, layer_idx: int, first: bool):
         x = args[0] if args else kwargs["hidden_states"]
         y = output[0] if isinstance(output, tuple | list) else output
         B = x.shape[0]
-        if first or state.acc is None or state.acc.shape != (B, llm.prefill_len):
-            state.acc = torch.zeros(B, llm.prefill_len, dtype=torch.float32, device=x.device)
-        accumulate_by_position(state.acc, transition_variation(x, y, valid), slots, valid)
+        with torch.no_grad():  # a score, never part of a graph
+            if first or state.acc is None or state.acc.shape != (B, llm.prefill_len):
+                state.acc = torch.zeros(B, llm.prefill_len, dtype=torch.float32, device=x.device)
+            accumulate_by_position(state.acc, transition_variation(x, y, valid), slots, valid)
         run.stats.add_time(time.perf_counter() - t0)
         return None
 
