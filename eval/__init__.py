@@ -1,0 +1,1 @@
+"""Benchmarks and evaluation scripts of vtc (not part of the installed package)."""

@@ -21,7 +21,7 @@ CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 
 def build_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors, decoders
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     vocab = {t: i for i, t in enumerate(SPECIALS + vocabulary())}

@@ -376,8 +376,30 @@ def blank_image(image: Image.Image) -> Image.Image:
 
 def vocabulary() -> list[str]:
     """Every word the task can produce (questions, answers, prompt words), sorted."""
-    words = {"USER", "ASSISTANT", ":", "?", "what", "is", "the", "in", "how", "many", "are", "there",
-             "a", "object", "objects", "color", "shape", "of", "left", "right", "above", "below"}
+    words = {
+        "USER",
+        "ASSISTANT",
+        ":",
+        "?",
+        "what",
+        "is",
+        "the",
+        "in",
+        "how",
+        "many",
+        "are",
+        "there",
+        "a",
+        "object",
+        "objects",
+        "color",
+        "shape",
+        "of",
+        "left",
+        "right",
+        "above",
+        "below",
+    }
     words |= set(COLORS) | set(SHAPES) | set(PLURAL.values()) | set(SIZES) | set(ROWS) | set(COLS)
     words |= set(COUNT_WORDS) | {"yes", "no"}
     return sorted(words)

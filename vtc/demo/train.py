@@ -5,7 +5,8 @@ Both follow the recipe of real LLaVA-style models, scaled down:
 - **Stage 1, vision tower** (CLIP-style, CLS-based scene description): the CLIP ViT's pooled CLS token
   predicts, for each of the 9 grid cells, the shape, colour and size of the object there (or "none"). So
   the CLS token is a global summary whose attention picks out the object patches, as in CLIP.
-- **Stage 2, VLM**: projector + language model (+ the tower at a 10x lower learning rate) on the VQA task,
+- **Stage 2, VLM**: projector + language model (+ the tower at half the learning rate, which keeps its
+  stage-1 CLS objective as an auxiliary loss, so the CLS token stays a scene summary) on the VQA task,
   with answer-only loss (prompt tokens are masked with -100). Every image comes with several
   question/answer turns (``USER: <image>\\n q ASSISTANT: a</s> USER: q ASSISTANT: a</s> ...``); the first turn
   is exactly the evaluation prompt, and the causal LM cannot see the later turns when answering it.
@@ -134,6 +135,33 @@ def pretrain_tower(clip_vision_model, processor, steps: int, batch: int, device,
     return head
 
 
+def stage1_tower(
+    clip_vision_model, processor, hp: dict, device, log, seed: int, desc: str, cache_dir: Path, reuse: bool = False
+):
+    """Stage 1, shared by both models: their CLIP towers have the same config, init and data, so the result
+    is identical. It is saved as ``cache_dir/stage1_s{steps}_b{batch}_seed{seed}.safetensors`` and, with
+    ``reuse=True`` (``--model all`` does this for the 1D model), loaded instead of being recomputed."""
+    from safetensors.torch import load_file, save_file
+
+    head = _SceneHead(clip_vision_model.config.hidden_size).to(device)
+    path = Path(cache_dir) / f"stage1_s{hp['stage1_steps']}_b{hp['stage1_batch']}_seed{seed}.safetensors"
+    if reuse and path.exists():
+        state = load_file(str(path), device=str(device))
+        clip_vision_model.load_state_dict({k[6:]: v for k, v in state.items() if k.startswith("tower.")})
+        head.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("head.")})
+        log(f"stage1: loaded the shared stage-1 tower from {path}")
+        return head
+    head = pretrain_tower(clip_vision_model, processor, hp["stage1_steps"], hp["stage1_batch"], device, log, seed, desc)
+    state = {f"tower.{k}": v.detach().cpu().contiguous() for k, v in clip_vision_model.state_dict().items()}
+    state.update({f"head.{k}": v.detach().cpu().contiguous() for k, v in head.state_dict().items()})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file(state, str(tmp))
+    tmp.rename(path)
+    log(f"stage1: saved the tower to {path}")
+    return head
+
+
 def _vqa_batch(tokenizer, processor, start: int, batch: int, turns: int, device):
     """Images start..start+batch-1 of the train split, each with ``turns`` QA turns; answer-only labels."""
     texts, images, targets = [], [], []
@@ -190,9 +218,26 @@ def _encode_ordered(model, pv):
     return model.model.multi_modal_projector(vt.last_hidden_state), vt.pooler_output
 
 
-def _train_vlm(model, processor, tower_params, steps, batch, turns, lr, device, log, seed, desc, encode, head,
-               out: Path, nested: int | None = None, eval_every: int = 100, tower_lr_mult: float = 0.5,
-               aux_weight: float = 0.3):
+def _train_vlm(
+    model,
+    processor,
+    tower_params,
+    steps,
+    batch,
+    turns,
+    lr,
+    device,
+    log,
+    seed,
+    desc,
+    encode,
+    head,
+    out: Path,
+    nested: int | None = None,
+    eval_every: int = 100,
+    tower_lr_mult: float = 0.5,
+    aux_weight: float = 0.3,
+):
     from tqdm.auto import tqdm
 
     torch.manual_seed(seed)
@@ -234,8 +279,10 @@ def _train_vlm(model, processor, tower_params, steps, batch, turns, lr, device, 
         ema = li if ema is None else 0.95 * ema + 0.05 * li
         bar.set_postfix(loss=f"{ema:.3f}")
         if step % 20 == 0 or step == steps - 1:
-            log(f"stage2 step {step} loss {li:.4f} ema {ema:.4f} aux {aux.item():.4f} "
-                f"lr {opt.param_groups[0]['lr']:.2e}")
+            log(
+                f"stage2 step {step} loss {li:.4f} ema {ema:.4f} aux {aux.item():.4f} "
+                f"lr {opt.param_groups[0]['lr']:.2e}"
+            )
         if (step + 1) % eval_every == 0 and step + 1 < steps:
             r = evaluate(model, processor, split="val", n=150, batch_size=50, mode="first_token")
             log(f"stage2 step {step + 1} val_first_token_acc {r['accuracy']:.4f} per_type {json.dumps(r['per_type'])}")
@@ -247,8 +294,16 @@ def _train_vlm(model, processor, tower_params, steps, batch, turns, lr, device, 
 def _final_metrics(model, processor, log, n_test: int, extra: dict) -> dict:
     t = time.time()
     test = evaluate(model, processor, split="test", n=n_test, batch_size=50, mode="generate", progress=True)
-    blind = evaluate(model, processor, split="test", n=n_test, batch_size=50, mode="generate",
-                     image_transform=blank_image, progress=True)
+    blind = evaluate(
+        model,
+        processor,
+        split="test",
+        n=n_test,
+        batch_size=50,
+        mode="generate",
+        image_transform=blank_image,
+        progress=True,
+    )
     val = evaluate(model, processor, split="val", n=n_test, batch_size=50, mode="first_token")
     metrics = {
         "test_accuracy": test["accuracy"],
@@ -259,8 +314,10 @@ def _final_metrics(model, processor, log, n_test: int, extra: dict) -> dict:
         "n_test": n_test,
         **extra,
     }
-    log(f"final test_acc {test['accuracy']:.4f} blind {blind['accuracy']:.4f} val {val['accuracy']:.4f} "
-        f"per_type {json.dumps(test['per_type'])} (eval {time.time() - t:.0f}s)")
+    log(
+        f"final test_acc {test['accuracy']:.4f} blind {blind['accuracy']:.4f} val {val['accuracy']:.4f} "
+        f"per_type {json.dumps(test['per_type'])} (eval {time.time() - t:.0f}s)"
+    )
     return metrics
 
 
@@ -284,8 +341,16 @@ def _setup(seed: int, device: str | None, threads: int = 2):
 
 
 # ----------------------------------------------------------------------------------------- public API
-def train_grid(out: str | Path | None = None, log_dir: str | Path | None = None, seed: int = 0,
-               device: str | None = None, n_test: int = 600, threads: int = 2, **overrides) -> dict:
+def train_grid(
+    out: str | Path | None = None,
+    log_dir: str | Path | None = None,
+    seed: int = 0,
+    device: str | None = None,
+    n_test: int = 600,
+    threads: int = 2,
+    reuse_stage1: bool = False,
+    **overrides,
+) -> dict:
     """Train ``vtc-tiny-llava`` (stock LLaVA, CLIP tower with CLS) from scratch; save it; return metrics."""
     hp = {**GRID_DEFAULTS, **overrides}
     out = Path(out) if out else ASSETS / "tiny-llava"
@@ -298,24 +363,59 @@ def train_grid(out: str | Path | None = None, log_dir: str | Path | None = None,
     model = build_grid_model(tok).to(dev)
     processor = build_grid_processor(tok)
     tower = model.model.vision_tower
-    head = pretrain_tower(tower, processor, hp["stage1_steps"], hp["stage1_batch"], dev, log, seed, "grid")
+    head = stage1_tower(tower, processor, hp, dev, log, seed, "grid", log_dir, reuse_stage1)
     t1 = time.time()
-    _train_vlm(model, processor, list(tower.parameters()), hp["stage2_steps"], hp["stage2_batch"], hp["turns"],
-               hp["lr"], dev, log, seed + 1, "grid", _encode_grid, head, out)
+    _train_vlm(
+        model,
+        processor,
+        list(tower.parameters()),
+        hp["stage2_steps"],
+        hp["stage2_batch"],
+        hp["turns"],
+        hp["lr"],
+        dev,
+        log,
+        seed + 1,
+        "grid",
+        _encode_grid,
+        head,
+        out,
+    )
     train_time = time.time() - t0
     log(f"training wall time {train_time:.0f}s (stage1 {t1 - t0:.0f}s)")
     size = _save(model.cpu(), processor, out, log)
     model.to(dev)
-    metrics = _final_metrics(model, processor, log, n_test, {
-        "model": "vtc-tiny-llava", "train_seconds": train_time, "stage1_seconds": t1 - t0, "bytes_on_disk": size,
-        "params": sum(p.numel() for p in model.parameters()), "hparams": hp, "seed": seed, "device": str(dev)})
+    metrics = _final_metrics(
+        model,
+        processor,
+        log,
+        n_test,
+        {
+            "model": "vtc-tiny-llava",
+            "train_seconds": train_time,
+            "stage1_seconds": t1 - t0,
+            "bytes_on_disk": size,
+            "params": sum(p.numel() for p in model.parameters()),
+            "hparams": hp,
+            "seed": seed,
+            "device": str(dev),
+        },
+    )
     (log_dir / "grid.json").write_text(json.dumps(metrics, indent=2))
     log.close()
     return metrics
 
 
-def train_1d(out: str | Path | None = None, log_dir: str | Path | None = None, seed: int = 0,
-             device: str | None = None, n_test: int = 600, threads: int = 2, **overrides) -> dict:
+def train_1d(
+    out: str | Path | None = None,
+    log_dir: str | Path | None = None,
+    seed: int = 0,
+    device: str | None = None,
+    n_test: int = 600,
+    threads: int = 2,
+    reuse_stage1: bool = False,
+    **overrides,
+) -> dict:
     """Train ``vtc-tiny-1d`` (32 ordered latents, nested dropout) from scratch; save it; return metrics."""
     hp = {**ORDERED_DEFAULTS, **overrides}
     out = Path(out) if out else ASSETS / "tiny-1d"
@@ -328,17 +428,45 @@ def train_1d(out: str | Path | None = None, log_dir: str | Path | None = None, s
     model = build_ordered_model(tok).to(dev)
     processor = build_ordered_processor(tok)
     clip = model.model.vision_tower.encoder
-    head = pretrain_tower(clip, processor, hp["stage1_steps"], hp["stage1_batch"], dev, log, seed, "1d")
+    head = stage1_tower(clip, processor, hp, dev, log, seed, "1d", log_dir, reuse_stage1)
     t1 = time.time()
-    _train_vlm(model, processor, list(clip.parameters()), hp["stage2_steps"], hp["stage2_batch"], hp["turns"],
-               hp["lr"], dev, log, seed + 1, "1d", _encode_ordered, head, out, nested=model.config.n_latents)
+    _train_vlm(
+        model,
+        processor,
+        list(clip.parameters()),
+        hp["stage2_steps"],
+        hp["stage2_batch"],
+        hp["turns"],
+        hp["lr"],
+        dev,
+        log,
+        seed + 1,
+        "1d",
+        _encode_ordered,
+        head,
+        out,
+        nested=model.config.n_latents,
+    )
     train_time = time.time() - t0
     log(f"training wall time {train_time:.0f}s (stage1 {t1 - t0:.0f}s)")
     size = _save(model.cpu(), processor, out, log)
     model.to(dev)
-    metrics = _final_metrics(model, processor, log, n_test, {
-        "model": "vtc-tiny-1d", "train_seconds": train_time, "stage1_seconds": t1 - t0, "bytes_on_disk": size,
-        "params": sum(p.numel() for p in model.parameters()), "hparams": hp, "seed": seed, "device": str(dev)})
+    metrics = _final_metrics(
+        model,
+        processor,
+        log,
+        n_test,
+        {
+            "model": "vtc-tiny-1d",
+            "train_seconds": train_time,
+            "stage1_seconds": t1 - t0,
+            "bytes_on_disk": size,
+            "params": sum(p.numel() for p in model.parameters()),
+            "hparams": hp,
+            "seed": seed,
+            "device": str(dev),
+        },
+    )
     metrics["prefix_accuracy"] = _prefix_curve(model, processor, log)
     (log_dir / "1d.json").write_text(json.dumps(metrics, indent=2))
     log.close()
@@ -346,7 +474,7 @@ def train_1d(out: str | Path | None = None, log_dir: str | Path | None = None, s
 
 
 @torch.no_grad()
-def _prefix_curve(model, processor, log, n: int = 300) -> dict:
+def _prefix_curve(model, processor, log, n: int = 150) -> dict:
     """Test accuracy when the LM sees only the first k latents (placeholders removed from the prompt)."""
     from .task import format_prompt, get_samples
 
@@ -359,8 +487,12 @@ def _prefix_curve(model, processor, log, n: int = 300) -> dict:
         hits = 0
         for b in range(0, n, 50):
             chunk = samples[b : b + 50]
-            inp = processor(images=[s.image for s in chunk], text=[format_prompt(s.question) for s in chunk],
-                            return_tensors="pt", padding=True).to(dev)
+            inp = processor(
+                images=[s.image for s in chunk],
+                text=[format_prompt(s.question) for s in chunk],
+                return_tensors="pt",
+                padding=True,
+            ).to(dev)
             feats = torch.stack(model.get_image_features(inp["pixel_values"]).pooler_output)[:, :k]
             ids, am = inp["input_ids"], inp["attention_mask"]
             keep = torch.ones_like(ids, dtype=torch.bool)
@@ -389,6 +521,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stage2-steps", type=int, default=None)
     ap.add_argument("--n-test", type=int, default=600)
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    ap.add_argument(
+        "--reuse-stage1",
+        action="store_true",
+        help="load the saved stage-1 tower if present (always done for the 1D model under --model all)",
+    )
     args = ap.parse_args(argv)
     root = Path(args.out) if args.out else ASSETS
     over = {}
@@ -398,10 +535,30 @@ def main(argv: list[str] | None = None) -> int:
         over["stage2_steps"] = args.stage2_steps
     results = {}
     if args.model in ("grid", "all"):
-        results["grid"] = train_grid(root / "tiny-llava", args.log_dir, args.seed, args.device, args.n_test, args.threads, **over)
+        results["grid"] = train_grid(
+            root / "tiny-llava",
+            args.log_dir,
+            args.seed,
+            args.device,
+            args.n_test,
+            args.threads,
+            args.reuse_stage1,
+            **over,
+        )
     if args.model in ("1d", "all"):
-        results["1d"] = train_1d(root / "tiny-1d", args.log_dir, args.seed, args.device, args.n_test, args.threads, **over)
+        results["1d"] = train_1d(
+            root / "tiny-1d",
+            args.log_dir,
+            args.seed,
+            args.device,
+            args.n_test,
+            args.threads,
+            args.reuse_stage1 or args.model == "all",
+            **over,
+        )
     for name, m in results.items():
-        print(f"{name}: test {m['test_accuracy']:.3f} blind {m['blind_test_accuracy']:.3f} "
-              f"train {m['train_seconds'] / 60:.1f} min, {m['bytes_on_disk'] / 1e6:.1f} MB")
+        print(
+            f"{name}: test {m['test_accuracy']:.3f} blind {m['blind_test_accuracy']:.3f} "
+            f"train {m['train_seconds'] / 60:.1f} min, {m['bytes_on_disk'] / 1e6:.1f} MB"
+        )
     return 0
