@@ -188,6 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="kept.png")
     s.set_defaults(func=cmd_show)
 
+    sub.add_parser("eval", add_help=False,
+                   help="VQA accuracy and cost on local benchmarks, compressed vs uncompressed (vtc eval --help)")
+
     t = sub.add_parser("train-demo", help="retrain the bundled demo models from scratch (fixed seed)")
     t.add_argument("--model", choices=["grid", "1d", "all"], default="all")
     t.add_argument("--out", default=None)
@@ -196,6 +199,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["eval"]:
+        from .evaluation.cli import main as eval_main
+
+        return eval_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)

@@ -60,9 +60,10 @@ def rebuild_prompt(adapter: ModelAdapter, input_ids: torch.Tensor, attention_mas
     keep = keep.view(B, N)
     if attention_mask is None:
         attention_mask = torch.ones(B, N, dtype=torch.long, device=dev)
+    right_padded = bool((attention_mask[:, -1] == 0).any())
+    keep = keep & attention_mask.bool()  # old padding is dropped; rows are re-padded to the new longest row
     counts = keep.sum(-1)
     L = int(counts.max())
-    right_padded = bool((attention_mask[:, -1] == 0).any())
     idx = torch.arange(N, device=dev).expand(B, N)
     if right_padded:
         order = torch.where(keep, idx, idx + N).argsort(-1)[:, :L]
