@@ -19,7 +19,9 @@ What the model does with one image of size (H, W) (transformers' ``get_image_fea
   the processor always emits at least one crop).
 
 LLM side: :meth:`LlavaNextAdapter.token_map` marks every placeholder visual with its image id (adjacent images
-are told apart by the counts computed from ``image_sizes``) and marks the newline positions ``protected``:
+are told apart by the counts computed from ``image_sizes``; inside ``generate``, transformers >= 5.2x passes the
+packed features as ``mm_encoder_outputs`` instead, and the counts and newline rows are read from those) and
+marks the newline positions ``protected``:
 LLM-side stages never prune them, and they are not candidates, so ``run.stats`` counts per sample only the
 non-newline visual tokens (``tokens_in`` / ``tokens_out``), and a fractional budget is a fraction of those.
 
@@ -41,7 +43,8 @@ to their budget (a per-crop budget; ``unit_image`` / ``unit_part`` let a method 
 
 Newline tokens are added after the reduction, flagged ``protected`` in :class:`ImageFeatures` (so later
 LLM-side stages keep them), and are never counted in the vision-side stats (which count the method's tokens
-per unit). The rebuilt prompt therefore has ``sum over units of k_unit + newlines`` visual tokens per image.
+per unit). What each image occupies in the rebuilt prompt is ``run.stats.image_tokens``: the per-unit counts
+plus the newlines (sequence scheme), or minus the unpadded-away tokens plus the newlines (grid scheme).
 """
 
 from __future__ import annotations
@@ -54,7 +57,7 @@ import torch
 from ..errors import ConfigError
 from ..layout import Grid
 from . import llava as _llava
-from .base import ImageFeatures, TokenMap, VisualGroup
+from .base import ImageFeatures, TokenMap, VisualGroup, precomputed_counts
 
 __all__ = ["LlavaNextAdapter", "AnyresGeometry", "anyres_geometry", "unpad_box", "pack_grid", "pack_sequence"]
 
@@ -215,15 +218,32 @@ class LlavaNextAdapter(_llava.LlavaAdapter):
     def tokens_per_image(self, kwargs: dict) -> list[int] | None:
         geoms = self.geometries(kwargs)
         if geoms is None:
-            return None
+            return precomputed_counts(kwargs, "image")
         h, w = self.crop_grid
         extra = self._base_extra(kwargs)
         return [g.num_tokens(h, w, extra) for g in geoms]
 
+    def unit_layouts(self, kwargs: dict, image: int, side: str = "vision") -> list[Grid]:
+        """Layouts of image ``image``'s units, for drawing. ``side="vision"``: the units vision-side stages
+        reduce (base + every crop, each ``Grid(h, w)``, crop order = row-major over the ``rows x cols``
+        arrangement). ``side="llm"``: the LLM-side candidates in prompt order (newlines excluded): the base
+        ``Grid(h, w)`` and the unpadded crop map ``Grid(R, C)``."""
+        geoms = self.geometries(kwargs)
+        if geoms is None:
+            raise NotImplementedError(f"{self.family}: unit_layouts needs image_sizes")
+        g = geoms[image]
+        h, w = self.crop_grid
+        if side == "vision":
+            return [Grid(h, w)] * g.num_units
+        if g.num_crops == 0:
+            return [Grid(h, w)]
+        top, bottom, left, right = g.unpadded(h, w)
+        return [Grid(h, w), Grid(bottom - top, right - left)]
+
     # ---- LLM side ----------------------------------------------------------------------------------------------
     def token_map(self, input_ids: torch.Tensor, kwargs: dict) -> TokenMap:
         """Placeholders -> visual (image id from the per-image counts); newline positions -> protected."""
-        is_visual = input_ids == self.placeholder_token_id()
+        is_visual = self.placeholder_mask(input_ids)
         geoms = self.geometries(kwargs)
         if geoms is not None:
             h, w = self.crop_grid

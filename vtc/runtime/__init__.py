@@ -167,6 +167,7 @@ class Run:
 
     def _reduce_prompt(self, kwargs):
         images = self.vision.reduce_images(kwargs)  # times its own scoring / selection (not the tower)
+        self.stats.image_tokens = [int(im.embeds.shape[0]) for im in images]
         t0 = time.perf_counter()
         prompt = rebuild_prompt(self.adapter, kwargs["input_ids"], kwargs.get("attention_mask"), images, kwargs,
                                 labels=kwargs.get("labels"))

@@ -5,6 +5,8 @@
 - ``seq_len_per_layer``: sequence length (slots, incl. vtc padding) entering each decoder layer >= the first
   LLM-side stage; ``tokens_per_layer``: real tokens per sample.
 - ``kv_cache_len``: KV-cache entries per layer after prefill, read from the real cache.
+- ``image_tokens``: vision side: tokens each image occupies in the rebuilt prompt, including tokens the model
+  adds when packing that no stage counts (LLaVA-NeXT's ``image_newline`` tokens).
 - ``vtc_time_s``: wall time spent inside vtc's hooks (host time; on a GPU this is launch time unless the
   caller synchronises).
 """
@@ -57,6 +59,7 @@ class Stats:
     tokens_per_layer: dict[int, list[int]] = field(default_factory=dict)
     kv_cache_len: list[int] = field(default_factory=list)
     prompt_len: int = 0
+    image_tokens: list[int] = field(default_factory=list)
     vtc_time_s: float = 0.0
     prefills: int = 0
 
@@ -66,6 +69,7 @@ class Stats:
         self.seq_len_per_layer = {}
         self.tokens_per_layer = {}
         self.kv_cache_len = []
+        self.image_tokens = []
         self.prefills += 1
 
     def add_time(self, seconds: float) -> None:
@@ -118,6 +122,7 @@ class Stats:
         return {
             "stages": [s.as_dict() for s in self.stages],
             "prompt_len": self.prompt_len,
+            "image_tokens": self.image_tokens,
             "seq_len_per_layer": self.seq_len_per_layer,
             "tokens_per_layer": self.tokens_per_layer,
             "kv_cache_len": self.kv_cache_len,
