@@ -262,13 +262,11 @@ class Qwen2VLAdapter(ModelAdapter):
                     )
                 unit = torch.searchsorted(sizes.cumsum(0), rank.clamp(min=0), right=True)
             else:
-                start = is_tok.clone()
-                start[1:] &= ~is_tok[:-1]
-                unit = start.long().cumsum(0) - 1
+                unit = self._runs(is_tok, input_ids.shape[1], kind, kwargs)
             base = sum(len(k[1]) for k in kinds)
             local = torch.where(is_tok, unit + base, local)
             if not units and bool(is_tok.any()):
-                # placeholders without grids (LLM side only): one unit per run, no geometry
+                # placeholders without grids (LLM side inside generate): units from runs, no geometry
                 n_runs = int(unit.max()) + 1
                 units = [_Unit(kind, -1, 0, (1, 1, 0), 0) for _ in range(n_runs)]
             kinds.append((kind, units))
@@ -286,6 +284,25 @@ class Qwen2VLAdapter(ModelAdapter):
         gid = torch.where(is_vis, rank[local.clamp(min=0)], torch.full_like(local, -1))
         ordered = [all_units[i] for i in order.tolist()]
         return gid.view_as(input_ids), ordered
+
+    def _runs(self, is_tok: torch.Tensor, seq_len: int, kind: str, kwargs: dict) -> torch.Tensor:
+        """Unit index of every placeholder (flat, row-major) when the grids are not in kwargs.
+
+        transformers 5.2x's ``generate`` encodes the images before the prefill and drops ``*_grid_thw`` from the
+        forward kwargs, passing (4, B, N) M-RoPE ``position_ids`` instead. A unit is then a contiguous run of
+        placeholders, and for per-frame video units a new frame starts where the temporal M-RoPE id changes (so
+        frames whose temporal ids coincide, e.g. fractional time intervals, are merged). Without position ids the
+        whole run is one unit.
+        """
+        idx = torch.arange(is_tok.numel(), device=is_tok.device)
+        prev = torch.roll(is_tok, 1) & (idx % seq_len != 0)
+        start = is_tok & ~prev
+        pos = kwargs.get("position_ids")
+        if kind == "video" and self.video_units == "frame" and isinstance(pos, torch.Tensor) and pos.dim() == 3 \
+                and pos.shape[0] in (3, 4) and pos.shape[-1] == seq_len:
+            t = pos[pos.shape[0] - 3].expand(-1, seq_len).flatten().to(is_tok.device)
+            start |= is_tok & prev & (t != torch.roll(t, 1))
+        return start.long().cumsum(0) - 1
 
     def token_map(self, input_ids: torch.Tensor, kwargs: dict) -> TokenMap:
         """Placeholders of images and videos; ``image_id`` = global unit index in sequence order (see module doc)."""
@@ -357,6 +374,7 @@ class Qwen2VLAdapter(ModelAdapter):
         # what the stock model stores after a prefill: next position = rope_deltas + number of valid tokens
         n_valid = valid.sum(-1)
         self.inner.rope_deltas = (out.amax(dim=(0, 2)) + 1 - n_valid).unsqueeze(1)
+        self._pos_memo = None  # the prompt is rebuilt: drop the references to this call's inputs
         return out
 
     # ---- vision side ----------------------------------------------------------------------------------------

@@ -1,0 +1,15 @@
+"""Qwen2-VL and Qwen2.5-VL families (M-RoPE, merged 2x2 tokens, window attention in the 2.5 tower).
+
+Batch rows carry images of 8x8, 6x8 and 8x6 patches (16, 12, 12 merged tokens), left-padded, so every case of
+every other file runs on units of different sizes. Video is covered in tests/test_qwen2_vl.py.
+"""
+
+from matrix import Family
+from models_qwen import qwen_inputs, split_row, tiny_qwen2_5_vl, tiny_qwen2_vl
+
+FAMILIES = [
+    Family("qwen2_vl", build=lambda attn: tiny_qwen2_vl(attn), inputs=lambda m, b, s: qwen_inputs(m, batch=b, seed=s),
+           tokens_per_unit=16, row=split_row),
+    Family("qwen2_5_vl", build=lambda attn: tiny_qwen2_5_vl(attn),
+           inputs=lambda m, b, s: qwen_inputs(m, batch=b, seed=s), tokens_per_unit=16, row=split_row),
+]
