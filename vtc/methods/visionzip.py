@@ -27,7 +27,9 @@ the CLS row), which is what ``budget >= all`` needs to reproduce the unwrapped m
 
 Budgets: ``budget: k`` splits like the paper's 54/10, 108/20, 162/30: ``D = max(1, round(k * 54 / 64))``,
 ``C = k - D`` (k = 64 / 128 / 192 give exactly the paper's splits); or give ``dominant`` and ``contextual``
-(with or without a matching int ``budget``). A float budget is a fraction of the unit's fed tokens. An int
+(with or without a matching int ``budget``), or a float ``budget`` with ``contextual`` (D = the rest; e.g.
+``budget: 1.0, contextual: 0, keep_cls: false`` keeps everything). A float budget is a fraction of the unit's fed
+tokens. An int
 budget larger than the tokens available is clamped with a warning (the library-wide rule); explicit
 ``dominant`` / ``contextual`` that do not fit are a :class:`vtc.ConfigError`.
 
@@ -201,8 +203,10 @@ class VisionZip(Method):
                              "dominant: 54, contextual: 10)")
         if b is not None and (d is not None or c is not None):
             if isinstance(b, float):
-                raise ValueError(f"a fractional budget ({b}) cannot be combined with explicit dominant / contextual "
-                                 "counts; give token counts")
+                if d is not None:
+                    raise ValueError(f"a fractional budget ({b}) cannot be combined with an explicit dominant count; "
+                                     "give token counts, or a fraction with 'contextual' only")
+                return self
             if d is not None and c is not None and d + c != b:
                 raise ValueError(f"budget={b} must equal dominant + contextual = {d} + {c} = {d + c}")
             if d is not None and d > b:
@@ -233,14 +237,20 @@ class VisionZip(Method):
                 c = k - d
             elif c is not None:
                 d = k - c
+                if d < 1:
+                    raise ConfigError(f"visionzip: budget={self.budget} gives {k} tokens here, which leaves no dominant "
+                                      f"token next to contextual={c} (dominant must be >= 1)")
             else:
                 d, c = split_budget(k)
         if d + c > available:
-            where = f"dominant + contextual = {d} + {c} = {d + c}"
+            unit = "image" if self.per == "image" else "unit"
+            if d > available:
+                raise ConfigError(f"visionzip: dominant={d} is larger than the {available} tokens available per {unit} "
+                                  f"(allowed: 1..{available}, CLS included)")
             raise ConfigError(
-                f"visionzip: {where} is larger than the {available} tokens available per "
-                f"{'image' if self.per == 'image' else 'unit'} (the contextual step needs at least as many remaining "
-                f"tokens as targets: {available - d} remaining < contextual={c}); lower dominant / contextual"
+                f"visionzip: dominant + contextual = {d} + {c} = {d + c} is larger than the {available} tokens "
+                f"available per {unit} (the contextual step needs at least as many remaining tokens as targets: "
+                f"{available - d} remaining < contextual={c}); lower dominant / contextual"
             )
         return d, c
 
@@ -309,7 +319,10 @@ class VisionZip(Method):
             dom = dominant_mask(s, torch.full((rows,), d, dtype=torch.long, device=dev))
             n_ctx = torch.full((rows,), c, dtype=torch.long, device=dev)
         out, index, valid, slot, sizes = visionzip_tokens(x, s, k, dom, n_ctx)
-        return self._reduction(out, index, valid, slot, sizes, s, U, frames, per_frame, add_cls)
+        red = self._reduction(out, index, valid, slot, sizes, s, U, frames, per_frame, add_cls)
+        if not add_cls and int(n_ctx.max()) == 0:
+            red.features = None  # pure dominant selection of fed tokens: a plain prune (outputs = gathered inputs)
+        return red
 
     def _per_image(self, ctx: VisionContext, s: torch.Tensor, rows: int, frames: int, per_frame: int, T: int,
                    forced: int):
@@ -324,7 +337,7 @@ class VisionZip(Method):
         G = int(img.max()) + 1
         units_per_img = torch.bincount(row_img, minlength=G).tolist()  # one host sync
         d_img, c_img = [], []
-        for g, m in enumerate(units_per_img):
+        for m in units_per_img:
             d, c = self.counts(m * per_frame, m * T)
             if forced and d < m:
                 raise ConfigError(

@@ -1,0 +1,301 @@
+"""``pool``: training-free adaptive pooling of the visual tokens to an exact budget (vision side).
+
+Acts on the vision features **before the projector** by default (``feature_space: vision``), as TokenFLEX
+(Hu et al., 2025) and pooling projectors do, so the projector sees pooled tokens; ``feature_space: llm`` pools the
+projected embeddings instead. The tokens pooled are the ones the model feeds (LLaVA's ``default`` drops CLS).
+
+Window modes (the output grid is the factor pair (h', w') of k closest to the grid's aspect ratio, or
+``grid: [h', w']``; windows are those of torch's adaptive pooling, ``[floor(i h / h'), ceil((i + 1) h / h'))``
+per axis, so they overlap when h' does not divide h, exactly like ``adaptive_avg_pool2d``):
+
+- ``avg``: adaptive average pooling (TokenFLEX's projector input: 64 / 144 / 256 tokens from 24 x 24).
+- ``max``: adaptive max pooling.
+- ``attn``: parameter-free attention pooling inside each window (SimPool, Psomas et al., ICCV 2023, in its
+  training-free form): keys k_i = LayerNorm(x_i) and query q = LayerNorm(mean_i x_i), both without affine;
+  w_i = softmax_i(q . k_i / sqrt(D)); output ``sum_i w_i x_i`` (values are the raw features, so the pooled token
+  stays in the space the projector expects). Tokens that disagree with the window's majority get less weight
+  than in ``avg`` (AdaPool's robustness argument); a single token large enough to set the mean's direction is
+  not down-weighted (the query is the mean).
+
+``cluster`` (Token Pooling, Marin et al., WACV 2023): layout-free weighted k-means of a unit's tokens into k
+clusters. Weights ``weights: uniform | cls | received`` (uniform, the CLS-row attention, or the attention received
+from a mean query, from the tower extras). Initialisation: the top-k tokens by weight (ties by index); with
+uniform weights every ``n / k``-th token (an even spread). ``iters`` Lloyd iterations (default 5), each: assign
+every token to its nearest centre (squared Euclidean), then centre = weighted mean of its members (an emptied
+cluster keeps its previous centre). Output: the centres, ordered by their anchor = the member nearest the centre
+(near-ties within 1e-4 relative go to the lower index; an empty cluster keeps its initial token as anchor).
+Distances are (n x k), never n x n.
+
+Layouts: ``Grid`` (h, w); LLaVA-NeXT multi-crop: every crop grid separately (each unit is a crop); ``Video``
+(t, h, w): spatially per frame, or ``temporal: 2`` to also pool frame pairs ``(0, 1), (2, 3), ...`` (an odd last
+frame alone), so t' = ceil(t / 2); an unordered 1D ``Sequence``: adaptive 1D pooling of neighbours to k.
+Budgets: an int k is the tokens per grid (per frame for a Video: a Video gives t' * k tokens); a float is a
+fraction of the grid's (frame's) tokens; more than available is clamped with a warning (``cluster``: an int
+k > n is a :class:`vtc.ConfigError`).
+
+Positions and source map: every pooled token takes the position (and, for M-RoPE models, the position ids) of
+its window's **anchor**, the input token nearest the window centre (first frame of a temporal pair). The source
+map sends every input token to the window of the partition ``r -> r * h' // h`` (always a window that contains
+it; with overlapping windows a token also contributes to a neighbour, which the one-slot source map cannot say);
+``sizes`` holds the number of tokens each window pools. ``output_layout`` is the pooled ``Grid`` / ``Video``
+(``Sequence`` for 1D and ``cluster``).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import model_validator
+
+from ..errors import ConfigError
+from ..layout import Grid, Layout, MultiCrop, Sequence, Video
+from ..reduction import Reduction, resolve_budget
+from . import register_method
+from .base import Budget, Method, VisionContext
+from .downsample import closest_factor_pair, window_anchors
+
+__all__ = ["Pool", "adaptive_windows", "window_index", "pool_windows", "weighted_kmeans"]
+
+
+# ---- windows -----------------------------------------------------------------------------------------------------
+def adaptive_windows(n_in: int, n_out: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch's adaptive-pooling windows along one axis: index (n_out, L) and mask (n_out, L) of the inputs of
+    output i = ``[floor(i n_in / n_out), ceil((i + 1) n_in / n_out))``."""
+    i = torch.arange(n_out, device=device)
+    start = (i * n_in) // n_out
+    end = ((i + 1) * n_in + n_out - 1) // n_out
+    L = int((end - start).max())
+    idx = start[:, None] + torch.arange(L, device=device)[None]
+    mask = idx < end[:, None]
+    return idx.clamp(max=n_in - 1), mask
+
+
+def pair_windows(t: int, size: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Consecutive non-overlapping windows of ``size`` frames: (ceil(t / size), size) index and mask."""
+    t2 = -(-t // size)
+    idx = torch.arange(t2, device=device)[:, None] * size + torch.arange(size, device=device)[None]
+    mask = idx < t
+    return idx.clamp(max=t - 1), mask
+
+
+def window_index(axes: list[tuple[torch.Tensor, torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Combine per-axis windows [(index (o_a, L_a), mask (o_a, L_a), n_a)] (outer axis first) into flat windows
+    over the raster-ordered tokens: index (prod o_a, prod L_a) and mask."""
+    idx = torch.zeros(1, 1, dtype=torch.long, device=axes[0][0].device)
+    mask = torch.ones(1, 1, dtype=torch.bool, device=axes[0][0].device)
+    for a_idx, a_mask, n in axes:
+        idx = (idx[:, None, :, None] * n + a_idx[None, :, None, :]).flatten(2).flatten(0, 1)
+        mask = (mask[:, None, :, None] & a_mask[None, :, None, :]).flatten(2).flatten(0, 1)
+    return idx, mask
+
+
+def pool_windows(x: torch.Tensor, index: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
+    """Pool x (U, n, D) over windows index / mask (k, L): (U, k, D). mode: avg | max | attn (SimPool)."""
+    U, n, D = x.shape
+    k, L = index.shape
+    xw = x[:, index.flatten()].view(U, k, L, D)  # O(k L D) = O(n D) for adaptive windows
+    m = mask[None, :, :, None]
+    if mode == "avg":
+        xs = xw.float().masked_fill(~m, 0.0).sum(2)
+        return (xs / mask.sum(-1).clamp(min=1)[None, :, None]).to(x.dtype)
+    if mode == "max":
+        return xw.masked_fill(~m, float("-inf")).amax(2)
+    if mode == "attn":
+        xf = xw.float()
+        keys = F.layer_norm(xf, (D,))
+        mean = xf.masked_fill(~m, 0.0).sum(2) / mask.sum(-1).clamp(min=1)[None, :, None]
+        q = F.layer_norm(mean, (D,))
+        logits = torch.einsum("ukld,ukd->ukl", keys, q) / D**0.5
+        w = logits.masked_fill(~mask[None], float("-inf")).softmax(-1)
+        return torch.einsum("ukl,ukld->ukd", w, xf).to(x.dtype)
+    raise ValueError(f"unknown pooling mode {mode!r}")
+
+
+# ---- Token Pooling ----------------------------------------------------------------------------------------------
+def weighted_kmeans(x: torch.Tensor, w: torch.Tensor, k: int, iters: int = 5, uniform: bool = False):
+    """Token Pooling's weighted k-means. x (R, n, D), w (R, n) >= 0 weights, k clusters, ``iters`` >= 1 Lloyd
+    iterations; ``uniform``: initialise at every n/k-th token instead of the top-k weights.
+
+    Weights are clamped to a tiny positive value (a cluster of zero-weight tokens gets their plain mean).
+    Returns (centres (R, k, D), assign (R, n) cluster of each token (the last assignment, which the centres
+    average), anchor (R, k) member nearest each centre (its initial token if empty), sizes (R, k) member counts).
+    """
+    R, n, D = x.shape
+    dev = x.device
+    xf = x.float()
+    # strictly positive weights (a cluster of zero-weight tokens still has a well-defined mean)
+    wf = w.float().clamp(min=torch.finfo(torch.float32).tiny)
+    xw = xf * wf[..., None]
+    if uniform:
+        init = ((torch.arange(k, device=dev) * n) // k).expand(R, k)
+    else:
+        init = torch.sort(wf, dim=-1, descending=True, stable=True).indices[:, :k]
+    centres = torch.gather(xf, 1, init[..., None].expand(-1, -1, D))
+    x2 = (xf * xf).sum(-1, keepdim=True)  # (R, n, 1)
+    assign = None
+    dist = None
+    cluster_ids = torch.arange(k, device=dev)
+    for _ in range(max(1, iters)):
+        dist = x2 - 2 * torch.bmm(xf, centres.transpose(1, 2)) + (centres * centres).sum(-1)[:, None, :]  # (R,n,k)
+        assign = dist.argmin(-1)
+        member = (assign[:, None, :] == cluster_ids[None, :, None]).float()  # (R, k, n) one-hot, O(n k)
+        wsum = torch.bmm(member, wf[..., None])[..., 0]
+        acc = torch.bmm(member, xw)  # (R, k, D) weighted sums
+        counts = member.sum(-1)
+        centres = torch.where((counts > 0)[..., None], acc / wsum.clamp(min=1e-30)[..., None], centres)
+    # anchor: the member nearest its (final) centre
+    own = (xf - torch.gather(centres, 1, assign[..., None].expand(-1, -1, D))).pow(2).sum(-1)  # (R, n)
+    best = torch.full((R, k), float("inf"), device=dev).scatter_reduce(1, assign, own, reduce="amin")
+    tok = torch.arange(n, device=dev).expand(R, n)
+    # near-ties (e.g. the two members of a pair are equally far from their mean) go to the lower index, so
+    # float noise (sdpa vs eager features) cannot flip the anchor
+    tol = 1e-4 * (torch.gather(best, 1, assign) + x2[..., 0].mean(-1, keepdim=True) * 1e-2)
+    is_best = own <= torch.gather(best, 1, assign) + tol
+    anchor = torch.full((R, k), n, dtype=torch.long, device=dev).scatter_reduce(
+        1, assign, torch.where(is_best, tok, torch.full_like(tok, n)), reduce="amin")
+    anchor = torch.where(anchor < n, anchor, init)
+    return centres.to(x.dtype), assign, anchor, counts
+
+
+# ---- the method --------------------------------------------------------------------------------------------------
+@register_method("pool")
+class Pool(Method):
+    sides = ("vision",)
+    paper = ("TokenFLEX (Hu et al., 2025); SimPool (Psomas et al., ICCV 2023); AdaPool; "
+             "Token Pooling in Vision Transformers (Marin et al., WACV 2023)")
+
+    method: Literal["pool"] = "pool"
+    budget: Budget | None = None
+    mode: Literal["avg", "max", "attn", "cluster"] = "avg"
+    grid: tuple[int, int] | None = None
+    temporal: Literal[1, 2] = 1
+    weights: Literal["uniform", "cls", "received"] = "uniform"
+    iters: int = 5
+    feature_space: Literal["vision", "llm"] = "vision"
+
+    @property
+    def needs(self) -> tuple[str, ...]:
+        if self.mode == "cluster" and self.weights != "uniform":
+            return ("cls_attention",) if self.weights == "cls" else ("received_attention",)
+        return ()
+
+    @model_validator(mode="after")
+    def _check(self) -> Pool:
+        if self.budget is None and self.grid is None:
+            raise ValueError("give 'budget' (tokens per grid / frame, or a keep fraction) or 'grid: [h, w]'")
+        if self.grid is not None:
+            if self.mode == "cluster":
+                raise ValueError("grid applies to the window modes (avg / max / attn); cluster takes a budget")
+            h, w = self.grid
+            if h < 1 or w < 1:
+                raise ValueError(f"grid sides must be >= 1, got {list(self.grid)}")
+            if isinstance(self.budget, int) and self.budget != h * w:
+                raise ValueError(f"budget={self.budget} disagrees with grid={list(self.grid)} ({h * w} tokens)")
+        if self.iters < 1:
+            raise ValueError(f"iters must be >= 1, got {self.iters}")
+        if self.weights != "uniform" and self.mode != "cluster":
+            raise ValueError(f"weights={self.weights!r} applies to mode 'cluster' only (mode is {self.mode!r})")
+        if self.temporal != 1 and self.mode == "cluster":
+            raise ValueError("temporal: 2 applies to the window modes (avg / max / attn), not cluster")
+        return self
+
+    def check_layout(self, layout: Layout) -> None:
+        if isinstance(layout, MultiCrop):
+            raise ConfigError("pool: a MultiCrop layout is pooled per crop grid; pass its parts as units")
+        if self.temporal != 1 and not isinstance(layout, Video):
+            raise ConfigError(f"pool: temporal={self.temporal} needs a Video layout, got {layout!r}")
+        if self.grid is not None and not isinstance(layout, Grid | Video):
+            raise ConfigError(f"pool: grid={list(self.grid)} needs a Grid or Video layout, got {layout!r}")
+
+    # -- geometry -------------------------------------------------------------------------------------------------
+    def _target(self, h: int, w: int) -> tuple[int, int]:
+        if self.grid is not None:
+            h2, w2 = self.grid
+            if h2 > h or w2 > w:
+                raise ConfigError(f"pool: grid={list(self.grid)} must fit inside the {h}x{w} feature grid")
+            return h2, w2
+        k = resolve_budget(self.budget, h * w)
+        return closest_factor_pair(k, h, w)
+
+    def _geometry(self, layout: Layout, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(window index (k, L), mask (k, L), anchor (k,), source (n,)) over one unit's tokens."""
+        if isinstance(layout, Sequence):
+            k = resolve_budget(self.budget, layout.n)
+            idx, mask = adaptive_windows(layout.n, k, device)
+            source = (torch.arange(layout.n, device=device) * k) // layout.n
+            centre = ((torch.arange(k, device=device) + 0.5) * layout.n / k - 0.5).round().long()
+            return idx, mask, centre.clamp(0, layout.n - 1), source
+        t = layout.t if isinstance(layout, Video) else 1
+        h, w = layout.h, layout.w
+        h2, w2 = self._target(h, w)
+        rows, cols = adaptive_windows(h, h2, device), adaptive_windows(w, w2, device)
+        frames = pair_windows(t, self.temporal, device)
+        idx, mask = window_index([(frames[0], frames[1], t), (rows[0], rows[1], h), (cols[0], cols[1], w)])
+        anchor2d, source2d = window_anchors(h, w, h2, w2, device)
+        t2 = frames[0].shape[0]
+        first = frames[0][:, 0]  # first frame of each temporal window
+        anchor = (first[:, None] * (h * w) + anchor2d[None]).flatten()
+        f_out = torch.arange(t, device=device) // self.temporal
+        source = (f_out[:, None] * (h2 * w2) + source2d[None]).flatten()
+        assert anchor.shape[0] == t2 * h2 * w2
+        return idx, mask, anchor, source
+
+    # -- reduction ----------------------------------------------------------------------------------------------
+    def reduce_vision(self, ctx: VisionContext) -> Reduction:
+        if self.mode == "cluster":
+            return self._cluster(ctx)
+        x = ctx.features
+        U = x.shape[0]
+        idx, mask, anchor, source = self._geometry(ctx.layout, x.device)
+        y = pool_windows(x, idx, mask, self.mode)
+        k = idx.shape[0]
+        sizes = mask.sum(-1).float()
+        return Reduction(anchor=anchor.expand(U, k).contiguous(),
+                         valid=torch.ones(U, k, dtype=torch.bool, device=x.device),
+                         source=source.expand(U, -1).contiguous(), features=y,
+                         sizes=sizes.expand(U, k).contiguous())
+
+    def _cluster(self, ctx: VisionContext) -> Reduction:
+        x = ctx.features
+        U, n, D = x.shape
+        frames = ctx.layout.t if isinstance(ctx.layout, Video) else 1
+        per = n // frames
+        if isinstance(self.budget, int) and self.budget > per:
+            raise ConfigError(
+                f"pool: mode=cluster with budget={self.budget} clusters needs at least that many tokens, but a "
+                f"{'frame' if frames > 1 else 'unit'} has only {per} (allowed: 1..{per}, or a fraction)"
+            )
+        k = resolve_budget(self.budget, per)
+        if self.weights == "uniform":
+            w = torch.ones(U, n, device=x.device)
+        else:
+            name = "cls_attention" if self.weights == "cls" else "received_attention"
+            w = ctx.extras.require(name, f"pool (weights={self.weights})")
+            if w.shape != (U, n):
+                raise ConfigError(f"pool: {name} has shape {tuple(w.shape)}, expected (U, n) = ({U}, {n})")
+        xr = x.reshape(U * frames, per, D)
+        centres, assign, anchor, counts = weighted_kmeans(xr, w.reshape(U * frames, per), k, self.iters,
+                                                          uniform=self.weights == "uniform")
+        # order the clusters of each row by anchor (raster order of the sequence the LLM sees)
+        order = torch.sort(anchor, dim=-1, stable=True).indices
+        inv = torch.empty_like(order).scatter_(1, order, torch.arange(k, device=x.device).expand_as(order))
+        centres = torch.gather(centres, 1, order[..., None].expand(-1, -1, D))
+        anchor = torch.gather(anchor, 1, order)
+        counts = torch.gather(counts, 1, order)
+        assign = torch.gather(inv, 1, assign)
+        fr = torch.arange(frames, device=x.device).repeat(U)[:, None]
+        anchor = (anchor + fr * per).view(U, frames * k)
+        source = (assign + fr * k).view(U, n)
+        return Reduction(anchor=anchor.contiguous(), valid=torch.ones(U, frames * k, dtype=torch.bool, device=x.device),
+                         source=source.contiguous(), features=centres.reshape(U, frames * k, D),
+                         sizes=counts.reshape(U, frames * k))
+
+    def output_layout(self, layout: Layout, num_out: int) -> Layout:
+        if self.mode == "cluster" or isinstance(layout, Sequence):
+            return Sequence(num_out)
+        h2, w2 = self._target(layout.h, layout.w)
+        if isinstance(layout, Video):
+            return Video(-(-layout.t // self.temporal), h2, w2)
+        return Grid(h2, w2)
