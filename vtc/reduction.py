@@ -101,9 +101,6 @@ def _source_from_keep(keep: torch.Tensor, valid: torch.Tensor, num_in: int) -> t
     return source[:, :num_in]
 
 
-_warned: set[tuple] = set()
-
-
 def resolve_budget(budget: int | float, available: int, *, what: str = "budget") -> int:
     """Number of tokens to keep out of ``available``.
 
@@ -117,13 +114,9 @@ def resolve_budget(budget: int | float, available: int, *, what: str = "budget")
         raise TypeError(f"{what} must be an int or a float, not bool")
     if isinstance(budget, int):
         if budget > available:
-            key = (what, budget, available)
-            if key not in _warned:
-                _warned.add(key)
-                warnings.warn(
-                    f"{what}={budget} is more than the {available} tokens available; keeping all {available}",
-                    stacklevel=3,
-                )
+            # Python's warning registry shows it once per call site unless the user asks for more
+            warnings.warn(f"{what}={budget} is more than the {available} tokens available; keeping all {available}",
+                          stacklevel=3)
             return available
         return budget
     return max(1, min(available, int(math.floor(budget * available + 1e-6))))
