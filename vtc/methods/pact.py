@@ -7,15 +7,17 @@ At decoder layer L (``layer``, default 4) during prefill, from the hidden states
    each sample. With layer L's own input norm and q / k projections, the global query is the mean query
    q̄_h = mean_{i∈P} Q_{i,h} (computed as q_proj(mean_{i∈P} norm(H_i)): q_proj is affine, so this is exact),
    g_j = mean_h softmax_{j∈P}(q̄_h · K_{j,h} · scale) in fp32 (GQA keys shared), and the score of visual token j
-   is s_j = g_j · ‖H_j‖₂ (raw hidden state). The top ⌊keep · n⌋ visual tokens of every image are kept, ties by
-   lower index (:meth:`LLMContext.keep_top_per_image`).
+   is s_j = g_j · ‖H_j‖₂ (raw hidden state). The top ⌊keep · n⌋ visual tokens of every image (``scope: sample``: of
+   the sample) are kept, ties by lower index (:meth:`LLMContext.keep_top_per_image`).
 2. **DBDPC** (Distance Bounded Density Peak Clustering) on the kept tokens. Features: layer-L keys **after**
    the model's RoPE (M-RoPE for Qwen2-VL, via the adapter), flattened over KV heads, L2-normalised; distance
    D_ij = max(0, 1 - ẑ_i · ẑ_j). Density ρ_i = Σ_j exp(-(D_ij / 2)²), replaced by its rank (only the order
    matters; equal densities: the lower index counts as denser). Centres: the sequential greedy "in decreasing
    density, a point becomes a centre iff its distance to every existing centre is > ``cutoff``" computed in
    vectorised rounds (:func:`dbdpc_centres`), which reproduces the greedy exactly. Every other point joins its
-   nearest centre (ties: lower index). Clusters never span two images (cross-image distances are +inf).
+   nearest centre (ties: lower index). With ``scope: image`` (default) clusters never span two image units
+   (cross-image distances are +inf); ``scope: sample`` clusters all visual tokens of a sample together (e.g.
+   to merge across the frames of a video, which the Qwen2-VL adapter numbers as separate units).
 3. **Retrieval**: a token pruned by EUTI joins its nearest centre if that distance is ≤ ``coef_pruned · cutoff``
    (default 1.5 · cutoff), else it is discarded.
 4. **Merge**: each cluster becomes one token in its centre's slot, keeping the centre's original position id
@@ -25,7 +27,8 @@ At decoder layer L (``layer``, default 4) during prefill, from the hidden states
    so they are untouched.
 5. **Proportional attention** (``proportional: true``): the Reduction carries cluster sizes s; the runtime adds
    log s_j to the attention logits of key j in every layer ≥ L, in prefill and in every decode step (sdpa and
-   eager take it as an additive float mask). flash_attention_2 cannot take an additive mask: attaching PACT with
+   eager take it as an additive float mask; when nothing merged in the whole batch no sizes are returned, so no
+   bias and no float mask are needed). flash_attention_2 cannot take an additive mask: attaching PACT with
    proportional attention to a flash-attention-2 model raises a ConfigError (use sdpa, or ``proportional:
    false``). The exact flash construction (an extra head dimension: q gets √d, k_j gets log s_j) is not
    implemented.
@@ -38,10 +41,12 @@ Defaults (official code): LLaVA family keep 0.55, cutoff 0.21; Qwen2-VL keep 0.8
 
 Cost and memory (m = kept tokens of a sample, p = pruned ones, n = m + p, B samples): EUTI O(|P| · D · h_kv · d)
 for the key projection plus O(h · |P| · d) for the single mean-query row (never an N x N attention map);
-DBDPC O(m² · h_kv · d) time and O(B · m²) memory (a few fp32 / bool m x m matrices per sample: ~ 13 bytes · B · m²,
-e.g. 33 MB for m = 1600), computed over the kept tokens only; retrieval O(B · p · m). Host syncs: one for the
-kept-set size, one per DBDPC round (not per cluster; the number of rounds is the longest chain of
-"denser neighbour within cutoff" dependencies, typically a few to a few dozen), one for the output size.
+DBDPC O(m² · h_kv · d) time and O(B · m²) memory, over the kept tokens only: the fp32 distance matrix plus two
+bool matrices and short-lived temporaries, ≈ 12 bytes · B · m² at peak (31 MB for m = 1600, 300 MB for m = 5000);
+nearest-centre assignment and retrieval work on (B, m, c) and (B, p, c) distances to the c centres only.
+Host syncs: one per compaction (kept set, centres, pruned set, outputs) and one per DBDPC round — not per
+cluster: the number of rounds is the longest chain of "denser undecided neighbour within cutoff" dependencies,
+typically a few (see eval/bench_pact.py).
 """
 
 from __future__ import annotations
@@ -54,7 +59,7 @@ import torch.nn.functional as F
 from pydantic import field_validator
 
 from ..errors import ConfigError
-from ..reduction import Reduction
+from ..reduction import Reduction, resolve_budget, topk_per_group
 from ..scoring import attention_probs
 from . import register_method
 from .base import LLMContext, Method
@@ -93,15 +98,15 @@ def euti_scores(
     """
     probs = attention_probs(q_mean, keys, prefix[:, None, :], scale)  # (B, h, 1, M), fp32
     g = probs.mean(dim=1)[:, 0]  # (B, M)
-    return g * hidden.float().norm(dim=-1)
+    return g * torch.linalg.vector_norm(hidden, dim=-1, dtype=torch.float32)
 
 
 # ---- DBDPC -----------------------------------------------------------------------------------------------------
 def cosine_distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """D_ij = max(0, 1 - â_i · b̂_j) in fp32. a: (B, m, F), b: (B, r, F) -> (B, m, r)."""
+    """D_ij = max(0, 1 - â_i · b̂_j) in fp32. a: (B, m, F), b: (B, r, F) -> (B, m, r) (one allocation)."""
     a = F.normalize(a.float(), dim=-1)
     b = F.normalize(b.float(), dim=-1)
-    return (1.0 - torch.bmm(a, b.transpose(1, 2))).clamp_(min=0.0)
+    return torch.bmm(a, b.transpose(1, 2)).neg_().add_(1.0).clamp_(min=0.0)
 
 
 def dbdpc_density_rank(dist: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,7 +116,9 @@ def dbdpc_density_rank(dist: torch.Tensor, valid: torch.Tensor) -> tuple[torch.T
     counts as denser (stable sort). Invalid points rank last. Returns (rho (B, m) fp32, rank (B, m) long).
     """
     B, m = valid.shape
-    rho = torch.exp(-(dist * 0.5).square()).sum(-1)  # exp(-inf) = 0 for masked pairs
+    t = dist * 0.5  # the one m x m temporary; exp(-inf) = 0 for masked pairs
+    rho = t.square_().neg_().exp_().sum(-1)
+    del t
     key = torch.where(valid, rho, torch.full_like(rho, float("-inf")))
     order = torch.sort(key, dim=-1, descending=True, stable=True).indices
     rank = torch.empty_like(order)
@@ -120,7 +127,7 @@ def dbdpc_density_rank(dist: torch.Tensor, valid: torch.Tensor) -> tuple[torch.T
 
 
 def dbdpc_centres(
-    dist: torch.Tensor, valid: torch.Tensor, rank: torch.Tensor, cutoff: float, *, max_rounds: int | None = None
+    dist: torch.Tensor, valid: torch.Tensor, rank: torch.Tensor, cutoff: float
 ) -> tuple[torch.Tensor, int]:
     """Greedy DBDPC centres, in vectorised rounds. Returns (centre mask (B, m), number of rounds).
 
@@ -132,32 +139,30 @@ def dbdpc_centres(
     non-centre precedes it: denser points outside U are centres — which would have covered u — or non-centres);
     then every point of U within ``cutoff`` of a new centre is a non-centre (that centre is denser than it,
     otherwise the centre would have been blocked). The densest point of U is always a new centre, so U shrinks
-    every round. One host sync per round (the emptiness test); the m x m work per round is a mat-vec.
+    every round. One host sync per round (the emptiness test). Memory: two (B, m, m) bool matrices plus one
+    bool temporary per round.
     """
-    B, m = valid.shape
-    close = (dist <= cutoff) & valid[:, :, None] & valid[:, None, :]
-    denser = rank[:, None, :] < rank[:, :, None]  # [b, i, j]: j is denser than i
-    blocker = (close & denser).to(dist.dtype)  # (B, m, m)
-    close_f = close.to(dist.dtype)
+    close = dist <= cutoff  # (B, m, m) bool; +inf pairs are never close
+    close &= valid[:, None, :]
+    close &= valid[:, :, None]
+    blocker = rank[:, None, :] < rank[:, :, None]  # [b, i, j]: j is denser than i ...
+    blocker &= close  # ... and within cutoff of i
     undecided = valid.clone()
     centre = torch.zeros_like(valid)
     rounds = 0
-    limit = m + 1 if max_rounds is None else max_rounds
-    while rounds < limit and bool(undecided.any()):
-        blocked = torch.bmm(blocker, undecided.to(dist.dtype).unsqueeze(-1)).squeeze(-1) > 0
-        new = undecided & ~blocked
+    while bool(undecided.any()):
+        new = undecided & ~(blocker & undecided[:, None, :]).any(-1)
         centre |= new
-        covered = torch.bmm(close_f, new.to(dist.dtype).unsqueeze(-1)).squeeze(-1) > 0
-        undecided &= ~(covered | new)
+        undecided &= ~(new | (close & new[:, None, :]).any(-1))
         rounds += 1
     return centre, rounds
 
 
 def nearest_centre(dist: torch.Tensor, centre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Nearest centre of every row point: (index (B, r), distance (B, r)); ties: lower index.
+    """Nearest centre of every row point: (column index (B, r), distance (B, r)); ties: lower index.
 
-    dist: (B, r, m) from r points to m candidates; centre: (B, m) which candidates are centres. Distance is +inf
-    (index 0) where no centre is reachable.
+    dist: (B, r, c) from r points to c columns; centre: (B, c) which columns are (valid) centres. The distance is
+    +inf (index 0) where no centre is reachable.
     """
     d = dist.masked_fill(~centre[:, None, :], float("inf"))
     best, idx = d.min(dim=-1)  # torch returns the first (lowest) index among equal minima
@@ -169,17 +174,20 @@ def dbdpc(
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """DBDPC on one padded batch of point sets.
 
-    dist: (B, m, m) cosine distances, +inf for pairs that must not interact (padding, different images);
-    valid: (B, m). Returns (centre (B, m) bool, assign (B, m) long: index of each point's centre, -1 for
-    invalid points, rounds).
+    dist: (B, m, m) cosine distances, +inf for pairs that must not interact (padding, different images); its
+    diagonal is set to 0 in place (a point is at distance 0 of itself; 1 - |ẑ|² can round to ~1e-7). valid:
+    (B, m). Returns (centre (B, m) bool, assign (B, m) long: index of each point's centre, -1 for invalid
+    points, rounds). Peak memory ~ 8 bytes · B · m² on top of ``dist`` (4 bytes · B · m²).
     """
-    dist = dist.clone()
-    dist.diagonal(dim1=1, dim2=2).zero_()  # a point is at distance 0 of itself (fp rounding of 1 - |ẑ|²)
+    dist.diagonal(dim1=1, dim2=2).zero_()
     _, rank = dbdpc_density_rank(dist, valid)
     centre, rounds = dbdpc_centres(dist, valid, rank, cutoff)
-    assign, _ = nearest_centre(dist, centre)
-    assign = torch.where(valid, assign, torch.full_like(assign, -1))
-    return centre, assign, rounds
+    c_idx, c_valid = compact(centre)  # (B, c) centres in index order
+    B, m = valid.shape
+    to_centres = torch.gather(dist, 2, c_idx[:, None, :].expand(B, m, c_idx.shape[1]))  # (B, m, c)
+    near, _ = nearest_centre(to_centres, c_valid)
+    assign = torch.gather(c_idx, 1, near)
+    return centre, torch.where(valid, assign, torch.full_like(assign, -1)), rounds
 
 
 # ---- merge -----------------------------------------------------------------------------------------------------
@@ -218,11 +226,18 @@ def merge_clusters(
     feats = None
     if features is not None:
         D = features.shape[-1]
-        acc = torch.zeros(B, k + 1, D, dtype=torch.float32, device=dev)
-        acc.scatter_add_(1, tgt.unsqueeze(-1).expand(-1, -1, D), features.float() * w.unsqueeze(-1))
-        feats = (acc[:, :k] / out_sizes.clamp(min=1e-12).unsqueeze(-1)).to(features.dtype)
+        flat = (tgt + torch.arange(B, device=dev)[:, None] * (k + 1)).flatten()  # (B * n) rows of (B * (k+1))
+        acc = torch.zeros(B * (k + 1), D, dtype=torch.float32, device=dev)
+        acc.index_add_(0, flat, (features.float() * w.unsqueeze(-1)).view(B * n, D))
+        feats = (acc.view(B, k + 1, D)[:, :k] / out_sizes.clamp(min=1e-12).unsqueeze(-1)).to(features.dtype)
         feats = feats * out_valid.unsqueeze(-1).to(feats.dtype)
     return Reduction(anchor=anchor, valid=out_valid, source=source, features=feats, sizes=out_sizes)
+
+
+def _take_rows(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """t[b, idx[b]] for t (B, M, ...) and idx (B, r) -> (B, r, ...) (advanced indexing: faster than an expanded
+    ``gather`` for wide rows on CPU)."""
+    return t[torch.arange(t.shape[0], device=t.device)[:, None], idx]
 
 
 # ---- the method ------------------------------------------------------------------------------------------------
@@ -247,6 +262,10 @@ class PACT(Method):
     proportional: bool = True
     merge: Literal["mean", "centre"] = "mean"
     mode: Literal["pact", "euti", "dbdpc"] = "pact"
+    #: what a keep fraction and a cluster apply to: every image unit (image / crop set / video frame, as the
+    #: adapter numbers them) separately, or all visual tokens of a sample together (clusters may then span
+    #: images or video frames, as in the official code's single visual block)
+    scope: Literal["image", "sample"] = "image"
 
     @field_validator("keep", mode="before")
     @classmethod
@@ -286,10 +305,9 @@ class PACT(Method):
         h = ctx.hidden_states
         prefix = euti_prefix_mask(ctx.token_valid, ctx.is_visual)  # (B, M)
         if with_query:
-            normed = ctx.adapter.input_norm(L, h)
-            w = prefix.to(torch.float32)
-            mean = (normed.float() * w.unsqueeze(-1)).sum(1, keepdim=True) / w.sum(1).clamp(min=1.0)[:, None, None]
-            query = mean.to(h.dtype)
+            normed = ctx.adapter.input_norm(L, h)  # (B, M, D)
+            count = prefix.sum(-1).clamp(min=1).to(normed.dtype)[:, None, None]
+            query = torch.bmm(prefix.to(normed.dtype)[:, None, :], normed) / count  # (B, 1, D) mean over P
         else:
             query = h[:, :1]  # unused (the keys are what is needed)
         q, k = ctx.adapter.project_qk(L, h, None, None, query_states=query, rope=False)
@@ -307,8 +325,8 @@ class PACT(Method):
         """
         slots = torch.gather(ctx.candidates, 1, cand_idx)  # (B, r)
         B, hkv, _, d = keys.shape
-        kr = torch.gather(keys, 2, slots[:, None, :, None].expand(-1, hkv, -1, d))
-        kr = ctx.adapter.rope_rows(kr, ctx.position_embeddings, slots)  # (B, h_kv, r, d)
+        kr = _take_rows(keys.transpose(1, 2), slots).transpose(1, 2)  # (B, h_kv, r, d)
+        kr = ctx.adapter.rope_rows(kr, ctx.position_embeddings, slots)
         return kr.transpose(1, 2).reshape(B, slots.shape[1], hkv * d)
 
     def reduce_llm(self, ctx: LLMContext) -> Reduction:
@@ -318,7 +336,13 @@ class PACT(Method):
             kept = valid
         else:
             scores = self.euti(ctx, q_mean, keys, prefix)
-            kept = ctx.keep_top_per_image(scores, self.keep, what="keep").source >= 0
+            if self.scope == "image":
+                kept = ctx.keep_top_per_image(scores, self.keep, what="keep").source >= 0
+            else:
+                counts = valid.sum(-1).tolist()  # one host sync
+                ks = [resolve_budget(self.keep, c, what="keep") for c in counts]
+                group = torch.where(valid, 0, -1)
+                kept = topk_per_group(scores, group, torch.tensor(ks, device=valid.device)[:, None])
             if self.mode == "euti":
                 return Reduction.from_mask(kept)
         return self._cluster(ctx, keys, kept)
@@ -328,12 +352,13 @@ class PACT(Method):
         valid = ctx.candidate_valid
         B, n = valid.shape
         inf = float("inf")
-        image = torch.where(valid, ctx.image_id, torch.full_like(ctx.image_id, -1))
+        image = torch.where(valid, ctx.image_id if self.scope == "image" else 0, -1)  # clusters stay inside
         k_idx, k_valid = compact(kept & valid)  # (B, m) kept candidates, padded
         zk = self.cluster_keys(ctx, keys, k_idx)
         img_k = torch.gather(image, 1, k_idx)
         pair = k_valid[:, :, None] & k_valid[:, None, :] & (img_k[:, :, None] == img_k[:, None, :])
-        dist = cosine_distances(zk, zk).masked_fill_(~pair, inf)  # (B, m, m): the only m x m matrix
+        dist = cosine_distances(zk, zk).masked_fill_(~pair, inf)  # (B, m, m): the only m x m matrices
+        del pair
         centre, assign, _ = dbdpc(dist, k_valid, self.cutoff)
         # centre_of[b, c]: candidate index of candidate c's centre (-1: dropped); column n is a dummy target
         centre_of = torch.full((B, n + 1), -1, dtype=torch.long, device=valid.device)
@@ -341,15 +366,22 @@ class PACT(Method):
         centre_of.scatter_(1, torch.where(k_valid, k_idx, torch.full_like(k_idx, n)), k_centre)
         pruned = valid & ~kept
         if self.mode == "pact" and bool(pruned.any()):
+            c_idx, c_valid = compact(centre)  # (B, c) centres (indices into the kept list)
+            zc = torch.gather(zk, 1, c_idx[:, :, None].expand(-1, -1, zk.shape[-1]))
+            img_c = torch.gather(img_k, 1, c_idx)
             p_idx, p_valid = compact(pruned)  # (B, p)
             zp = self.cluster_keys(ctx, keys, p_idx)
             img_p = torch.gather(image, 1, p_idx)
-            ok = p_valid[:, :, None] & k_valid[:, None, :] & (img_p[:, :, None] == img_k[:, None, :])
-            dpc = cosine_distances(zp, zk).masked_fill_(~ok, inf)  # (B, p, m)
-            near, dmin = nearest_centre(dpc, centre)
+            dpc = cosine_distances(zp, zc).masked_fill_(img_p[:, :, None] != img_c[:, None, :], inf)  # (B, p, c)
+            near, dmin = nearest_centre(dpc, c_valid)
             join = p_valid & (dmin <= self.coef_pruned * self.cutoff)
-            p_centre = torch.where(join, torch.gather(k_idx, 1, near), torch.full_like(p_idx, -1))
+            p_centre = torch.gather(k_idx, 1, torch.gather(c_idx, 1, near))
+            p_centre = torch.where(join, p_centre, torch.full_like(p_idx, -1))
             centre_of.scatter_(1, torch.where(p_valid, p_idx, torch.full_like(p_idx, n)), p_centre)
         cand_sizes = torch.gather(ctx.sizes, 1, ctx.candidates)
-        feats = ctx.candidate_states() if self.merge == "mean" else None
-        return merge_clusters(centre_of[:, :n], valid, feats, cand_sizes)
+        feats = _take_rows(ctx.hidden_states, ctx.candidates) if self.merge == "mean" else None
+        red = merge_clusters(centre_of[:, :n], valid, feats, cand_sizes)
+        if not bool((red.sizes[red.valid] != 1).any()):
+            # nothing merged anywhere in the batch: no bias needed (sdpa keeps its mask-free fast path)
+            red.sizes = None
+        return red
