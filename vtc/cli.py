@@ -29,15 +29,31 @@ def _load_model(path: str | None, kind: str = "grid"):
         from .demo import GRID_MODEL_PATH, ORDERED_MODEL_PATH
 
         p = GRID_MODEL_PATH if kind == "grid" else ORDERED_MODEL_PATH
-        if not (p / "config.json").exists():
-            raise SystemExit(
-                f"the bundled demo model is missing at {p}; retrain it with `vtc train-demo --model {kind}`"
-            )
+        if not (p / "model.safetensors").exists():
+            return _untrained_demo_model(kind, p)
         path = str(p)
     model = AutoModelForImageTextToText.from_pretrained(path, attn_implementation="sdpa", dtype=torch.float32)
     processor = AutoProcessor.from_pretrained(path)
     processor.tokenizer.padding_side = "left"
     return model.eval(), processor, path
+
+
+def _untrained_demo_model(kind: str, missing):
+    """The demo architecture with seeded random weights, for when the trained weights are not installed."""
+    import torch
+
+    from .demo import build
+
+    print(f"note: trained demo weights not found at {missing} (train them with `vtc train-demo --model {kind}`); "
+          "running the same architecture with random weights, so the answers are meaningless", file=sys.stderr)
+    torch.manual_seed(0)
+    tok = build.build_tokenizer()
+    if kind == "grid":
+        model, processor = build.build_grid_model(tok), build.build_grid_processor(tok)
+    else:
+        model, processor = build.build_ordered_model(tok), build.build_ordered_processor(tok)
+    processor.tokenizer.padding_side = "left"
+    return model.eval(), processor, f"{kind} demo architecture, random weights"
 
 
 def _prefill_ms(model, inputs, repeats: int = 5) -> float:
