@@ -204,6 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="kept.png")
     s.set_defaults(func=cmd_show)
 
+    sub.add_parser("bench", add_help=False,
+                   help="prefill / decode latency, FLOPs, KV cache and memory: baseline vs vtc vs oracle")
     sub.add_parser("eval", add_help=False,
                    help="VQA accuracy and cost on local benchmarks, compressed vs uncompressed (vtc eval --help)")
 
@@ -220,6 +222,14 @@ def main(argv: list[str] | None = None) -> int:
         from .evaluation.cli import main as eval_main
 
         return eval_main(argv[1:])
+    if argv[:1] == ["bench"]:
+        try:
+            from eval.bench import main as bench_main  # the benchmark lives in the repository's eval/ folder
+        except ImportError:
+            print("vtc bench runs from a checkout of the vtc repository (it lives in eval/bench.py): "
+                  "cd into the repository and run it again", file=sys.stderr)
+            return 2
+        return bench_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
