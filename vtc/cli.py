@@ -223,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
 
         return eval_main(argv[1:])
     if argv[:1] == ["bench"]:
+        if Path("eval/bench.py").exists() and str(Path.cwd()) not in sys.path:
+            sys.path.insert(0, str(Path.cwd()))
         try:
             from eval.bench import main as bench_main  # the benchmark lives in the repository's eval/ folder
         except ImportError:
