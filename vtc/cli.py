@@ -9,6 +9,7 @@ import argparse
 import statistics
 import sys
 import time
+from pathlib import Path
 
 __all__ = ["main"]
 
