@@ -28,7 +28,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..layout import Grid
 from ..methods.base import VisionExtras
-from .vision_towers import QKRowScorer
+from .vision_towers import QKRowScorer, scorer_extras
 
 __all__ = ["TimmTowerScorer", "timm_extras", "timm_grid"]
 
@@ -120,13 +120,7 @@ class TimmTowerScorer(QKRowScorer):
         return torch.cat([self.output[:, :1], self.output[:, self.num_prefix:]], dim=1)
 
     def as_vision_extras(self) -> VisionExtras:
-        return VisionExtras(
-            cls_attention=self.cls_attention if self.has_cls else None,
-            received_attention=self.received_attention,
-            keys=self.keys,
-            cls_token=self.cls_token if self.has_cls else None,
-            hidden_with_cls=self.hidden_with_cls if self.has_cls else None,
-        )
+        return scorer_extras(self)
 
 
 def timm_extras(vit: nn.Module, images: torch.Tensor, layer: int = -2) -> tuple[torch.Tensor, VisionExtras]:

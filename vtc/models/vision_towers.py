@@ -28,7 +28,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..methods.base import VisionExtras
 
-__all__ = ["QKRowScorer", "TowerScorer", "encoder_layers"]
+__all__ = ["QKRowScorer", "TowerScorer", "encoder_layers", "scorer_extras"]
 
 
 def encoder_layers(tower: nn.Module) -> nn.ModuleList:
@@ -196,10 +196,16 @@ class TowerScorer(QKRowScorer):
         return torch.cat([self.hidden_states[i][:, 0] for i in self.feature_layers], dim=-1)
 
     def as_vision_extras(self) -> VisionExtras:
-        return VisionExtras(
-            cls_attention=self.cls_attention if self.has_cls else None,
-            received_attention=self.received_attention,
-            keys=self.keys,
-            cls_token=self.cls_token if self.has_cls else None,
-            hidden_with_cls=self.hidden_with_cls if self.has_cls else None,
-        )
+        return scorer_extras(self)
+
+
+def scorer_extras(scorer) -> VisionExtras:
+    """VisionExtras backed by a tower scorer (``has_cls``, ``cls_attention``, ``received_attention``, ``keys``,
+    ``cls_token``, ``hidden_with_cls``); the CLS-based entries only where the tower has a CLS token."""
+    return VisionExtras(
+        cls_attention=scorer.cls_attention if scorer.has_cls else None,
+        received_attention=scorer.received_attention,
+        keys=scorer.keys,
+        cls_token=scorer.cls_token if scorer.has_cls else None,
+        hidden_with_cls=scorer.hidden_with_cls if scorer.has_cls else None,
+    )
