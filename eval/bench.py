@@ -47,7 +47,9 @@ every stage acts inside the shortened model). Scoring FLOPs of the methods are n
 the measured vtc time and efficiency show).
 
 Summary: **speedup** = baseline prefill / vtc prefill, **oracle speedup** = baseline / oracle, **efficiency** =
-oracle time / vtc time, **overhead** = vtc time / vtc prefill (%), decode speedup, and the FLOPs ratio.
+oracle time / vtc time, **overhead** = vtc time / vtc prefill (%) (and, for a shortened model, an estimate at full depth: the measured
+vtc time over the measured prefill scaled by the full-depth / as-run FLOPs ratio), decode speedup, and the
+FLOPs ratio.
 Output: a plain-text table on stdout, ``<out>/<arch>_<config>_b<B>_<device>.json`` and ``.png``.
 """
 
@@ -876,6 +878,11 @@ def summarize(variants: dict, oracle_matches: bool = True) -> dict:
     }
     s["speedup_gap_pct"] = (100.0 * (1 - s["speedup"] / s["oracle_speedup"])
                             if s["speedup"] and s["oracle_speedup"] else None)
+    # a shortened model inflates the overhead share (vtc's cost per stage does not shrink with depth, the prefill
+    # does): estimate the full-depth prefill time by scaling the measured one with the FLOPs ratio
+    scale = ratio(variants["vtc"]["flops_full_depth"]["prefill_total"], variants["vtc"]["flops"]["prefill_total"])
+    s["overhead_pct_full_depth_est"] = (s["overhead_pct"] / scale
+                                        if s["overhead_pct"] is not None and scale else None)
     return s
 
 

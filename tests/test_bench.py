@@ -165,7 +165,8 @@ RESULT_KEYS = {"arch", "config", "config_name", "stages", "methods", "batch", "p
 VARIANT_KEYS = {"prefill_s", "decode_s_per_token", "vtc_time_s", "peak_memory_bytes", "peak_memory_delta_bytes",
                 "prompt_len", "seq_len_per_layer", "kv_cache_len", "kv_cache_bytes", "flops", "flops_full_depth"}
 SUMMARY_KEYS = {"speedup", "oracle_speedup", "efficiency", "overhead_pct", "decode_speedup", "kv_ratio",
-                "flops_ratio", "flops_ratio_full_depth", "vision_share", "oracle_matches_vtc", "speedup_gap_pct"}
+                "flops_ratio", "flops_ratio_full_depth", "vision_share", "oracle_matches_vtc", "speedup_gap_pct",
+                "overhead_pct_full_depth_est"}
 
 
 @pytest.fixture(scope="module")
@@ -235,6 +236,8 @@ def test_summary_is_computed_from_the_medians():
     assert s["flops_ratio"] == pytest.approx(0.4) and s["flops_ratio_full_depth"] == pytest.approx(0.4)
     assert s["speedup_gap_pct"] == pytest.approx(100 * (1 - 2.0 / (2.0 / 0.9)))
     assert s["vision_share"] == pytest.approx(0.1)
+    # the full-depth prefill does twice the FLOPs: the same vtc time is half the share
+    assert s["overhead_pct_full_depth_est"] == pytest.approx(2.5)
 
 
 @pytest.mark.parametrize("arch,config", [
