@@ -1002,7 +1002,7 @@ def plot_result(result: dict, path: str | Path) -> Path:
         bottom = [b + x for b, x in zip(bottom, vals)]
     axes[2].set_ylabel("GFLOPs (as run)")
     axes[2].set_title("analytic prefill FLOPs")
-    axes[2].legend(fontsize=8, loc="lower right")
+    axes[2].legend(fontsize=8, loc="upper right")
     s = result["summary"]
     fig.suptitle(f"{result['arch']} (LLM {result['llm_layers']} layers), {result['config_name'] or result['config']}, "
                  f"batch {result['batch']}, {result['dtype']}, {result['environment']['device']}: speedup "
