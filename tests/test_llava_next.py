@@ -317,7 +317,7 @@ def test_unit_layouts_match_stats_for_drawing():
         logits(m, inputs)
     groups = token_groups(run.stats, 0)
     assert [g.shape[0] for g in groups] == [36, 36, 36] and [int((g >= 0).sum()) for g in groups] == [7, 7, 7]
-    assert draw_kept(image, groups, vis).size[0] == 3 * draw_kept(image, groups[:1], vis[:1]).size[0]
+    assert draw_kept(image, groups, vis).size[0] == 3 * draw_kept(image, groups[:1], vis[:1]).size[0] + 2 * 4
     with vtc.compress(m, {"stages": [{"method": "random", "layer": 1, "budget": 9}]}) as run:
         logits(m, inputs)
     groups = token_groups(run.stats, 0, num_tokens=[lay.num_tokens for lay in llm])

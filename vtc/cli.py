@@ -78,14 +78,19 @@ def _answer(model, processor, inputs, max_new_tokens: int = 8) -> str:
     return processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0].strip()
 
 
-def _layouts_for(run, inputs) -> list:
-    return run.adapter.unit_layouts(inputs, 0)
+def _prompt(processor, text: str) -> str:
+    """``text`` as is when it already holds the image placeholder, else the model's chat-formatted prompt."""
+    from .evaluation.runner import build_prompt
+
+    token = getattr(processor, "image_token", None) or "<image>"
+    return text if token in text or "<image>" in text else build_prompt(processor, text)
 
 
-def _run_pair(model, processor, image, prompt, config, out_png: str | None):
-    """Answer uncompressed and compressed; returns a dict of results and writes the kept-token picture."""
+def _run_pair(model, processor, image, prompt, config, out_png: str | None, stage: int | None = None):
+    """Answer uncompressed and compressed; returns a dict of results and writes the kept-token picture of image 0
+    after ``stage`` (index in run order; default: the final survivors)."""
     import vtc
-    from vtc.viz import draw_kept, token_groups
+    from vtc.viz import draw_kept, select_stages, token_groups
 
     inputs = processor(images=image, text=prompt, return_tensors="pt")
     base_answer = _answer(model, processor, inputs)
@@ -96,13 +101,18 @@ def _run_pair(model, processor, image, prompt, config, out_png: str | None):
         stats = run.stats
         kv = list(stats.kv_cache_len)
         ms = _prefill_ms(model, inputs)
-        layouts = _layouts_for(run, inputs)
+        try:
+            chosen = select_stages(stats, stage)
+        except ValueError as err:
+            raise SystemExit(f"vtc: --stage: {err}") from None
+        side = "vision" if any(s.side == "vision" for s in chosen) else "llm"
+        layouts = run.adapter.picture_layouts(inputs, 0, side)
     final = stats.stages[-1].tokens_out[0] if stats.stages else n_visual
     result = {"answer_uncompressed": base_answer, "answer_compressed": answer, "visual_tokens_before": n_visual,
               "visual_tokens_after": final, "prefill_ms_uncompressed": base_ms, "prefill_ms_compressed": ms,
               "kv_cache_len": kv, "stats": stats}
     if out_png:
-        groups = token_groups(stats, 0, num_tokens=[lay.num_tokens for lay in layouts])
+        groups = token_groups(stats, 0, num_tokens=[lay.num_tokens for lay in layouts], stage=stage)
         draw_kept(image, groups, layouts).save(out_png)
         result["png"] = out_png
     return result
@@ -146,8 +156,7 @@ def cmd_generate(args) -> int:
 
     model, processor, _ = _load_model(args.model)
     image = Image.open(args.image).convert("RGB")
-    prompt = args.prompt if "<image>" in args.prompt else f"USER: <image>\n{args.prompt} ASSISTANT:"
-    inputs = processor(images=image, text=prompt, return_tensors="pt")
+    inputs = processor(images=image, text=_prompt(processor, args.prompt), return_tensors="pt")
     if args.config:
         with vtc.compress(model, args.config) as run:
             text = _answer(model, processor, inputs, args.max_new_tokens)
@@ -163,9 +172,9 @@ def cmd_show(args) -> int:
 
     model, processor, _ = _load_model(args.model)
     image = Image.open(args.image).convert("RGB")
-    prompt = args.prompt if "<image>" in args.prompt else f"USER: <image>\n{args.prompt} ASSISTANT:"
-    res = _run_pair(model, processor, image, prompt, args.config, args.out)
-    print(f"{res['visual_tokens_before']} -> {res['visual_tokens_after']} visual tokens; drawn to {args.out}")
+    res = _run_pair(model, processor, image, _prompt(processor, args.prompt), args.config, args.out, args.stage)
+    which = "final survivors" if args.stage is None else f"after stage {args.stage}"
+    print(f"{res['visual_tokens_before']} -> {res['visual_tokens_after']} visual tokens; {which} drawn to {args.out}")
     return 0
 
 
@@ -203,6 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--prompt", required=True)
     s.add_argument("--config", required=True)
     s.add_argument("--out", default="kept.png")
+    s.add_argument("--stage", type=int, default=None,
+                   help="draw what survives stage N (0-based, run order: vision side, then LLM side by layer); "
+                        "default: the final survivors")
     s.set_defaults(func=cmd_show)
 
     sub.add_parser("bench", add_help=False,

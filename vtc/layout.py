@@ -97,13 +97,16 @@ class Sequence(Layout):
 class MultiCrop(Layout):
     """LLaVA-NeXT anyres features of one image: ``base`` grid then ``crops`` grids, concatenated in that order.
 
-    ``crop_rows x crop_cols`` is the arrangement of the crops over the (resized, padded) image, used for drawing.
+    ``crop_rows x crop_cols`` is the arrangement of the crops over the (resized, padded) image, used for drawing;
+    ``image_box`` = (top, bottom, left, right), in cells of the tiled ``(crop_rows * h) x (crop_cols * w)`` crop
+    map, is where the image itself lies inside the padding (None: it fills the map).
     """
 
     base: Grid
     crops: tuple[Grid, ...]
     crop_rows: int = 1
     crop_cols: int = 1
+    image_box: tuple[int, int, int, int] | None = None
 
     @property
     def parts(self) -> tuple[Grid, ...]:

@@ -222,6 +222,11 @@ class ModelAdapter:
 
         return [Sequence(counts[image])]
 
+    def picture_layouts(self, kwargs: dict, image: int, side: str = "vision") -> list[Layout]:
+        """Layouts for drawing image ``image`` (``vtc show``): ``side="vision"`` after vision-side stages,
+        ``"llm"`` for LLM-side stages only. Default: :meth:`unit_layouts` (families with crops override)."""
+        return self.unit_layouts(kwargs, image)
+
     def placeholder_token_id(self) -> int:
         return self.model.config.image_token_id
 

@@ -55,7 +55,7 @@ from functools import lru_cache
 import torch
 
 from ..errors import ConfigError
-from ..layout import Grid
+from ..layout import Grid, Layout, MultiCrop
 from . import llava as _llava
 from .base import ImageFeatures, TokenMap, VisualGroup, precomputed_counts
 
@@ -239,6 +239,18 @@ class LlavaNextAdapter(_llava.LlavaAdapter):
             return [Grid(h, w)]
         top, bottom, left, right = g.unpadded(h, w)
         return [Grid(h, w), Grid(bottom - top, right - left)]
+
+    def picture_layouts(self, kwargs: dict, image: int, side: str = "vision") -> list[Layout]:
+        """Vision side: one :class:`MultiCrop` (base, then every crop in place over the padded image); LLM side:
+        the base grid and the unpadded crop map (which covers exactly the image)."""
+        if side != "vision":
+            return self.unit_layouts(kwargs, image, side)
+        geoms = self.geometries(kwargs)
+        if geoms is None:
+            raise NotImplementedError(f"{self.family}: picture_layouts needs image_sizes")
+        g = geoms[image]
+        grid = Grid(*self.crop_grid)
+        return [MultiCrop(grid, (grid,) * g.num_crops, g.rows, g.cols, g.unpadded(grid.h, grid.w))]
 
     # ---- LLM side ----------------------------------------------------------------------------------------------
     def token_map(self, input_ids: torch.Tensor, kwargs: dict) -> TokenMap:

@@ -52,7 +52,7 @@ from typing import Any, Literal
 import torch
 
 from ..errors import ConfigError
-from ..layout import Grid, Video
+from ..layout import Grid, Layout, Video
 from ..methods.base import VisionExtras
 from ..scoring import rotate_half
 from .base import ImageFeatures, ModelAdapter, TokenMap, VisualGroup
@@ -309,6 +309,17 @@ class Qwen2VLAdapter(ModelAdapter):
         gid, _ = self._unit_ids(input_ids, kwargs)
         is_visual = gid >= 0
         return TokenMap(is_visual=is_visual, image_id=gid, protected=torch.zeros_like(is_visual))
+
+    def unit_layouts(self, kwargs: dict, image: int) -> list[Layout]:
+        """Layout of visual unit ``image`` (global, sequence order): ``Grid(h, w)`` of merged tokens for an image
+        or a video frame, ``Video(t, h, w)`` for a whole-video unit; the grid follows the resized image's aspect."""
+        if kwargs.get("image_grid_thw") is None and kwargs.get("video_grid_thw") is None:
+            raise NotImplementedError(f"{self.family}: unit_layouts needs image_grid_thw / video_grid_thw")
+        _, units = self._unit_ids(kwargs["input_ids"], kwargs)
+        if not 0 <= image < len(units):
+            raise ValueError(f"{self.family}: visual unit {image} does not exist (the prompt has {len(units)})")
+        t, h, w = units[image].grid
+        return [Grid(h, w) if t == 1 else Video(t, h, w)]
 
     # ---- positions ------------------------------------------------------------------------------------------
     def _mm_token_type_ids(self, input_ids: torch.Tensor, kwargs: dict) -> torch.Tensor:
