@@ -49,6 +49,40 @@ def test_prompt_matches_chat_template():
     assert proc.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False) == format_prompt(q)
 
 
+def test_scene_caption_lists_every_cell_in_raster_order():
+    from vtc.demo.task import scene_caption
+
+    s = get_sample("train", 11)
+    words = scene_caption(s.scene).split()
+    assert words[:2] == ["top", "left"] and words.count("no") == 9 - len(s.scene)
+    for o in s.scene:
+        assert f"{o.size} {o.color} {o.shape}" in scene_caption(s.scene)
+    from vtc.demo.build import build_tokenizer
+
+    tok = build_tokenizer()
+    assert tok.unk_token_id not in tok(scene_caption(s.scene))["input_ids"]
+
+
+def test_training_labels_are_exactly_the_answer_spans():
+    """Answer-only loss: every token from after "ASSISTANT :" through its </s>, for one-word answers and the
+    multi-word alignment captions alike; nothing of the prompt, the image or the padding."""
+    from vtc.demo.build import build_grid_processor, build_tokenizer
+    from vtc.demo.task import scene_caption
+    from vtc.demo.train import _vqa_batch
+
+    tok = build_tokenizer()
+    ids, am, _pv, labels, _tg = _vqa_batch(tok, build_grid_processor(tok), 0, 3, 4, "cpu", caption_every=3)
+    for r in range(3):
+        got = tok.decode(labels[r][labels[r] != -100])
+        s = get_sample("train", r)
+        if r == 0:  # i % 3 == 0: the caption
+            assert got == scene_caption(s.scene) + " </s>"
+        else:
+            words = got.split()
+            assert words[0] == s.answer and words[1::2] == ["</s>"] * 4 and len(words) == 8
+        assert bool((labels[r][am[r] == 0] == -100).all())
+
+
 # ------------------------------------------------------------------------------------- shipped models
 def _require_trained(path):
     """The shipped weights are produced by `vtc train-demo`; until they are committed these tests cannot run."""

@@ -135,11 +135,15 @@ class OrderedVisionTower(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor, **kwargs) -> BaseModelOutputWithPooling:
         enc = self.encoder(pixel_values, return_dict=True)
-        feats = enc.last_hidden_state  # (B, 1 + n_patches, D), CLS first
+        return BaseModelOutputWithPooling(last_hidden_state=self.resample(enc.last_hidden_state),
+                                          pooler_output=enc.pooler_output)
+
+    def resample(self, feats: torch.Tensor) -> torch.Tensor:
+        """(B, 1 + n_patches, D) CLIP outputs (CLS first) -> (B, n_latents, D) ordered latents."""
         q = self.queries.unsqueeze(0).expand(feats.shape[0], -1, -1).to(feats.dtype)
         for layer in self.layers:
             q = layer(q, feats)
-        return BaseModelOutputWithPooling(last_hidden_state=self.norm(q), pooler_output=enc.pooler_output)
+        return self.norm(q)
 
 
 class OrderedVLMMultiModalProjector(nn.Module):

@@ -53,6 +53,8 @@ __all__ = [
     "get_sample",
     "get_samples",
     "scene_qas",
+    "scene_caption",
+    "CAPTION_QUESTION",
     "format_prompt",
     "format_conversation",
     "blank_image",
@@ -335,6 +337,21 @@ def scene_qas(scene: list[Obj], rng: np.random.Generator, k: int) -> list[tuple[
             out.append((qs[int(rng.integers(len(qs)))], a, qtype))
             break
     return out
+
+
+CAPTION_QUESTION = "what objects are there ?"
+
+
+def scene_caption(scene: list[Obj]) -> str:
+    """Dense description of a scene for the alignment turns (LLaVA's caption stage, scaled down): every cell of the
+    3 x 3 grid in raster order, ``{row} {col} {size} {color} {shape}`` or ``{row} {col} no`` when empty."""
+    by_cell = {(o.row, o.col): o for o in scene}
+    parts = []
+    for r in range(GRID):
+        for c in range(GRID):
+            o = by_cell.get((r, c))
+            parts.append(f"{ROWS[r]} {COLS[c]} " + (f"{o.size} {o.color} {o.shape}" if o else "no"))
+    return " ".join(parts)
 
 
 # ------------------------------------------------------------------------------------------- prompts

@@ -2,9 +2,10 @@
 
 Both follow the recipe of real LLaVA-style models, scaled down:
 
-- **Stage 1, vision tower** (CLIP-style, CLS-based scene description): the CLIP ViT's pooled CLS token
-  predicts, for each of the 9 grid cells, the shape, colour and size of the object there (or "none"). So
-  the CLS token is a global summary whose attention picks out the object patches, as in CLIP.
+- **Stage 1, vision tower** (CLIP-style, CLS-based scene description): the CLIP ViT's pooled CLS token names
+  the objects of the scene (multi-label over colour-shape pairs, a bag-of-objects caption), so the CLS token
+  is a global summary whose attention picks out the object patches, as in CLIP; a dense per-patch objective
+  (which object is under each patch) makes the patch features carry colour and shape from the start.
 - **Stage 2, VLM**: projector + language model (+ the tower at half the learning rate, which keeps its
   stage-1 CLS objective as an auxiliary loss, so the CLS token stays a scene summary) on the VQA task,
   with answer-only loss (prompt tokens are masked with -100). Every image comes with several
@@ -41,14 +42,23 @@ from .build import (
     build_tokenizer,
 )
 from .evaluate import evaluate
-from .task import COLORS, GRID, SHAPES, blank_image, format_conversation, get_sample, scene_qas
+from .task import (
+    CAPTION_QUESTION,
+    COLORS,
+    SHAPES,
+    blank_image,
+    format_conversation,
+    get_sample,
+    scene_caption,
+    scene_qas,
+)
 
 __all__ = ["train_grid", "train_1d", "main", "DEFAULT_LOG_DIR"]
 
 DEFAULT_LOG_DIR = Path(__file__).resolve().parents[2] / "eval" / "results" / "demo_training"
 
-GRID_DEFAULTS = dict(stage1_steps=150, stage1_batch=32, stage2_steps=600, stage2_batch=12, turns=12, lr=1.5e-3)
-ORDERED_DEFAULTS = dict(stage1_steps=150, stage1_batch=32, stage2_steps=700, stage2_batch=16, turns=12, lr=1.5e-3)
+GRID_DEFAULTS = dict(stage1_steps=1200, stage1_batch=32, stage2_steps=1400, stage2_batch=12, turns=12, lr=2e-3)
+ORDERED_DEFAULTS = dict(stage1_steps=1200, stage1_batch=32, stage2_steps=700, stage2_batch=16, turns=12, lr=1.5e-3)
 
 
 # ------------------------------------------------------------------------------------------- helpers
@@ -78,60 +88,95 @@ def _pixel_values(processor, images, device):
     return processor.image_processor(images, return_tensors="pt")["pixel_values"].to(device)
 
 
-def _scene_targets(scene) -> np.ndarray:
-    """(9, 3) int targets per grid cell: shape (0 none, 1..4), colour (0, 1..6), size (0, 1 small, 2 large)."""
-    t = np.zeros((GRID * GRID, 3), dtype=np.int64)
-    colors = list(COLORS)
-    for o in scene:
-        c = o.row * GRID + o.col
-        t[c] = (SHAPES.index(o.shape) + 1, colors.index(o.color) + 1, 1 if o.size == "small" else 2)
-    return t
+N_PAIRS = len(SHAPES) * len(COLORS)
+PATCH_GRID = 14  # 112 px / 8 px patches
 
 
-class _SceneHead(nn.Module):
+def _pair(o) -> int:
+    return SHAPES.index(o.shape) * len(COLORS) + list(COLORS).index(o.color)
+
+
+def _tower_targets(scenes) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stage-1 targets: (B, 24) which colour-shape pairs are in the scene, and (B, 196) the pair (1 + index) of
+    the object under each patch centre (0: background)."""
+    pairs = np.zeros((len(scenes), N_PAIRS), dtype=np.float32)
+    patches = np.zeros((len(scenes), PATCH_GRID, PATCH_GRID), dtype=np.int64)
+    centre = (np.arange(PATCH_GRID) + 0.5) * (112 / PATCH_GRID)
+    for b, scene in enumerate(scenes):
+        for o in scene:
+            pairs[b, _pair(o)] = 1
+            h = o.px / 2
+            inside = (np.abs(centre[:, None] - o.cy) <= h) & (np.abs(centre[None, :] - o.cx) <= h)
+            patches[b][inside] = 1 + _pair(o)
+    return torch.from_numpy(pairs), torch.from_numpy(patches.reshape(len(scenes), -1))
+
+
+class _TowerHead(nn.Module):
+    """Stage-1 objectives of the CLIP tower (Radford et al., 2021, scaled down to a synthetic world):
+
+    - the pooled CLS embedding names the objects of the scene (multi-label over the 24 colour-shape pairs, a
+      bag-of-objects caption, as a CLIP text side would), so CLS attention gathers the object patches;
+    - every patch names the object under it (dense, background included; object patches weighted up), so the
+      patch features the LLM reads carry colour and shape.
+    """
+
     def __init__(self, dim: int):
         super().__init__()
-        self.n = (len(SHAPES) + 1, len(COLORS) + 1, 3)
-        self.proj = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, GRID * GRID * sum(self.n)))
+        self.cls = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, N_PAIRS))
+        self.patch = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, 1 + N_PAIRS))
 
-    def loss(self, cls: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.proj(cls).view(cls.shape[0], GRID * GRID, sum(self.n))
-        losses, accs, o = [], [], 0
-        for k, n in enumerate(self.n):
-            logits = out[..., o : o + n]
-            losses.append(F.cross_entropy(logits.reshape(-1, n), targets[..., k].reshape(-1)))
-            accs.append((logits.argmax(-1) == targets[..., k]).float().mean())
-            o += n
-        return sum(losses) / len(losses), sum(accs) / len(accs)
+    def loss(self, out, targets) -> tuple[torch.Tensor, dict]:
+        """``out``: the CLIP tower's output (``last_hidden_state`` with CLS first, ``pooler_output``)."""
+        pairs, patches = (t.to(out.pooler_output.device) for t in targets)
+        cls_logits = self.cls(out.pooler_output)
+        cls_loss = F.binary_cross_entropy_with_logits(cls_logits, pairs) * N_PAIRS / 4
+        logits = self.patch(out.last_hidden_state[:, 1:]).flatten(0, 1)
+        flat = patches.flatten()
+        obj = flat > 0
+        patch_loss = F.cross_entropy(logits, flat) + 2 * F.cross_entropy(logits[obj], flat[obj])
+        with torch.no_grad():
+            metrics = {"cls_exact": ((cls_logits > 0) == (pairs > 0)).all(-1).float().mean(),
+                       "object_patch_acc": (logits[obj].argmax(-1) == flat[obj]).float().mean()}
+        return cls_loss + patch_loss, metrics
 
 
 def pretrain_tower(clip_vision_model, processor, steps: int, batch: int, device, log, seed: int, desc: str):
-    """Stage 1: CLS token (pooled, post-layernorm) -> per-cell shape / colour / size of the scene."""
+    """Stage 1: the CLIP tower with the :class:`_TowerHead` objectives on fresh synthetic scenes."""
     from tqdm.auto import tqdm
 
+    from .task import random_scene, render
+
     torch.manual_seed(seed)
-    head = _SceneHead(clip_vision_model.config.hidden_size).to(device)
+    head = _TowerHead(clip_vision_model.config.hidden_size).to(device)
     params = list(clip_vision_model.parameters()) + list(head.parameters())
-    opt = torch.optim.AdamW(params, lr=2e-3, weight_decay=0.05, betas=(0.9, 0.98))
+    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.05, betas=(0.9, 0.98))
+    val = [get_sample("val", i) for i in range(128)]
+    val_pv = _pixel_values(processor, [s.image for s in val], device)
+    val_tg = _tower_targets([s.scene for s in val])
     clip_vision_model.train()
-    idx = 10_000_000  # stage-1 images come from a separate range of the train split
     bar = tqdm(range(steps), desc=f"{desc} stage1 (tower)")
     for step in bar:
         for g in opt.param_groups:
-            g["lr"] = 2e-3 * _lr_factor(step, steps, max(1, steps // 20))
-        samples = [get_sample("train", idx + i) for i in range(batch)]
-        idx += batch
-        pv = _pixel_values(processor, [s.image for s in samples], device)
-        tg = torch.from_numpy(np.stack([_scene_targets(s.scene) for s in samples])).to(device)
-        cls = clip_vision_model(pv).pooler_output
-        loss, acc = head.loss(cls, tg)
+            g["lr"] = 1e-3 * _lr_factor(step, steps, max(1, steps // 20))
+        scenes, images = [], []
+        for i in range(batch):  # stage-1 scenes come from their own seed range
+            rng = np.random.default_rng([seed, 1, step, i])
+            scenes.append(random_scene(rng))
+            images.append(render(scenes[-1], rng))
+        pv = _pixel_values(processor, images, device)
+        loss, m = head.loss(clip_vision_model(pv), _tower_targets(scenes))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{acc.item():.3f}")
-        if step % 20 == 0 or step == steps - 1:
-            log(f"stage1 step {step} loss {loss.item():.4f} cell_acc {acc.item():.4f}")
+        bar.set_postfix(loss=f"{loss.item():.3f}", obj=f"{m['object_patch_acc'].item():.2f}")
+        if step % 100 == 0 or step == steps - 1:
+            clip_vision_model.eval()
+            with torch.no_grad():
+                _, vm = head.loss(clip_vision_model(val_pv), val_tg)
+            clip_vision_model.train()
+            log(f"stage1 step {step} loss {loss.item():.4f} val cls_exact {vm['cls_exact'].item():.3f} "
+                f"object_patch_acc {vm['object_patch_acc'].item():.3f}")
     return head
 
 
@@ -143,8 +188,8 @@ def stage1_tower(
     ``reuse=True`` (``--model all`` does this for the 1D model), loaded instead of being recomputed."""
     from safetensors.torch import load_file, save_file
 
-    head = _SceneHead(clip_vision_model.config.hidden_size).to(device)
-    path = Path(cache_dir) / f"stage1_s{hp['stage1_steps']}_b{hp['stage1_batch']}_seed{seed}.safetensors"
+    head = _TowerHead(clip_vision_model.config.hidden_size).to(device)
+    path = Path(cache_dir) / f"stage1_v2_s{hp['stage1_steps']}_b{hp['stage1_batch']}_seed{seed}.safetensors"
     if reuse and path.exists():
         state = load_file(str(path), device=str(device))
         clip_vision_model.load_state_dict({k[6:]: v for k, v in state.items() if k.startswith("tower.")})
@@ -162,29 +207,32 @@ def stage1_tower(
     return head
 
 
-def _vqa_batch(tokenizer, processor, start: int, batch: int, turns: int, device):
-    """Images start..start+batch-1 of the train split, each with ``turns`` QA turns; answer-only labels."""
-    texts, images, targets = [], [], []
+def _vqa_batch(tokenizer, processor, start: int, batch: int, turns: int, device, caption_every: int = 0):
+    """Images start..start+batch-1 of the train split, each with ``turns`` QA turns (every ``caption_every``-th
+    image instead with one dense scene caption, the alignment data); answer-only labels."""
+    texts, images, scenes = [], [], []
     for i in range(start, start + batch):
         s = get_sample("train", i)
-        targets.append(_scene_targets(s.scene))
-        rng = np.random.default_rng([777, i])
-        qas = [(s.question, s.answer)] + [(q, a) for q, a, _ in scene_qas(s.scene, rng, turns - 1)]
+        scenes.append(s.scene)
+        if caption_every and i % caption_every == 0:  # alignment: one dense caption of the whole scene
+            qas = [(CAPTION_QUESTION, scene_caption(s.scene))]
+        else:
+            rng = np.random.default_rng([777, i])
+            qas = [(s.question, s.answer)] + [(q, a) for q, a, _ in scene_qas(s.scene, rng, turns - 1)]
         texts.append(format_conversation(qas))
         images.append(s.image)
     tokenizer.padding_side = "right"
     enc = processor(images=images, text=texts, return_tensors="pt", padding=True)
     ids, am = enc["input_ids"], enc["attention_mask"]
     ast, colon, eos = (tokenizer.convert_tokens_to_ids(t) for t in ("ASSISTANT", ":", "</s>"))
-    labels = torch.full_like(ids, -100)
-    ans = torch.zeros_like(ids, dtype=torch.bool)
-    ans[:, 2:] = (ids[:, :-2] == ast) & (ids[:, 1:-1] == colon)
-    labels[ans] = ids[ans]
-    after = torch.zeros_like(ans)
-    after[:, 1:] = ans[:, :-1] & (ids[:, 1:] == eos)
-    labels[after] = eos
-    tg = torch.from_numpy(np.stack(targets)).to(device)
-    return ids.to(device), am.to(device), enc["pixel_values"].to(device), labels.to(device), tg
+    # answer spans: from the token after "ASSISTANT :" through the next </s> (answer-only loss)
+    start = torch.zeros_like(ids, dtype=torch.bool)
+    start[:, 2:] = (ids[:, :-2] == ast) & (ids[:, 1:-1] == colon)
+    ends_before = torch.zeros_like(ids)
+    ends_before[:, 1:] = (ids[:, :-1] == eos).long().cumsum(1)
+    in_answer = (start.long().cumsum(1) > ends_before) & (am.bool() if am is not None else True)
+    labels = torch.where(in_answer, ids, torch.full_like(ids, -100))
+    return ids.to(device), am.to(device), enc["pixel_values"].to(device), labels.to(device), _tower_targets(scenes)
 
 
 def _nested_dropout(ids, am, n_latents: int, rng: np.random.Generator, p_full: float):
@@ -205,17 +253,19 @@ def _nested_dropout(ids, am, n_latents: int, rng: np.random.Generator, p_full: f
 
 
 def _encode_grid(model, pv):
-    """Exactly ``LlavaModel.get_image_features`` (layer -2, CLS dropped) plus the pooled CLS for the aux loss."""
+    """Exactly ``LlavaModel.get_image_features`` (layer -2, CLS dropped) plus the tower output for the aux loss."""
     vt = model.model.vision_tower(pv, output_hidden_states=True)
     layer, strategy = model.config.vision_feature_layer, model.config.vision_feature_select_strategy
     hs = vt.hidden_states[layer]
     feats = model.model.multi_modal_projector(hs[:, 1:] if strategy == "default" else hs)
-    return feats, vt.pooler_output
+    return feats, vt
 
 
 def _encode_ordered(model, pv):
-    vt = model.model.vision_tower(pv)
-    return model.model.multi_modal_projector(vt.last_hidden_state), vt.pooler_output
+    """Exactly ``OrderedVLMModel.get_image_features`` plus the CLIP encoder's output for the aux loss."""
+    tower = model.model.vision_tower
+    enc = tower.encoder(pv, return_dict=True)
+    return model.model.multi_modal_projector(tower.resample(enc.last_hidden_state)), enc
 
 
 def _train_vlm(
@@ -235,8 +285,9 @@ def _train_vlm(
     out: Path,
     nested: int | None = None,
     eval_every: int = 100,
-    tower_lr_mult: float = 0.5,
+    tower_lr_mult: float = 0.2,
     aux_weight: float = 0.3,
+    caption_every: int = 3,
 ):
     from tqdm.auto import tqdm
 
@@ -262,14 +313,14 @@ def _train_vlm(
         f = _lr_factor(step, steps, max(1, steps // 20))
         for g in opt.param_groups:
             g["lr"] = g["base"] * f
-        ids, am, pv, labels, tg = _vqa_batch(tok, processor, step * batch, batch, turns, device)
+        ids, am, pv, labels, tg = _vqa_batch(tok, processor, step * batch, batch, turns, device, caption_every)
         pos = None
         if nested is not None:
             am, pos = _nested_dropout(ids, am, nested, rng, p_full=0.35)
-        feats, cls = encode(model, pv)
+        feats, tower_out = encode(model, pv)
         mm = {"image": BaseModelOutputWithPooling(pooler_output=list(feats))}
         res = model(input_ids=ids, attention_mask=am, position_ids=pos, mm_encoder_outputs=mm, labels=labels)
-        aux, _ = head.loss(cls, tg)
+        aux, _ = head.loss(tower_out, tg)
         loss = res.loss + aux_weight * aux
         opt.zero_grad(set_to_none=True)
         loss.backward()
