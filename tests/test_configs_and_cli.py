@@ -41,3 +41,17 @@ def test_draw_kept_pixels():
     merged_a, merged_b = out.getpixel((10, 30)), out.getpixel((30, 30))
     assert sum(dropped) < sum(kept) / 3  # dropped cells are darkened
     assert merged_a == merged_b != kept  # a merged group shares one colour
+
+
+@pytest.mark.parametrize("kind, before, after", [("grid", 196, 49), ("1d", 32, 8)])
+def test_vtc_demo_runs_offline(kind, before, after, tmp_path, capsys):
+    """`vtc demo` with no config: both answers, visual tokens before / after, prefill times, the PNG."""
+    from vtc.cli import main
+
+    out = tmp_path / "kept.png"
+    assert main(["demo", "--model", kind, "--out", str(out)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = {key: next(line.split() for line in lines if line.startswith(f"{key:14}")) for key in ("uncompressed", "vtc")}
+    assert int(rows["uncompressed"][-2]) == before and int(rows["vtc"][-2]) == after  # answers may be several words
+    assert float(rows["uncompressed"][-1]) > 0 and float(rows["vtc"][-1]) > 0
+    assert Image.open(out).size[0] >= 112
