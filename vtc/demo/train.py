@@ -57,7 +57,7 @@ __all__ = ["train_grid", "train_1d", "main", "DEFAULT_LOG_DIR"]
 
 DEFAULT_LOG_DIR = Path(__file__).resolve().parents[2] / "eval" / "results" / "demo_training"
 
-GRID_DEFAULTS = dict(stage1_steps=1200, stage1_batch=32, stage2_steps=1400, stage2_batch=12, turns=12, lr=2e-3)
+GRID_DEFAULTS = dict(stage1_steps=1200, stage1_batch=32, stage2_steps=800, stage2_batch=24, turns=1, lr=2e-3)
 ORDERED_DEFAULTS = dict(stage1_steps=1200, stage1_batch=32, stage2_steps=700, stage2_batch=16, turns=12, lr=1.5e-3)
 
 
@@ -268,6 +268,33 @@ def _encode_ordered(model, pv):
     return model.model.multi_modal_projector(tower.resample(enc.last_hidden_state)), enc
 
 
+def _word_targets(tokenizer) -> torch.Tensor:
+    """(1 + 24, 2) word ids per patch class: the colour and shape words of each colour-shape pair ("no" twice for
+    background)."""
+    no = tokenizer.convert_tokens_to_ids("no")
+    rows = [[no, no]]
+    for shape in SHAPES:
+        for color in COLORS:
+            rows.append([tokenizer.convert_tokens_to_ids(color), tokenizer.convert_tokens_to_ids(shape)])
+    return torch.tensor(rows)
+
+
+def word_alignment_loss(model, feats: torch.Tensor, patch_classes: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
+    """Projector alignment to the LM's word space (LLaVA's feature-alignment stage, made explicit): each projected
+    patch token, read through the LM's input embedding matrix, names the colour and the shape of the object under
+    it ("no" for background). Image tokens then sit near the words that ask for them, so question -> image
+    attention has something to match from the first steps."""
+    logits = feats @ model.get_input_embeddings().weight.T  # (B, N, V)
+    target = words.to(feats.device)[patch_classes.to(feats.device)]  # (B, N, 2)
+    flat = logits.flatten(0, 1)
+    obj = patch_classes.flatten().to(feats.device) > 0
+    loss = 0.0
+    for k in range(2):
+        t = target[..., k].flatten()
+        loss = loss + F.cross_entropy(flat[obj], t[obj]) + 0.2 * F.cross_entropy(flat[~obj], t[~obj])
+    return loss / 2
+
+
 def _train_vlm(
     model,
     processor,
@@ -288,12 +315,15 @@ def _train_vlm(
     tower_lr_mult: float = 0.2,
     aux_weight: float = 0.3,
     caption_every: int = 3,
+    align_weight: float = 1.0,
 ):
     from tqdm.auto import tqdm
 
     torch.manual_seed(seed)
     rng = np.random.default_rng([seed, 12345])
     tok = processor.tokenizer
+    words = _word_targets(tok)
+    align = torch.zeros(())
     tower_ids = {id(p) for p in tower_params}
     rest = [p for p in model.parameters() if id(p) not in tower_ids] + list(head.parameters())
     decay = lambda ps: [p for p in ps if p.ndim >= 2]  # noqa: E731
@@ -322,6 +352,9 @@ def _train_vlm(
         res = model(input_ids=ids, attention_mask=am, position_ids=pos, mm_encoder_outputs=mm, labels=labels)
         aux, _ = head.loss(tower_out, tg)
         loss = res.loss + aux_weight * aux
+        if align_weight and feats.shape[1] == tg[1].shape[1]:  # one token per patch (the grid model)
+            align = word_alignment_loss(model, feats, tg[1], words)
+            loss = loss + align_weight * align
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(all_params, 1.0)
@@ -331,7 +364,7 @@ def _train_vlm(
         bar.set_postfix(loss=f"{ema:.3f}")
         if step % 20 == 0 or step == steps - 1:
             log(
-                f"stage2 step {step} loss {li:.4f} ema {ema:.4f} aux {aux.item():.4f} "
+                f"stage2 step {step} loss {li:.4f} ema {ema:.4f} aux {aux.item():.4f} align {float(align):.4f} "
                 f"lr {opt.param_groups[0]['lr']:.2e}"
             )
         if (step + 1) % eval_every == 0 and step + 1 < steps:
