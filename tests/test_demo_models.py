@@ -71,11 +71,11 @@ def test_training_labels_are_exactly_the_answer_spans():
     from vtc.demo.train import _vqa_batch
 
     tok = build_tokenizer()
-    ids, am, _pv, labels, _tg = _vqa_batch(tok, build_grid_processor(tok), 0, 3, 4, "cpu", caption_every=3)
-    for r in range(3):
+    ids, am, _pv, labels, _tg = _vqa_batch(tok, build_grid_processor(tok), 4, 4, 4, "cpu", caption_every=2)
+    for r in range(4):
         got = tok.decode(labels[r][labels[r] != -100])
-        s = get_sample("train", r)
-        if r == 0:  # i % 3 == 0: the caption
+        s = get_sample("train", 4 + r)
+        if 4 + r < len(QTYPES):  # samples 0-5 (one of each question type) are captions, 6-11 questions
             assert got == scene_caption(s.scene) + " </s>"
         else:
             words = got.split()
@@ -164,3 +164,14 @@ def test_ordered_model_blind_baseline(ordered):
     model, proc = ordered
     report = evaluate(model, proc, split="test", n=N_FIXED, batch_size=25, image_transform=blank_image)
     assert report["accuracy"] <= 0.40, report
+
+
+def test_caption_turns_leave_every_question_type_in_training():
+    """Regression: captions once replaced every i % 3 == 0 sample, i.e. all colour and existence questions."""
+    from vtc.demo.train import _vqa_batch
+    from vtc.demo.build import build_grid_processor, build_tokenizer
+
+    tok = build_tokenizer()
+    _ids, _am, _pv, labels, _tg = _vqa_batch(tok, build_grid_processor(tok), 0, 36, 1, "cpu", caption_every=6)
+    questions = [r for r in range(36) if (labels[r] != -100).sum() == 2]  # one answer word + </s>
+    assert len(questions) == 30 and {get_sample("train", r).qtype for r in questions} == set(QTYPES)

@@ -45,6 +45,7 @@ from .evaluate import evaluate
 from .task import (
     CAPTION_QUESTION,
     COLORS,
+    QTYPES,
     SHAPES,
     blank_image,
     format_conversation,
@@ -214,7 +215,9 @@ def _vqa_batch(tokenizer, processor, start: int, batch: int, turns: int, device,
     for i in range(start, start + batch):
         s = get_sample("train", i)
         scenes.append(s.scene)
-        if caption_every and i % caption_every == 0:  # alignment: one dense caption of the whole scene
+        # alignment: one dense caption of the whole scene, for whole blocks of len(QTYPES) samples so that every
+        # question type loses the same share (sample i's type is i % len(QTYPES))
+        if caption_every and (i // len(QTYPES)) % caption_every == 0:
             qas = [(CAPTION_QUESTION, scene_caption(s.scene))]
         else:
             rng = np.random.default_rng([777, i])
@@ -314,7 +317,7 @@ def _train_vlm(
     eval_every: int = 100,
     tower_lr_mult: float = 0.2,
     aux_weight: float = 0.3,
-    caption_every: int = 3,
+    caption_every: int = 6,
     align_weight: float = 1.0,
 ):
     from tqdm.auto import tqdm
