@@ -168,8 +168,8 @@ def test_ordered_model_blind_baseline(ordered):
 
 def test_caption_turns_leave_every_question_type_in_training():
     """Regression: captions once replaced every i % 3 == 0 sample, i.e. all colour and existence questions."""
-    from vtc.demo.train import _vqa_batch
     from vtc.demo.build import build_grid_processor, build_tokenizer
+    from vtc.demo.train import _vqa_batch
 
     tok = build_tokenizer()
     _ids, _am, _pv, labels, _tg = _vqa_batch(tok, build_grid_processor(tok), 0, 36, 1, "cpu", caption_every=6)

@@ -151,7 +151,7 @@ def test_qwen2_vl_merged_grid_geometry(kind):
 
 
 def test_select_stages_range():
-    from vtc.runtime.stats import Stats, StageStats
+    from vtc.runtime.stats import StageStats, Stats
 
     stats = Stats(stages=[StageStats(0, "visionzip", "vision", None), StageStats(1, "fastv", "llm", 2)])
     assert [s.method for s in select_stages(stats, 0)] == ["visionzip"]
