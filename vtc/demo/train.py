@@ -6,11 +6,12 @@ Both follow the recipe of real LLaVA-style models, scaled down:
   the objects of the scene (multi-label over colour-shape pairs, a bag-of-objects caption), so the CLS token
   is a global summary whose attention picks out the object patches, as in CLIP; a dense per-patch objective
   (which object is under each patch) makes the patch features carry colour and shape from the start.
-- **Stage 2, VLM**: projector + language model (+ the tower at half the learning rate, which keeps its
-  stage-1 CLS objective as an auxiliary loss, so the CLS token stays a scene summary) on the VQA task,
-  with answer-only loss (prompt tokens are masked with -100). Every image comes with several
-  question/answer turns (``USER: <image>\\n q ASSISTANT: a</s> USER: q ASSISTANT: a</s> ...``); the first turn
-  is exactly the evaluation prompt, and the causal LM cannot see the later turns when answering it.
+- **Stage 2, VLM**: projector + language model (+ the tower at a fifth of the learning rate, which keeps its
+  stage-1 objectives as an auxiliary loss) with answer-only loss (prompt tokens are masked with -100).
+  Every sequence is single-turn, exactly the evaluation prompt plus the answer (multi-turn conversations let
+  later answers be read off earlier questions' text, a shortcut that bypasses the image). One block of
+  question types in ``caption_every`` is replaced by a dense scene caption (LLaVA's alignment data), and a
+  word-alignment loss maps each projected patch token to the colour and shape words of its object.
 - The ordered 1D model is trained with **nested dropout**: for most sequences only a random prefix of
   its 32 latents is visible to the LM (the rest are masked out of attention; position ids either keep
   the original numbering or are renumbered, so both ways of truncating are in distribution).
