@@ -36,11 +36,31 @@ def llava_inputs(model, batch: int = 1, seed: int = 0, pad: bool = True):
         pre = torch.randint(1, 100, (2 + b % 2,), generator=g)
         post = torch.randint(1, 100, (4 + 2 * b,), generator=g)
         rows.append(torch.cat([pre, torch.full((n_img,), IMAGE_TOKEN), post]))
+    ids, mask = left_pad(rows)
+    pixel_values = torch.randn(batch, 3, vcfg.image_size, vcfg.image_size, generator=g)
+    return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixel_values}
+
+
+def left_pad(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) of 1D id rows, left-padded with PAD to the longest."""
     L = max(len(r) for r in rows)
-    ids = torch.full((batch, L), PAD)
-    mask = torch.zeros(batch, L, dtype=torch.long)
+    ids = torch.full((len(rows), L), PAD)
+    mask = torch.zeros(len(rows), L, dtype=torch.long)
     for b, r in enumerate(rows):
         ids[b, L - len(r):] = r
         mask[b, L - len(r):] = 1
-    pixel_values = torch.randn(batch, 3, vcfg.image_size, vcfg.image_size, generator=g)
-    return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixel_values}
+    return ids, mask
+
+
+def direct_feed(model, inputs: dict, features: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs_embeds, attention_mask) of the prompts of ``inputs`` (one image per row) with their placeholder run
+    replaced by ``k`` placeholders, and those filled with ``features`` (B, k, D): what a vision-side stage that
+    keeps k tokens per image should hand the LLM."""
+    rows = []
+    for ids, mask in zip(inputs["input_ids"], inputs["attention_mask"]):
+        row = ids[mask.bool()]
+        vis = (row == IMAGE_TOKEN).nonzero().flatten()
+        rows.append(torch.cat([row[: vis[0]], torch.full((k,), IMAGE_TOKEN), row[vis[-1] + 1:]]))
+    input_ids, attention_mask = left_pad(rows)
+    emb = model.get_input_embeddings()(input_ids).masked_scatter((input_ids == IMAGE_TOKEN)[..., None], features)
+    return emb, attention_mask

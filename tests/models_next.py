@@ -8,7 +8,7 @@ formula (``LlavaNextProcessor._get_number_of_features``), re-implemented here in
 from __future__ import annotations
 
 import torch
-from models import IMAGE_TOKEN, PAD, VOCAB
+from models import IMAGE_TOKEN, PAD, VOCAB, left_pad
 
 CROP = 48
 PATCH = 8
@@ -100,11 +100,6 @@ def next_inputs(model, sizes=None, batch: int = 1, seed: int = 0, images_per_row
             k += 1
         parts.append(post)
         rows.append(torch.cat(parts))
-    L = max(len(r) for r in rows)
-    ids = torch.full((batch, L), PAD)
-    mask = torch.zeros(batch, L, dtype=torch.long)
-    for b, r in enumerate(rows):
-        ids[b, L - len(r):] = r
-        mask[b, L - len(r):] = 1
+    ids, mask = left_pad(rows)
     return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixel_values,
             "image_sizes": torch.tensor(sizes, dtype=torch.long)}

@@ -8,7 +8,7 @@ import warnings
 
 import pytest
 import torch
-from models import IMAGE_TOKEN, llava_inputs, tiny_llava
+from models import IMAGE_TOKEN, direct_feed, llava_inputs, tiny_llava
 
 import vtc
 from vtc.reduction import Reduction, resolve_budget, topk_per_group
@@ -216,21 +216,8 @@ def test_vision_side_equals_direct_feed(model):
         vtc.Grid(6, 6), config)
     with torch.no_grad():
         feats = model.model.multi_modal_projector(red_feats)
-    ids = []
-    for b in range(2):
-        row = inputs["input_ids"][b][inputs["attention_mask"][b].bool()]
-        vis = (row == IMAGE_TOKEN).nonzero().flatten()
-        row = torch.cat([row[: vis[0]], torch.full((k,), IMAGE_TOKEN), row[vis[-1] + 1:]])
-        ids.append(row)
-    L = max(len(r) for r in ids)
-    input_ids = torch.zeros(2, L, dtype=torch.long)
-    attention_mask = torch.zeros(2, L, dtype=torch.long)
-    for b, r in enumerate(ids):
-        input_ids[b, L - len(r):] = r
-        attention_mask[b, L - len(r):] = 1
     with torch.no_grad():
-        emb = model.get_input_embeddings()(input_ids)
-        emb = emb.masked_scatter((input_ids == IMAGE_TOKEN)[..., None], feats)
+        emb, attention_mask = direct_feed(model, inputs, feats, k)
         ref = model(inputs_embeds=emb, attention_mask=attention_mask).logits
         ref_gen = model.generate(inputs_embeds=emb, attention_mask=attention_mask, max_new_tokens=3,
                                  do_sample=False, pad_token_id=0)
@@ -238,7 +225,7 @@ def test_vision_side_equals_direct_feed(model):
     assert torch.equal(gen[:, inputs["input_ids"].shape[1]:], ref_gen)
     assert gen[:, : inputs["input_ids"].shape[1]].equal(inputs["input_ids"])  # prompt ids given back
     assert run.stats.stages[0].tokens_out == [k, k]
-    assert run.stats.kv_cache_len == [L] * 4
+    assert run.stats.kv_cache_len == [attention_mask.shape[1]] * 4  # the reduced prompt's length
 
 
 # ---- save_pretrained -> from_pretrained round trip, then compressed generate ---------------------------------

@@ -258,7 +258,7 @@ def llava():
 
 def test_llava_runtime_equals_standalone(llava):
     """vtc.compress on LLaVA-1.5 == reducing the tower's own features with the same extras, fed directly."""
-    from models import IMAGE_TOKEN, llava_inputs
+    from models import direct_feed, llava_inputs
 
     from vtc.models import get_adapter
 
@@ -271,19 +271,7 @@ def test_llava_runtime_equals_standalone(llava):
         (group,) = get_adapter(llava).encode_images(dict(inputs), set())
         red_feats, red = vtc.reduce_embeddings(group.features, group.layout, cfg, extras=group.extras)
         emb_img = llava.model.multi_modal_projector(red_feats)
-        ids = inputs["input_ids"]
-        rows = []
-        for b in range(2):
-            r = ids[b][inputs["attention_mask"][b].bool()]
-            vis = (r == IMAGE_TOKEN).nonzero().flatten()
-            rows.append(torch.cat([r[:vis[0]], torch.full((12,), IMAGE_TOKEN), r[vis[-1] + 1:]]))
-        L = max(len(r) for r in rows)
-        new_ids = torch.zeros(2, L, dtype=torch.long)
-        mask = torch.zeros(2, L, dtype=torch.long)
-        for b, r in enumerate(rows):
-            new_ids[b, L - len(r):] = r
-            mask[b, L - len(r):] = 1
-        emb = llava.get_input_embeddings()(new_ids).masked_scatter((new_ids == IMAGE_TOKEN)[..., None], emb_img)
+        emb, mask = direct_feed(llava, inputs, emb_img, 12)
         ref = llava(inputs_embeds=emb, attention_mask=mask).logits
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     # the CLS hidden state of the feature layer is the first token the projector sees
