@@ -161,11 +161,12 @@ def _crops_panel(image: Image.Image, crops: list[torch.Tensor], layout: MultiCro
     box = (round(left * cx), round(top * cy), round(right * cx), round(bottom * cy))
     canvas.paste(image.convert("RGB").resize((box[2] - box[0], box[3] - box[1])), box[:2])
     panel = _paint(canvas, tiled.numpy(), colors)
-    ImageDraw.Draw(panel).rectangle((0, 0, pw - 1, ph - 1), outline=(255, 255, 255))
+    draw = ImageDraw.Draw(panel)
+    draw.rectangle((0, 0, pw - 1, ph - 1), outline=(255, 255, 255))
     for r in range(1, layout.crop_rows):  # crop borders
-        ImageDraw.Draw(panel).line((0, r * grid.h * cy, pw, r * grid.h * cy), fill=(255, 255, 0), width=2)
+        draw.line((0, r * grid.h * cy, pw, r * grid.h * cy), fill=(255, 255, 0), width=2)
     for c in range(1, layout.crop_cols):
-        ImageDraw.Draw(panel).line((c * grid.w * cx, 0, c * grid.w * cx, ph), fill=(255, 255, 0), width=2)
+        draw.line((c * grid.w * cx, 0, c * grid.w * cx, ph), fill=(255, 255, 0), width=2)
     return panel
 
 

@@ -36,6 +36,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from . import ASSETS
 from .build import (
     IMAGE_TOKEN_ID,
+    PATCH,
     build_grid_model,
     build_grid_processor,
     build_ordered_model,
@@ -46,6 +47,7 @@ from .evaluate import evaluate
 from .task import (
     CAPTION_QUESTION,
     COLORS,
+    IMAGE_SIZE,
     QTYPES,
     SHAPES,
     blank_image,
@@ -91,7 +93,7 @@ def _pixel_values(processor, images, device):
 
 
 N_PAIRS = len(SHAPES) * len(COLORS)
-PATCH_GRID = 14  # 112 px / 8 px patches
+PATCH_GRID = IMAGE_SIZE // PATCH  # patches per side of the demo towers
 
 
 def _pair(o) -> int:
@@ -103,7 +105,7 @@ def _tower_targets(scenes) -> tuple[torch.Tensor, torch.Tensor]:
     the object under each patch centre (0: background)."""
     pairs = np.zeros((len(scenes), N_PAIRS), dtype=np.float32)
     patches = np.zeros((len(scenes), PATCH_GRID, PATCH_GRID), dtype=np.int64)
-    centre = (np.arange(PATCH_GRID) + 0.5) * (112 / PATCH_GRID)
+    centre = (np.arange(PATCH_GRID) + 0.5) * PATCH
     for b, scene in enumerate(scenes):
         for o in scene:
             pairs[b, _pair(o)] = 1
