@@ -18,6 +18,9 @@ ap.add_argument("--scale", type=float, default=0)  # target rms of projected fea
 ap.add_argument("--freeze", type=int, default=1)
 ap.add_argument("--symbolic", type=int, default=0)
 ap.add_argument("--types", default="")
+ap.add_argument("--onlytype", type=int, default=-1)
+ap.add_argument("--centre", type=int, default=0)
+ap.add_argument("--valkeep", type=int, default=0)
 ap.add_argument("--hop1", type=float, default=0)
 ap.add_argument("--trivial", type=int, default=0)
 ap.add_argument("--qfirst", type=int, default=0)
@@ -38,7 +41,7 @@ if a.freeze:
 ids_of = lambda s: tok(s, add_special_tokens=False)["input_ids"]
 PREFIX = [tok.bos_token_id] + ids_of("USER:") + [IMAGE_TOKEN_ID] * 196
 P = len(PREFIX)
-def batch(step):
+def batch(step, split='train'):
     seqs, segs, labs, poss, imgs, keeps = [], [], [], [], [], []
     targets = []
     hop1 = []
@@ -46,9 +49,14 @@ def batch(step):
     from vtc.demo.train import _tower_targets
     for b in range(a.batch):
         i = step * a.batch + b
-        s = get_sample("train", i)
+        if a.onlytype >= 0: i = i * 6 + a.onlytype
+        s = get_sample(split, i)
         pc = _tower_targets([s.scene])[1][0]
         keep = (pc > 0) | (torch.rand(196, generator=torch.Generator().manual_seed(i)) < a.bgkeep)
+        if a.centre:
+            keep = torch.rand(196, generator=torch.Generator().manual_seed(i)) < a.bgkeep
+            for o in s.scene:
+                keep[int(o.cy // 8) * 14 + int(o.cx // 8)] = True
         keeps.append(keep)
         nk = int(keep.sum())
         PREFIX = [tok.bos_token_id] + ids_of("USER:") + [IMAGE_TOKEN_ID] * nk
@@ -94,7 +102,7 @@ def batch(step):
     mask = mask | torch.eye(L, dtype=torch.bool)[None]  # pads attend to themselves
     pv = proc.image_processor(imgs, return_tensors="pt")["pixel_values"]
     from vtc.demo.train import _tower_targets
-    return ids, mask[:, None], pos, lab, pv, _tower_targets([get_sample('train', step*a.batch+b).scene for b in range(a.batch)])[1], keeps, (targets, hop1)
+    return ids, mask[:, None], pos, lab, pv, _tower_targets([get_sample(split, (step*a.batch+b) * (6 if a.onlytype >= 0 else 1) + max(a.onlytype, 0)).scene for b in range(a.batch)])[1], keeps, (targets, hop1)
 def encode(pv):
     with torch.set_grad_enabled(not a.freeze):
         hs = tower(pv, output_hidden_states=True).hidden_states[a.layer][:, 1:]
@@ -146,5 +154,17 @@ for step in range(a.steps):
         if a.scale:
             model.model.multi_modal_projector._vtc_scale = a.scale
         model.set_attn_implementation('sdpa')
+        if a.valkeep:
+            model.eval(); hits = tot = 0
+            with torch.no_grad():
+                for vs in range(4):
+                    ids, mask, pos, lab, pv, pc, keeps, _ = batch(vs, 'val')
+                    f = sym(pc) if a.symbolic else encode(pv)
+                    mm = {"image": BaseModelOutputWithPooling(pooler_output=[x[k] for x, k in zip(f, keeps)])}
+                    lg = model(input_ids=ids, attention_mask=mask, position_ids=pos, mm_encoder_outputs=mm).logits
+                    first = (lab[:, 1:] >= 0) & (lab[:, :-1] < 0)  # first answer token of every branch
+                    pred = lg[:, :-1].argmax(-1)
+                    hits += (pred[first] == lab[:, 1:][first]).sum().item(); tot += first.sum().item()
+            log(f"step {step+1} VALKEEP {hits/tot:.3f} (n={tot})")
         r = {'accuracy': 0, 'per_type': {}} if a.symbolic else evaluate(model, proc, split="val", n=300, batch_size=50, mode="first_token")
         log(f"step {step+1} VAL {r['accuracy']:.3f} {json.dumps(r['per_type'])}")
