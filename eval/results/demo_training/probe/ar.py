@@ -3,14 +3,22 @@ sys.path.insert(0, "/work/main")
 from vtc.demo.build import build_tokenizer, text_config
 from vtc.demo.task import COLORS, SHAPES
 from transformers import LlamaForCausalLM
-torch.set_num_threads(2); torch.manual_seed(0)
+import argparse
+ap = argparse.ArgumentParser(); ap.add_argument("--lr", type=float, default=1e-3); ap.add_argument("--b2", type=float, default=0.98)
+ap.add_argument("--wd", type=float, default=0.05); ap.add_argument("--heads", type=int, default=4); ap.add_argument("--layers", type=int, default=4)
+ap.add_argument("--batch", type=int, default=64); ap.add_argument("--clip", type=float, default=1.0); ap.add_argument("--steps", type=int, default=900)
+ap.add_argument("--std", type=float, default=0.02)
+A = ap.parse_args()
+torch.set_num_threads(1); torch.manual_seed(0)
 tok = build_tokenizer()
 cfg = text_config(len(tok)); cfg._attn_implementation = "sdpa"
+cfg.num_attention_heads = cfg.num_key_value_heads = A.heads; cfg.num_hidden_layers = A.layers; cfg.initializer_range = A.std
 lm = LlamaForCausalLM(cfg)
-opt = torch.optim.AdamW(lm.parameters(), lr=float(sys.argv[1]) if len(sys.argv) > 1 else 1e-3, betas=(0.9, 0.98), weight_decay=0.05)
+opt = torch.optim.AdamW(lm.parameters(), lr=A.lr, betas=(0.9, A.b2), weight_decay=A.wd)
 C, S = list(COLORS), list(SHAPES)
 rng = np.random.default_rng(0)
-def batch(n=64):
+def batch(n=None):
+    n = n or A.batch
     texts = []
     for _ in range(n):
         k = rng.integers(3, 7)
@@ -28,10 +36,10 @@ def batch(n=64):
     lab = torch.full_like(ids, -100); lab[:, -1] = ids[:, -1]
     return ids, am, lab
 t0 = time.time()
-for step in range(1500):
+for step in range(A.steps):
     ids, am, lab = batch()
     out = lm(input_ids=ids, attention_mask=am, labels=lab)
-    opt.zero_grad(); out.loss.backward(); torch.nn.utils.clip_grad_norm_(lm.parameters(), 1.0); opt.step()
+    opt.zero_grad(); out.loss.backward(); A.clip and torch.nn.utils.clip_grad_norm_(lm.parameters(), A.clip); opt.step()
     if step % 100 == 0:
         with torch.no_grad():
             acc = (out.logits[:, -2].argmax(-1) == ids[:, -1]).float().mean().item()
