@@ -236,7 +236,7 @@ def _vqa_batch(tokenizer, processor, start: int, batch: int, turns: int, device,
     start[:, 2:] = (ids[:, :-2] == ast) & (ids[:, 1:-1] == colon)
     ends_before = torch.zeros_like(ids)
     ends_before[:, 1:] = (ids[:, :-1] == eos).long().cumsum(1)
-    in_answer = (start.long().cumsum(1) > ends_before) & (am.bool() if am is not None else True)
+    in_answer = (start.long().cumsum(1) > ends_before) & am.bool()
     labels = torch.where(in_answer, ids, torch.full_like(ids, -100))
     return ids.to(device), am.to(device), enc["pixel_values"].to(device), labels.to(device), _tower_targets(scenes)
 
