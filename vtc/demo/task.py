@@ -53,10 +53,7 @@ __all__ = [
     "get_sample",
     "get_samples",
     "scene_qas",
-    "scene_caption",
-    "CAPTION_QUESTION",
     "format_prompt",
-    "format_conversation",
     "blank_image",
     "vocabulary",
 ]
@@ -339,34 +336,10 @@ def scene_qas(scene: list[Obj], rng: np.random.Generator, k: int) -> list[tuple[
     return out
 
 
-CAPTION_QUESTION = "what objects are there ?"
-
-
-def scene_caption(scene: list[Obj]) -> str:
-    """Dense description of a scene for the alignment turns (LLaVA's caption stage, scaled down): every cell of the
-    3 x 3 grid in raster order, ``{row} {col} {size} {color} {shape}`` or ``{row} {col} no`` when empty."""
-    by_cell = {(o.row, o.col): o for o in scene}
-    parts = []
-    for r in range(GRID):
-        for c in range(GRID):
-            o = by_cell.get((r, c))
-            parts.append(f"{ROWS[r]} {COLS[c]} " + (f"{o.size} {o.color} {o.shape}" if o else "no"))
-    return " ".join(parts)
-
-
 # ------------------------------------------------------------------------------------------- prompts
 def format_prompt(question: str) -> str:
     """The single-turn prompt the demo models are trained on (same as their chat template)."""
     return f"USER: <image>\n{question} ASSISTANT:"
-
-
-def format_conversation(qas: list[tuple[str, str]]) -> str:
-    """Multi-turn training text: the image comes with the first question, every answer ends with </s>."""
-    parts = []
-    for i, (q, a) in enumerate(qas):
-        user = f"USER: <image>\n{q}" if i == 0 else f"USER: {q}"
-        parts.append(f"{user} ASSISTANT: {a}</s>")
-    return " ".join(parts)
 
 
 CHAT_TEMPLATE = (

@@ -6,13 +6,16 @@ Both follow the recipe of real LLaVA-style models, scaled down:
   the objects of the scene (multi-label over colour-shape pairs, a bag-of-objects caption), so the CLS token
   is a global summary whose attention picks out the object patches, as in CLIP; a dense per-patch objective
   (which object is under each patch) makes the patch features carry colour and shape from the start.
-- **Stage 2, VLM**: projector + language model (+ the tower at a fifth of the learning rate, which keeps its
-  stage-1 objectives as an auxiliary loss) with answer-only loss (prompt tokens are masked with -100).
-  Every sequence is single-turn, exactly the evaluation prompt plus the answer (multi-turn conversations let
-  later answers be read off earlier questions' text, a shortcut that bypasses the image). One block of
-  question types in ``caption_every`` is replaced by a dense scene caption (LLaVA's alignment data), and a
-  word-alignment loss maps each projected patch token to the colour and shape words of its object.
-- The ordered 1D model is trained with **nested dropout**: for most sequences only a random prefix of
+- **Stage 2, VLM** (LLaVA-1.5's visual instruction tuning): the tower is frozen; the projector and the
+  language model (and the 1D model's resampler) learn the VQA task with answer-only loss. Each image carries
+  several QA branches packed behind one copy of the image prefix (:func:`packed_sequences`); a block mask
+  and restarted position ids make every branch exactly the single-turn evaluation prompt, so no answer can
+  be read off another question's text and the image is encoded once for 8 supervised answers.
+- A **background curriculum** (grid model): background patches are hidden from the LM at first and shown
+  with a probability rising to 1, so the from-scratch LM escapes the blind plateau (retrieval over 196
+  mostly empty patches gives it almost no gradient at the start); the last two thirds of training, like
+  test time, see all 196 patches.
+- The ordered 1D model is trained with **nested dropout**: for most images only a random prefix of
   its 32 latents is visible to the LM (the rest are masked out of attention; position ids either keep
   the original numbering or are renumbered, so both ways of truncating are in distribution).
 
@@ -31,7 +34,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from . import ASSETS
 from .build import (
@@ -45,15 +47,11 @@ from .build import (
 )
 from .evaluate import evaluate
 from .task import (
-    CAPTION_QUESTION,
     COLORS,
     IMAGE_SIZE,
-    QTYPES,
     SHAPES,
     blank_image,
-    format_conversation,
     get_sample,
-    scene_caption,
     scene_qas,
 )
 
@@ -61,8 +59,10 @@ __all__ = ["train_grid", "train_1d", "main", "DEFAULT_LOG_DIR"]
 
 DEFAULT_LOG_DIR = Path(__file__).resolve().parents[2] / "eval" / "results" / "demo_training"
 
-GRID_DEFAULTS = dict(stage1_steps=1200, stage1_batch=32, stage2_steps=800, stage2_batch=24, turns=1, lr=2e-3)
-ORDERED_DEFAULTS = dict(stage1_steps=1200, stage1_batch=32, stage2_steps=700, stage2_batch=16, turns=12, lr=1.5e-3)
+# stage 2: ``stage2_images`` images per step, each with ``qas_per_image`` packed single-turn QA branches
+_STAGE2 = dict(stage2_images=16, qas_per_image=8, lr=1e-3, weight_decay=0.0)
+GRID_DEFAULTS = dict(stage1_steps=1200, stage1_batch=32, stage2_steps=2000, bg_start=100, bg_end=700, **_STAGE2)
+ORDERED_DEFAULTS = dict(stage1_steps=1200, stage1_batch=32, stage2_steps=1500, nested_full=0.35, **_STAGE2)
 
 
 # ------------------------------------------------------------------------------------------- helpers
@@ -139,8 +139,10 @@ class _TowerHead(nn.Module):
         obj = flat > 0
         patch_loss = F.cross_entropy(logits, flat) + 2 * F.cross_entropy(logits[obj], flat[obj])
         with torch.no_grad():
-            metrics = {"cls_exact": ((cls_logits > 0) == (pairs > 0)).all(-1).float().mean(),
-                       "object_patch_acc": (logits[obj].argmax(-1) == flat[obj]).float().mean()}
+            metrics = {
+                "cls_exact": ((cls_logits > 0) == (pairs > 0)).all(-1).float().mean(),
+                "object_patch_acc": (logits[obj].argmax(-1) == flat[obj]).float().mean(),
+            }
         return cls_loss + patch_loss, metrics
 
 
@@ -179,8 +181,10 @@ def pretrain_tower(clip_vision_model, processor, steps: int, batch: int, device,
             with torch.no_grad():
                 _, vm = head.loss(clip_vision_model(val_pv), val_tg)
             clip_vision_model.train()
-            log(f"stage1 step {step} loss {loss.item():.4f} val cls_exact {vm['cls_exact'].item():.3f} "
-                f"object_patch_acc {vm['object_patch_acc'].item():.3f}")
+            log(
+                f"stage1 step {step} loss {loss.item():.4f} val cls_exact {vm['cls_exact'].item():.3f} "
+                f"object_patch_acc {vm['object_patch_acc'].item():.3f}"
+            )
     return head
 
 
@@ -211,170 +215,158 @@ def stage1_tower(
     return head
 
 
-def _vqa_batch(tokenizer, processor, start: int, batch: int, turns: int, device, caption_every: int = 0):
-    """Images start..start+batch-1 of the train split, each with ``turns`` QA turns (every ``caption_every``-th
-    image instead with one dense scene caption, the alignment data); answer-only labels."""
-    texts, images, scenes = [], [], []
-    for i in range(start, start + batch):
-        s = get_sample("train", i)
-        scenes.append(s.scene)
-        # alignment: one dense caption of the whole scene, for whole blocks of len(QTYPES) samples so that every
-        # question type loses the same share (sample i's type is i % len(QTYPES))
-        if caption_every and (i // len(QTYPES)) % caption_every == 0:
-            qas = [(CAPTION_QUESTION, scene_caption(s.scene))]
-        else:
-            rng = np.random.default_rng([777, i])
-            qas = [(s.question, s.answer)] + [(q, a) for q, a, _ in scene_qas(s.scene, rng, turns - 1)]
-        texts.append(format_conversation(qas))
-        images.append(s.image)
-    tokenizer.padding_side = "right"
-    enc = processor(images=images, text=texts, return_tensors="pt", padding=True)
-    ids, am = enc["input_ids"], enc["attention_mask"]
-    ast, colon, eos = (tokenizer.convert_tokens_to_ids(t) for t in ("ASSISTANT", ":", "</s>"))
-    # answer spans: from the token after "ASSISTANT :" through the next </s> (answer-only loss)
-    start = torch.zeros_like(ids, dtype=torch.bool)
-    start[:, 2:] = (ids[:, :-2] == ast) & (ids[:, 1:-1] == colon)
-    ends_before = torch.zeros_like(ids)
-    ends_before[:, 1:] = (ids[:, :-1] == eos).long().cumsum(1)
-    in_answer = (start.long().cumsum(1) > ends_before) & am.bool()
-    labels = torch.where(in_answer, ids, torch.full_like(ids, -100))
-    return ids.to(device), am.to(device), enc["pixel_values"].to(device), labels.to(device), _tower_targets(scenes)
+def packed_sequences(tokenizer, samples, k: int, n_image_tokens: int, seed: int = 777):
+    """LLaVA-style training text for ``samples`` with shared-prefix packing.
+
+    Each row is ``<s> USER : <image> x n_image_tokens`` followed by ``k`` QA branches ``{q} ASSISTANT : {a} </s>``
+    (the sample's own QA first, then ``k - 1`` more about the same scene). Under :func:`packed_attention_mask`
+    every branch sees the prefix and itself only, and its position ids restart right after the prefix, so each
+    branch is exactly a single-turn prompt as the model is evaluated: no text can leak between branches.
+
+    Returns ``(input_ids, segment, position_ids, labels)``, all (B, L) long: ``segment`` is 0 on the prefix,
+    ``j + 1`` on branch ``j`` and -1 on right padding; ``labels`` are the answer and its ``</s>`` (-100 elsewhere).
+    """
+    ids_of = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    prefix = [tokenizer.bos_token_id] + ids_of("USER:") + [IMAGE_TOKEN_ID] * n_image_tokens
+    p = len(prefix)
+    rows = []
+    for s in samples:
+        rng = np.random.default_rng([seed, *s.seed])
+        qas = [(s.question, s.answer)] + [(q, a) for q, a, _ in scene_qas(s.scene, rng, k - 1)]
+        ids, seg, pos, lab = list(prefix), [0] * p, list(range(p)), [-100] * p
+        for j, (q, a) in enumerate(qas):
+            qi, ai = ids_of(f"{q} ASSISTANT:"), ids_of(f"{a}</s>")
+            ids += qi + ai
+            seg += [j + 1] * (len(qi) + len(ai))
+            pos += range(p, p + len(qi) + len(ai))
+            lab += [-100] * len(qi) + ai
+        rows.append((ids, seg, pos, lab))
+    n = max(len(r[0]) for r in rows)
+    pad = lambda i, v: torch.tensor([r[i] + [v] * (n - len(r[i])) for r in rows])  # noqa: E731
+    return pad(0, tokenizer.pad_token_id), pad(1, -1), pad(2, 0), pad(3, -100)
 
 
-def _nested_dropout(ids, am, n_latents: int, rng: np.random.Generator, p_full: float):
-    """Mask out a random tail of the latents per sequence; return (attention_mask, position_ids)."""
-    am = am.clone()
-    b = ids.shape[0]
-    pos_keep = torch.arange(ids.shape[1], device=ids.device).expand(b, -1).clone()
-    first = (ids == IMAGE_TOKEN_ID).float().argmax(1)
-    for r in range(b):
-        if rng.random() < p_full:
-            continue
-        k = int(rng.integers(1, n_latents))  # keep latents [0, k)
-        f = int(first[r])
-        am[r, f + k : f + n_latents] = 0
-        if rng.random() < 0.5:  # renumbered positions (as if the dropped latents were removed)
-            pos_keep[r] = torch.clamp(am[r].cumsum(0) - 1, min=0)
-    return am, pos_keep
+def packed_attention_mask(segment: torch.Tensor, key_drop: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, 1, L, L) bool mask for :func:`packed_sequences`: causal, a branch sees the prefix (segment 0) and
+    itself, padding is seen by nobody (it sees itself so that no row is empty). ``key_drop`` (B, L) hides tokens
+    from every query (dropped background patches, truncated latents)."""
+    n = segment.shape[1]
+    idx = torch.arange(n, device=segment.device)
+    causal = idx[:, None] >= idx[None, :]
+    sq, sk = segment[:, :, None], segment[:, None, :]
+    visible = (sk >= 0) & ((sk == 0) | (sq == sk))
+    if key_drop is not None:
+        visible = visible & ~key_drop[:, None, :]
+    return ((causal & visible) | torch.eye(n, dtype=torch.bool, device=segment.device))[:, None]
 
 
-def _encode_grid(model, pv):
-    """Exactly ``LlavaModel.get_image_features`` (layer -2, CLS dropped) plus the tower output for the aux loss."""
-    vt = model.model.vision_tower(pv, output_hidden_states=True)
-    layer, strategy = model.config.vision_feature_layer, model.config.vision_feature_select_strategy
-    hs = vt.hidden_states[layer]
-    feats = model.model.multi_modal_projector(hs[:, 1:] if strategy == "default" else hs)
-    return feats, vt
+def _grid_features(model, pv):
+    """``LlavaModel.get_image_features`` with the tower frozen: layer -2, CLS dropped, then the projector."""
+    with torch.no_grad():
+        hs = model.model.vision_tower(pv, output_hidden_states=True).hidden_states[model.config.vision_feature_layer]
+        if model.config.vision_feature_select_strategy == "default":
+            hs = hs[:, 1:]
+    return model.model.multi_modal_projector(hs)
 
 
-def _encode_ordered(model, pv):
-    """Exactly ``OrderedVLMModel.get_image_features`` plus the CLIP encoder's output for the aux loss."""
+def _ordered_features(model, pv):
+    """``OrderedVLMModel.get_image_features`` with the CLIP encoder frozen (resampler and projector train)."""
     tower = model.model.vision_tower
-    enc = tower.encoder(pv, return_dict=True)
-    return model.model.multi_modal_projector(tower.resample(enc.last_hidden_state)), enc
+    with torch.no_grad():
+        enc = tower.encoder(pv, return_dict=True).last_hidden_state
+    return model.model.multi_modal_projector(tower.resample(enc))
 
 
-def _word_targets(tokenizer) -> torch.Tensor:
-    """(1 + 24, 2) word ids per patch class: the colour and shape words of each colour-shape pair ("no" twice for
-    background)."""
-    no = tokenizer.convert_tokens_to_ids("no")
-    rows = [[no, no]]
-    for shape in SHAPES:
-        for color in COLORS:
-            rows.append([tokenizer.convert_tokens_to_ids(color), tokenizer.convert_tokens_to_ids(shape)])
-    return torch.tensor(rows)
-
-
-def word_alignment_loss(model, feats: torch.Tensor, patch_classes: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
-    """Projector alignment to the LM's word space (LLaVA's feature-alignment stage, made explicit): each projected
-    patch token, read through the LM's input embedding matrix, names the colour and the shape of the object under
-    it ("no" for background). Image tokens then sit near the words that ask for them, so question -> image
-    attention has something to match from the first steps."""
-    logits = feats @ model.get_input_embeddings().weight.T  # (B, N, V)
-    target = words.to(feats.device)[patch_classes.to(feats.device)]  # (B, N, 2)
-    flat = logits.flatten(0, 1)
-    obj = patch_classes.flatten().to(feats.device) > 0
-    loss = 0.0
-    for k in range(2):
-        t = target[..., k].flatten()
-        loss = loss + F.cross_entropy(flat[obj], t[obj]) + 0.2 * F.cross_entropy(flat[~obj], t[~obj])
-    return loss / 2
+def _background_patches(scenes) -> torch.Tensor:
+    """(B, 196) True where no object covers the patch centre."""
+    return _tower_targets(scenes)[1] == 0
 
 
 def _train_vlm(
     model,
     processor,
-    tower_params,
-    steps,
-    batch,
-    turns,
-    lr,
+    frozen: list,
+    hp: dict,
     device,
     log,
-    seed,
-    desc,
-    encode,
-    head,
+    seed: int,
+    desc: str,
+    features,
     out: Path,
     nested: int | None = None,
-    eval_every: int = 100,
-    tower_lr_mult: float = 0.2,
-    aux_weight: float = 0.3,
-    caption_every: int = 6,
-    align_weight: float = 1.0,
+    eval_every: int = 200,
 ):
+    """Stage 2 (LLaVA's visual instruction tuning, scaled down): the stage-1 tower is frozen; the projector (and
+    the 1D model's resampler) and the LM learn the VQA task from packed single-turn branches, answer-only loss.
+
+    Two curricula make content-based retrieval learnable by a small LM trained from scratch (it otherwise sits on
+    the blind plateau: attention spread over 196 patches carries almost no gradient towards the few that matter):
+
+    - grid model, ``bg_start`` .. ``bg_end``: background patches are hidden from attention (position ids unchanged),
+      then shown with a probability rising linearly to 1, so the LM first learns to read objects and then to
+      ignore the background; all 196 patches are visible for the rest of training, as at test time;
+    - 1D model, nested dropout (FlexTok): for a fraction of the images only a random prefix of the latents is
+      visible, with position ids of the branches either kept or renumbered, so every prefix is in distribution.
+    """
     from tqdm.auto import tqdm
 
     torch.manual_seed(seed)
     rng = np.random.default_rng([seed, 12345])
     tok = processor.tokenizer
-    words = _word_targets(tok)
-    align = torch.zeros(())
-    tower_ids = {id(p) for p in tower_params}
-    rest = [p for p in model.parameters() if id(p) not in tower_ids] + list(head.parameters())
-    decay = lambda ps: [p for p in ps if p.ndim >= 2]  # noqa: E731
-    no_decay = lambda ps: [p for p in ps if p.ndim < 2]  # noqa: E731
+    for p in frozen:
+        p.requires_grad_(False)
+    frozen_ids = {id(p) for p in frozen}
+    train = [p for p in model.parameters() if id(p) not in frozen_ids]
     groups = [
-        {"params": decay(rest), "weight_decay": 0.05, "base": lr},
-        {"params": no_decay(rest), "weight_decay": 0.0, "base": lr},
-        {"params": decay(tower_params), "weight_decay": 0.05, "base": lr * tower_lr_mult},
-        {"params": no_decay(tower_params), "weight_decay": 0.0, "base": lr * tower_lr_mult},
+        {"params": [p for p in train if p.ndim >= 2], "weight_decay": hp["weight_decay"]},
+        {"params": [p for p in train if p.ndim < 2], "weight_decay": 0.0},
     ]
-    opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98))
-    all_params = [p for g in groups for p in g["params"]]
+    opt = torch.optim.AdamW(groups, lr=hp["lr"], betas=(0.9, 0.98))
+    steps, n_img, k = hp["stage2_steps"], hp["stage2_images"], hp["qas_per_image"]
+    n_tokens = nested or (IMAGE_SIZE // PATCH) ** 2
+    embed = model.get_input_embeddings()
     bar = tqdm(range(steps), desc=f"{desc} stage2 (VLM)")
     ema = None
     for step in bar:
         model.train()
-        f = _lr_factor(step, steps, max(1, steps // 20))
         for g in opt.param_groups:
-            g["lr"] = g["base"] * f
-        ids, am, pv, labels, tg = _vqa_batch(tok, processor, step * batch, batch, turns, device, caption_every)
-        pos = None
-        if nested is not None:
-            am, pos = _nested_dropout(ids, am, nested, rng, p_full=0.35)
-        feats, tower_out = encode(model, pv)
-        mm = {"image": BaseModelOutputWithPooling(pooler_output=list(feats))}
-        res = model(input_ids=ids, attention_mask=am, position_ids=pos, mm_encoder_outputs=mm, labels=labels)
-        aux, _ = head.loss(tower_out, tg)
-        loss = res.loss + aux_weight * aux
-        if align_weight and feats.shape[1] == tg[1].shape[1]:  # one token per patch (the grid model)
-            align = word_alignment_loss(model, feats, tg[1], words)
-            loss = loss + align_weight * align
+            g["lr"] = hp["lr"] * _lr_factor(step, steps, max(1, steps // 20))
+        samples = [get_sample("train", i) for i in range(step * n_img, (step + 1) * n_img)]
+        ids, seg, pos, labels = packed_sequences(tok, samples, k, n_tokens)
+        img = ids == IMAGE_TOKEN_ID
+        drop = torch.zeros_like(img)
+        if nested is None and hp.get("bg_end", 0) > 0:  # background curriculum (grid)
+            frac = min(1.0, max(0.0, (step - hp["bg_start"]) / max(1, hp["bg_end"] - hp["bg_start"])))
+            bg = _background_patches([s.scene for s in samples]) & (torch.rand(n_img, n_tokens) >= frac)
+            drop[img] = bg.flatten()
+        elif nested is not None:  # nested dropout (1D)
+            p0 = int(img[0].nonzero()[0])
+            for r in range(n_img):
+                if rng.random() < hp["nested_full"]:
+                    continue
+                keep = int(rng.integers(1, nested))
+                drop[r, p0 + keep : p0 + nested] = True
+                if rng.random() < 0.5:  # renumbered: the branches follow the kept latents directly
+                    br = seg[r] > 0
+                    pos[r, br] -= nested - keep
+        mask = packed_attention_mask(seg, drop)
+        pv = _pixel_values(processor, [s.image for s in samples], device)
+        feats = features(model, pv)
+        emb = embed(ids.to(device)).masked_scatter(img.to(device).unsqueeze(-1), feats.reshape(-1, feats.shape[-1]))
+        res = model(
+            inputs_embeds=emb, attention_mask=mask.to(device), position_ids=pos.to(device), labels=labels.to(device)
+        )
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(all_params, 1.0)
+        res.loss.backward()
+        torch.nn.utils.clip_grad_norm_(train, 1.0)
         opt.step()
         li = res.loss.item()
         ema = li if ema is None else 0.95 * ema + 0.05 * li
         bar.set_postfix(loss=f"{ema:.3f}")
         if step % 20 == 0 or step == steps - 1:
-            log(
-                f"stage2 step {step} loss {li:.4f} ema {ema:.4f} aux {aux.item():.4f} align {float(align):.4f} "
-                f"lr {opt.param_groups[0]['lr']:.2e}"
-            )
+            log(f"stage2 step {step} loss {li:.4f} ema {ema:.4f} lr {opt.param_groups[0]['lr']:.2e}")
         if (step + 1) % eval_every == 0 and step + 1 < steps:
-            r = evaluate(model, processor, split="val", n=150, batch_size=50, mode="first_token")
+            r = evaluate(model, processor, split="val", n=300, batch_size=50, mode="first_token")
             log(f"stage2 step {step + 1} val_first_token_acc {r['accuracy']:.4f} per_type {json.dumps(r['per_type'])}")
             _save(model, processor, out, log)  # checkpoint (overwritten by the final model)
     model.eval()
@@ -453,24 +445,9 @@ def train_grid(
     model = build_grid_model(tok).to(dev)
     processor = build_grid_processor(tok)
     tower = model.model.vision_tower
-    head = stage1_tower(tower, processor, hp, dev, log, seed, "grid", log_dir, reuse_stage1)
+    stage1_tower(tower, processor, hp, dev, log, seed, "grid", log_dir, reuse_stage1)
     t1 = time.time()
-    _train_vlm(
-        model,
-        processor,
-        list(tower.parameters()),
-        hp["stage2_steps"],
-        hp["stage2_batch"],
-        hp["turns"],
-        hp["lr"],
-        dev,
-        log,
-        seed + 1,
-        "grid",
-        _encode_grid,
-        head,
-        out,
-    )
+    _train_vlm(model, processor, list(tower.parameters()), hp, dev, log, seed + 1, "grid", _grid_features, out)
     train_time = time.time() - t0
     log(f"training wall time {train_time:.0f}s (stage1 {t1 - t0:.0f}s)")
     size = _save(model.cpu(), processor, out, log)
@@ -518,22 +495,18 @@ def train_1d(
     model = build_ordered_model(tok).to(dev)
     processor = build_ordered_processor(tok)
     clip = model.model.vision_tower.encoder
-    head = stage1_tower(clip, processor, hp, dev, log, seed, "1d", log_dir, reuse_stage1)
+    stage1_tower(clip, processor, hp, dev, log, seed, "1d", log_dir, reuse_stage1)
     t1 = time.time()
     _train_vlm(
         model,
         processor,
         list(clip.parameters()),
-        hp["stage2_steps"],
-        hp["stage2_batch"],
-        hp["turns"],
-        hp["lr"],
+        hp,
         dev,
         log,
         seed + 1,
         "1d",
-        _encode_ordered,
-        head,
+        _ordered_features,
         out,
         nested=model.config.n_latents,
     )
