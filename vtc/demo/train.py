@@ -61,7 +61,18 @@ DEFAULT_LOG_DIR = Path(__file__).resolve().parents[2] / "eval" / "results" / "de
 
 # stage 2: ``stage2_images`` images per step, each with ``qas_per_image`` packed single-turn QA branches
 _STAGE2 = dict(stage2_images=16, qas_per_image=8, lr=1e-3, weight_decay=0.0)
-GRID_DEFAULTS = dict(stage1_steps=1200, stage1_batch=32, stage2_steps=2000, bg_start=100, bg_end=700, **_STAGE2)
+GRID_DEFAULTS = dict(
+    stage1_steps=1200,
+    stage1_batch=32,
+    lm_steps=800,
+    lm_bg_start=100,
+    lm_bg_end=500,
+    align_steps=200,
+    stage2_steps=1000,
+    bg_start=0,
+    bg_end=0,
+    **_STAGE2,
+)
 ORDERED_DEFAULTS = dict(stage1_steps=1200, stage1_batch=32, stage2_steps=1500, nested_full=0.35, **_STAGE2)
 
 
@@ -260,7 +271,7 @@ def packed_attention_mask(segment: torch.Tensor, key_drop: torch.Tensor | None =
     return ((causal & visible) | torch.eye(n, dtype=torch.bool, device=segment.device))[:, None]
 
 
-def _grid_features(model, pv):
+def _grid_features(model, pv, samples=None):
     """``LlavaModel.get_image_features`` with the tower frozen: layer -2, CLS dropped, then the projector."""
     with torch.no_grad():
         hs = model.model.vision_tower(pv, output_hidden_states=True).hidden_states[model.config.vision_feature_layer]
@@ -269,7 +280,7 @@ def _grid_features(model, pv):
     return model.model.multi_modal_projector(hs)
 
 
-def _ordered_features(model, pv):
+def _ordered_features(model, pv, samples=None):
     """``OrderedVLMModel.get_image_features`` with the CLIP encoder frozen (resampler and projector train)."""
     tower = model.model.vision_tower
     with torch.no_grad():
@@ -280,6 +291,69 @@ def _ordered_features(model, pv):
 def _background_patches(scenes) -> torch.Tensor:
     """(B, 196) True where no object covers the patch centre."""
     return _tower_targets(scenes)[1] == 0
+
+
+def patch_attributes(scenes) -> torch.Tensor:
+    """(B, 196, 3) long: colour, shape and size index of the object under each patch centre (-1 for background)."""
+    centre = (np.arange(PATCH_GRID) + 0.5) * PATCH
+    colors = list(COLORS)
+    out = np.full((len(scenes), PATCH_GRID, PATCH_GRID, 3), -1, dtype=np.int64)
+    for b, scene in enumerate(scenes):
+        for o in scene:
+            h = o.px / 2
+            inside = (np.abs(centre[:, None] - o.cy) <= h) & (np.abs(centre[None, :] - o.cx) <= h)
+            out[b][inside] = (colors.index(o.color), SHAPES.index(o.shape), int(o.size == "large"))
+    return torch.from_numpy(out.reshape(len(scenes), -1, 3))
+
+
+class SymbolicPatches(nn.Module):
+    """Image tokens from the scene's ground truth, for pretraining the LM on a symbolic copy of the task before it
+    sees pixels (a real LLaVA starts from a pretrained LM): an object patch is the sum of learned colour, shape
+    and size embeddings, a background patch a learned background embedding, each plus a learned embedding of the
+    patch's place in the 14 x 14 grid."""
+
+    def __init__(self, dim: int, std: float = 0.02):
+        super().__init__()
+        self.color = nn.Parameter(torch.randn(len(COLORS), dim) * std)
+        self.shape = nn.Parameter(torch.randn(len(SHAPES), dim) * std)
+        self.size = nn.Parameter(torch.randn(2, dim) * std)
+        self.background = nn.Parameter(torch.randn(dim) * std)
+        self.pos = nn.Parameter(torch.randn(PATCH_GRID**2, dim) * std)
+
+    def forward(self, samples) -> torch.Tensor:
+        attr = patch_attributes([s.scene for s in samples]).to(self.pos.device)
+        c, s, z = attr.clamp(min=0).unbind(-1)
+        obj = self.color[c] + self.shape[s] + self.size[z]
+        return torch.where(attr[..., :1] >= 0, obj, self.background) + self.pos
+
+
+def align_projector(model, processor, symbolic: SymbolicPatches, hp: dict, device, log, seed: int, desc: str):
+    """LLaVA's feature-alignment stage: only the projector trains (tower and LM frozen). Here its target is explicit:
+    each projected patch regresses onto the LM's text copy of that patch (:class:`SymbolicPatches`), so image
+    tokens arrive in the word space the pretrained LM already reads."""
+    from tqdm.auto import tqdm
+
+    torch.manual_seed(seed)
+    proj = model.model.multi_modal_projector
+    opt = torch.optim.AdamW(proj.parameters(), lr=hp["lr"], betas=(0.9, 0.98), weight_decay=0.0)
+    steps, n_img = hp["align_steps"], 2 * hp["stage2_images"]
+    bar = tqdm(range(steps), desc=f"{desc} alignment (projector)")
+    for step in bar:
+        for g in opt.param_groups:
+            g["lr"] = hp["lr"] * _lr_factor(step, steps, max(1, steps // 20))
+        # the alignment images come after the stage-2 range of the train split
+        first = (hp["stage2_steps"] + step) * n_img
+        samples = [get_sample("train", i) for i in range(first, first + n_img)]
+        with torch.no_grad():
+            target = symbolic(samples)
+        pred = _grid_features(model, _pixel_values(processor, [s.image for s in samples], device))
+        loss = (pred - target).pow(2).mean() / target.var()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+        if step % 20 == 0 or step == steps - 1:
+            log(f"align step {step} normalised_mse {loss.item():.4f}")
 
 
 def _train_vlm(
@@ -295,6 +369,11 @@ def _train_vlm(
     out: Path,
     nested: int | None = None,
     eval_every: int = 200,
+    extra_params: tuple = (),
+    steps: int | None = None,
+    bg: tuple[int, int] | None = None,
+    needs_pixels: bool = True,
+    constant_lr: bool = False,
 ):
     """Stage 2 (LLaVA's visual instruction tuning, scaled down): the stage-1 tower is frozen; the projector (and
     the 1D model's resampler) and the LM learn the VQA task from packed single-turn branches, answer-only loss.
@@ -313,16 +392,16 @@ def _train_vlm(
     torch.manual_seed(seed)
     rng = np.random.default_rng([seed, 12345])
     tok = processor.tokenizer
-    for p in frozen:
-        p.requires_grad_(False)
     frozen_ids = {id(p) for p in frozen}
-    train = [p for p in model.parameters() if id(p) not in frozen_ids]
+    train = [p for p in model.parameters() if id(p) not in frozen_ids] + list(extra_params)
     groups = [
         {"params": [p for p in train if p.ndim >= 2], "weight_decay": hp["weight_decay"]},
         {"params": [p for p in train if p.ndim < 2], "weight_decay": 0.0},
     ]
     opt = torch.optim.AdamW(groups, lr=hp["lr"], betas=(0.9, 0.98))
-    steps, n_img, k = hp["stage2_steps"], hp["stage2_images"], hp["qas_per_image"]
+    steps = steps or hp["stage2_steps"]
+    n_img, k = hp["stage2_images"], hp["qas_per_image"]
+    bg = bg or (hp.get("bg_start", 0), hp.get("bg_end", 0))
     n_tokens = nested or (IMAGE_SIZE // PATCH) ** 2
     embed = model.get_input_embeddings()
     bar = tqdm(range(steps), desc=f"{desc} stage2 (VLM)")
@@ -330,15 +409,16 @@ def _train_vlm(
     for step in bar:
         model.train()
         for g in opt.param_groups:
-            g["lr"] = hp["lr"] * _lr_factor(step, steps, max(1, steps // 20))
+            warm = max(1, steps // 20)
+            g["lr"] = hp["lr"] * (min(1.0, (step + 1) / warm) if constant_lr else _lr_factor(step, steps, warm))
         samples = [get_sample("train", i) for i in range(step * n_img, (step + 1) * n_img)]
         ids, seg, pos, labels = packed_sequences(tok, samples, k, n_tokens)
         img = ids == IMAGE_TOKEN_ID
         drop = torch.zeros_like(img)
-        if nested is None and hp.get("bg_end", 0) > 0:  # background curriculum (grid)
-            frac = min(1.0, max(0.0, (step - hp["bg_start"]) / max(1, hp["bg_end"] - hp["bg_start"])))
-            bg = _background_patches([s.scene for s in samples]) & (torch.rand(n_img, n_tokens) >= frac)
-            drop[img] = bg.flatten()
+        if nested is None and bg[1] > 0:  # background curriculum (grid)
+            frac = min(1.0, max(0.0, (step - bg[0]) / max(1, bg[1] - bg[0])))
+            hidden = _background_patches([s.scene for s in samples]) & (torch.rand(n_img, n_tokens) >= frac)
+            drop[img] = hidden.flatten()
         elif nested is not None:  # nested dropout (1D)
             p0 = int(img[0].nonzero()[0])
             for r in range(n_img):
@@ -350,8 +430,8 @@ def _train_vlm(
                     br = seg[r] > 0
                     pos[r, br] -= nested - keep
         mask = packed_attention_mask(seg, drop)
-        pv = _pixel_values(processor, [s.image for s in samples], device)
-        feats = features(model, pv)
+        pv = _pixel_values(processor, [s.image for s in samples], device) if needs_pixels else None
+        feats = features(model, pv, samples)
         emb = embed(ids.to(device)).masked_scatter(img.to(device).unsqueeze(-1), feats.reshape(-1, feats.shape[-1]))
         res = model(
             inputs_embeds=emb, attention_mask=mask.to(device), position_ids=pos.to(device), labels=labels.to(device)
@@ -364,8 +444,14 @@ def _train_vlm(
         ema = li if ema is None else 0.95 * ema + 0.05 * li
         bar.set_postfix(loss=f"{ema:.3f}")
         if step % 20 == 0 or step == steps - 1:
-            log(f"stage2 step {step} loss {li:.4f} ema {ema:.4f} lr {opt.param_groups[0]['lr']:.2e}")
-        if (step + 1) % eval_every == 0 and step + 1 < steps:
+            with torch.no_grad():  # first answer token of every branch
+                target = labels[:, 1:].to(device)
+                first = (target != -100) & (labels[:, :-1].to(device) == -100)
+                acc = (res.logits[:, :-1].argmax(-1)[first] == target[first]).float().mean().item()
+            log(
+                f"{desc} step {step} loss {li:.4f} ema {ema:.4f} train_acc {acc:.3f} lr {opt.param_groups[0]['lr']:.2e}"
+            )
+        if needs_pixels and (step + 1) % eval_every == 0 and step + 1 < steps:
             r = evaluate(model, processor, split="val", n=300, batch_size=50, mode="first_token")
             log(f"stage2 step {step + 1} val_first_token_acc {r['accuracy']:.4f} per_type {json.dumps(r['per_type'])}")
             _save(model, processor, out, log)  # checkpoint (overwritten by the final model)
@@ -447,7 +533,28 @@ def train_grid(
     tower = model.model.vision_tower
     stage1_tower(tower, processor, hp, dev, log, seed, "grid", log_dir, reuse_stage1)
     t1 = time.time()
-    _train_vlm(model, processor, list(tower.parameters()), hp, dev, log, seed + 1, "grid", _grid_features, out)
+    tower.requires_grad_(False)
+    # LM pretraining on the text copy of the task (image tokens from the scene's words)
+    symbolic = SymbolicPatches(model.config.text_config.hidden_size).to(dev)
+    _train_vlm(
+        model,
+        processor,
+        list(tower.parameters()) + list(model.model.multi_modal_projector.parameters()),
+        hp,
+        dev,
+        log,
+        seed + 1,
+        "grid text-copy",
+        lambda m, pv, samples: symbolic(samples),
+        out,
+        extra_params=tuple(symbolic.parameters()),
+        constant_lr=True,
+        steps=hp["lm_steps"],
+        bg=(hp["lm_bg_start"], hp["lm_bg_end"]),
+        needs_pixels=False,
+    )
+    align_projector(model, processor, symbolic, hp, dev, log, seed + 2, "grid")
+    _train_vlm(model, processor, list(tower.parameters()), hp, dev, log, seed + 3, "grid", _grid_features, out)
     train_time = time.time() - t0
     log(f"training wall time {train_time:.0f}s (stage1 {t1 - t0:.0f}s)")
     size = _save(model.cpu(), processor, out, log)
@@ -473,6 +580,21 @@ def train_grid(
     return metrics
 
 
+def _load_language_model(model, grid_dir: Path, log) -> None:
+    """Copy the language model and LM head of the trained grid model at ``grid_dir`` into ``model``."""
+    from transformers import LlavaForConditionalGeneration
+
+    if not (grid_dir / "model.safetensors").exists():
+        raise FileNotFoundError(
+            f"the 1D model starts from the trained grid model's LM, but {grid_dir} has no model.safetensors; "
+            "train the grid model first (`--model grid` or `--model all`)"
+        )
+    grid = LlavaForConditionalGeneration.from_pretrained(grid_dir)
+    model.model.language_model.load_state_dict(grid.model.language_model.state_dict())
+    model.lm_head.load_state_dict(grid.lm_head.state_dict())
+    log(f"1d: language model initialised from the grid model at {grid_dir}")
+
+
 def train_1d(
     out: str | Path | None = None,
     log_dir: str | Path | None = None,
@@ -481,9 +603,15 @@ def train_1d(
     n_test: int = 600,
     threads: int = 2,
     reuse_stage1: bool = False,
+    lm_from: str | Path | None = None,
     **overrides,
 ) -> dict:
-    """Train ``vtc-tiny-1d`` (32 ordered latents, nested dropout) from scratch; save it; return metrics."""
+    """Train ``vtc-tiny-1d`` (32 ordered latents, nested dropout); save it; return metrics.
+
+    It shares the grid model's language model, as VLM families share one LM: the LM (embeddings, decoder, head)
+    starts from the trained grid model at ``lm_from`` (default: ``tiny-llava`` next to ``out``, which
+    ``--model all`` trains first), the CLIP encoder from the shared stage-1 tower; the resampler and projector
+    start from scratch and learn, with the LM, to describe the image in 32 ordered latents."""
     hp = {**ORDERED_DEFAULTS, **overrides}
     out = Path(out) if out else ASSETS / "tiny-1d"
     log_dir = Path(log_dir) if log_dir else DEFAULT_LOG_DIR
@@ -497,6 +625,8 @@ def train_1d(
     clip = model.model.vision_tower.encoder
     stage1_tower(clip, processor, hp, dev, log, seed, "1d", log_dir, reuse_stage1)
     t1 = time.time()
+    clip.requires_grad_(False)
+    _load_language_model(model, Path(lm_from) if lm_from else out.parent / "tiny-llava", log)
     _train_vlm(
         model,
         processor,
@@ -625,3 +755,7 @@ def main(argv: list[str] | None = None) -> int:
             f"train {m['train_seconds'] / 60:.1f} min, {m['bytes_on_disk'] / 1e6:.1f} MB"
         )
     return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
