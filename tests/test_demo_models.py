@@ -193,3 +193,25 @@ def test_ordered_model_blind_baseline(ordered):
     model, proc = ordered
     report = evaluate(model, proc, split="test", n=N_FIXED, batch_size=25, image_transform=blank_image)
     assert report["accuracy"] <= 0.40, report
+
+
+def test_symbolic_patches_describe_the_scene():
+    """The LM's pretraining input: object patches (exactly the stage-1 tower's object patches) carry the colour,
+    shape and size of their object, background patches the background embedding, all plus their position."""
+    from vtc.demo.task import COLORS, SHAPES
+    from vtc.demo.train import SymbolicPatches, _tower_targets, patch_attributes
+
+    samples = get_samples("train", 4)
+    attr = patch_attributes([s.scene for s in samples])
+    assert attr.shape == (4, 196, 3)
+    assert torch.equal(attr[..., 0] >= 0, _tower_targets([s.scene for s in samples])[1] > 0)
+    o = samples[0].scene[0]
+    centre = int(o.cy // 8) * 14 + int(o.cx // 8)
+    assert attr[0, centre].tolist() == [list(COLORS).index(o.color), SHAPES.index(o.shape), int(o.size == "large")]
+    sym = SymbolicPatches(16)
+    with torch.no_grad():
+        x = sym(samples)
+    bg = int((attr[0, :, 0] < 0).nonzero()[0])
+    torch.testing.assert_close(x[0, bg], sym.background + sym.pos[bg])
+    c, s, z = attr[0, centre].tolist()
+    torch.testing.assert_close(x[0, centre], sym.color[c] + sym.shape[s] + sym.size[z] + sym.pos[centre])

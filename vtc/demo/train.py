@@ -4,20 +4,25 @@ Both follow the recipe of real LLaVA-style models, scaled down:
 
 - **Stage 1, vision tower** (CLIP-style, CLS-based scene description): the CLIP ViT's pooled CLS token names
   the objects of the scene (multi-label over colour-shape pairs, a bag-of-objects caption), so the CLS token
-  is a global summary whose attention picks out the object patches, as in CLIP; a dense per-patch objective
-  (which object is under each patch) makes the patch features carry colour and shape from the start.
-- **Stage 2, VLM** (LLaVA-1.5's visual instruction tuning): the tower is frozen; the projector and the
-  language model (and the 1D model's resampler) learn the VQA task with answer-only loss. Each image carries
-  several QA branches packed behind one copy of the image prefix (:func:`packed_sequences`); a block mask
-  and restarted position ids make every branch exactly the single-turn evaluation prompt, so no answer can
-  be read off another question's text and the image is encoded once for 8 supervised answers.
-- A **background curriculum** (grid model): background patches are hidden from the LM at first and shown
-  with a probability rising to 1, so the from-scratch LM escapes the blind plateau (retrieval over 196
-  mostly empty patches gives it almost no gradient at the start); the last two thirds of training, like
-  test time, see all 196 patches.
-- The ordered 1D model is trained with **nested dropout**: for most images only a random prefix of
-  its 32 latents is visible to the LM (the rest are masked out of attention; position ids either keep
-  the original numbering or are renumbered, so both ways of truncating are in distribution).
+  is a global summary whose attention picks out the object patches, as in CLIP; dense per-patch objectives
+  (which object is under each patch, and where the patch is) make the patch features carry colour, shape and
+  position.
+- **Stage 2a, language model pretraining** (grid model; real LLaVA starts from a pretrained LM): the LM learns
+  the task on a symbolic copy of each image (:class:`SymbolicPatches`: each patch is the sum of learned
+  colour / shape / size embeddings of the object under it, plus its row and column). A small LM trained from
+  scratch on pixels sits on the blind plateau; with clean tokens it learns content-based retrieval.
+  Background patches are hidden at first and shown with a probability rising to 1 (a curriculum: retrieval
+  over 196 mostly empty patches gives almost no gradient at the start).
+- **Stage 2b, feature alignment** (LLaVA's first stage; only the projector trains): each projected patch
+  regresses onto the LM's symbolic copy of that patch, so image tokens arrive in the space the LM reads.
+- **Stage 2c, visual instruction tuning** (LLaVA-1.5): the tower stays frozen; the projector and the LM (and
+  the 1D model's resampler) learn the VQA task from real pixels, answer-only loss. Each image carries several
+  QA branches packed behind one copy of the image prefix (:func:`packed_sequences`); a block mask and
+  restarted position ids make every branch exactly the single-turn evaluation prompt, so no answer can be read
+  off another question's text and the image is encoded once for many supervised answers.
+- The ordered 1D model starts from the grid model's LM and is trained with **nested dropout**: for most images
+  only a random prefix of its 32 latents is visible to the LM (the rest are masked out of attention; position
+  ids either keep the original numbering or are renumbered, so both ways of truncating are in distribution).
 
 Entry points: :func:`train_grid`, :func:`train_1d`, :func:`main` (``python eval/train_demo.py``).
 """
@@ -60,11 +65,12 @@ __all__ = ["train_grid", "train_1d", "main", "DEFAULT_LOG_DIR"]
 DEFAULT_LOG_DIR = Path(__file__).resolve().parents[2] / "eval" / "results" / "demo_training"
 
 # stage 2: ``stage2_images`` images per step, each with ``qas_per_image`` packed single-turn QA branches
-_STAGE2 = dict(stage2_images=16, qas_per_image=8, lr=1e-3, weight_decay=0.0)
+_STAGE2 = dict(stage2_images=16, qas_per_image=16, lr=1e-3, weight_decay=0.0)
 GRID_DEFAULTS = dict(
     stage1_steps=1200,
     stage1_batch=32,
     lm_steps=800,
+    lm_qas_per_image=24,
     lm_bg_start=100,
     lm_bg_end=500,
     align_steps=200,
@@ -132,29 +138,39 @@ class _TowerHead(nn.Module):
     - the pooled CLS embedding names the objects of the scene (multi-label over the 24 colour-shape pairs, a
       bag-of-objects caption, as a CLIP text side would), so CLS attention gathers the object patches;
     - every patch names the object under it (dense, background included; object patches weighted up), so the
-      patch features the LLM reads carry colour and shape.
+      patch features the LLM reads carry colour and shape;
+    - every patch names its row and column in the 14 x 14 grid, so the features say where they are (without it,
+      the object patches' 3-way column is linearly decodable at chance level and position questions are
+      unanswerable from the image tokens).
     """
 
     def __init__(self, dim: int):
         super().__init__()
         self.cls = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, N_PAIRS))
-        self.patch = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, 1 + N_PAIRS))
+        self.patch = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, 1 + N_PAIRS + 2 * PATCH_GRID))
 
     def loss(self, out, targets) -> tuple[torch.Tensor, dict]:
         """``out``: the CLIP tower's output (``last_hidden_state`` with CLS first, ``pooler_output``)."""
         pairs, patches = (t.to(out.pooler_output.device) for t in targets)
         cls_logits = self.cls(out.pooler_output)
         cls_loss = F.binary_cross_entropy_with_logits(cls_logits, pairs) * N_PAIRS / 4
-        logits = self.patch(out.last_hidden_state[:, 1:]).flatten(0, 1)
+        all_logits = self.patch(out.last_hidden_state[:, 1:])
+        logits = all_logits[..., : 1 + N_PAIRS].flatten(0, 1)
         flat = patches.flatten()
         obj = flat > 0
         patch_loss = F.cross_entropy(logits, flat) + 2 * F.cross_entropy(logits[obj], flat[obj])
+        idx = torch.arange(PATCH_GRID**2, device=flat.device).expand(patches.shape[0], -1)
+        rows, cols = all_logits[..., 1 + N_PAIRS :].split(PATCH_GRID, dim=-1)
+        pos_loss = F.cross_entropy(rows.flatten(0, 1), (idx // PATCH_GRID).flatten()) + F.cross_entropy(
+            cols.flatten(0, 1), (idx % PATCH_GRID).flatten()
+        )
         with torch.no_grad():
             metrics = {
                 "cls_exact": ((cls_logits > 0) == (pairs > 0)).all(-1).float().mean(),
                 "object_patch_acc": (logits[obj].argmax(-1) == flat[obj]).float().mean(),
+                "column_acc": (cols.argmax(-1) == idx % PATCH_GRID).float().mean(),
             }
-        return cls_loss + patch_loss, metrics
+        return cls_loss + patch_loss + pos_loss, metrics
 
 
 def pretrain_tower(clip_vision_model, processor, steps: int, batch: int, device, log, seed: int, desc: str):
@@ -194,7 +210,7 @@ def pretrain_tower(clip_vision_model, processor, steps: int, batch: int, device,
             clip_vision_model.train()
             log(
                 f"stage1 step {step} loss {loss.item():.4f} val cls_exact {vm['cls_exact'].item():.3f} "
-                f"object_patch_acc {vm['object_patch_acc'].item():.3f}"
+                f"object_patch_acc {vm['object_patch_acc'].item():.3f} column_acc {vm['column_acc'].item():.3f}"
             )
     return head
 
@@ -208,7 +224,7 @@ def stage1_tower(
     from safetensors.torch import load_file, save_file
 
     head = _TowerHead(clip_vision_model.config.hidden_size).to(device)
-    path = Path(cache_dir) / f"stage1_v2_s{hp['stage1_steps']}_b{hp['stage1_batch']}_seed{seed}.safetensors"
+    path = Path(cache_dir) / f"stage1_v3_s{hp['stage1_steps']}_b{hp['stage1_batch']}_seed{seed}.safetensors"
     if reuse and path.exists():
         state = load_file(str(path), device=str(device))
         clip_vision_model.load_state_dict({k[6:]: v for k, v in state.items() if k.startswith("tower.")})
@@ -309,8 +325,8 @@ def patch_attributes(scenes) -> torch.Tensor:
 class SymbolicPatches(nn.Module):
     """Image tokens from the scene's ground truth, for pretraining the LM on a symbolic copy of the task before it
     sees pixels (a real LLaVA starts from a pretrained LM): an object patch is the sum of learned colour, shape
-    and size embeddings, a background patch a learned background embedding, each plus a learned embedding of the
-    patch's place in the 14 x 14 grid."""
+    and size embeddings, a background patch a learned background embedding, each plus learned embeddings of the
+    patch's row and column in the 14 x 14 grid."""
 
     def __init__(self, dim: int, std: float = 0.02):
         super().__init__()
@@ -318,7 +334,13 @@ class SymbolicPatches(nn.Module):
         self.shape = nn.Parameter(torch.randn(len(SHAPES), dim) * std)
         self.size = nn.Parameter(torch.randn(2, dim) * std)
         self.background = nn.Parameter(torch.randn(dim) * std)
-        self.pos = nn.Parameter(torch.randn(PATCH_GRID**2, dim) * std)
+        self.row = nn.Parameter(torch.randn(PATCH_GRID, dim) * std)
+        self.col = nn.Parameter(torch.randn(PATCH_GRID, dim) * std)
+
+    @property
+    def pos(self) -> torch.Tensor:
+        """(196, dim) position embedding of each patch: its row's plus its column's."""
+        return (self.row[:, None] + self.col[None, :]).flatten(0, 1)
 
     def forward(self, samples) -> torch.Tensor:
         attr = patch_attributes([s.scene for s in samples]).to(self.pos.device)
@@ -374,6 +396,7 @@ def _train_vlm(
     bg: tuple[int, int] | None = None,
     needs_pixels: bool = True,
     constant_lr: bool = False,
+    qas: int | None = None,
 ):
     """Stage 2 (LLaVA's visual instruction tuning, scaled down): the stage-1 tower is frozen; the projector (and
     the 1D model's resampler) and the LM learn the VQA task from packed single-turn branches, answer-only loss.
@@ -400,7 +423,7 @@ def _train_vlm(
     ]
     opt = torch.optim.AdamW(groups, lr=hp["lr"], betas=(0.9, 0.98))
     steps = steps or hp["stage2_steps"]
-    n_img, k = hp["stage2_images"], hp["qas_per_image"]
+    n_img, k = hp["stage2_images"], qas or hp["qas_per_image"]
     bg = bg or (hp.get("bg_start", 0), hp.get("bg_end", 0))
     n_tokens = nested or (IMAGE_SIZE // PATCH) ** 2
     embed = model.get_input_embeddings()
@@ -549,6 +572,7 @@ def train_grid(
         out,
         extra_params=tuple(symbolic.parameters()),
         constant_lr=True,
+        qas=hp["lm_qas_per_image"],
         steps=hp["lm_steps"],
         bg=(hp["lm_bg_start"], hp["lm_bg_end"]),
         needs_pixels=False,
