@@ -6,7 +6,7 @@ from vtc.demo import task as T
 from transformers import LlamaForCausalLM
 ap = argparse.ArgumentParser()
 for k, v in dict(lr=1e-3, b2=0.98, wd=0.0, heads=4, layers=4, hidden=256, imgs=32, k=8, steps=1500, std=0.02,
-                 warm=100, types="all", clip=1.0, threads=1, seed=0, patches=0, noise=0.0, bg0=0, bg1=0, real=0, ln=0, layer=-2, aux=0.0, tune=0).items():
+                 warm=100, types="all", clip=1.0, threads=1, seed=0, patches=0, noise=0.0, bg0=0, bg1=0, real=0, ln=0, layer=-2, aux=0.0, tune=0, rowcol=0).items():
     ap.add_argument("--" + k, type=type(v), default=v)
 A = ap.parse_args()
 torch.set_num_threads(A.threads); torch.manual_seed(A.seed)
@@ -18,7 +18,7 @@ lm = LlamaForCausalLM(cfg)
 H = A.hidden; NI = 196 if A.patches else 9
 cols, shapes = list(T.COLORS), list(T.SHAPES)
 E = torch.nn.ParameterDict({k: torch.nn.Parameter(torch.randn(n, H) * A.std) for k, n in
-                            dict(c=len(cols), s=len(shapes), z=2, pos=NI, bg=1).items()})
+                            dict(c=len(cols), s=len(shapes), z=2, pos=NI, bg=1, row=14 if A.patches else 3, col=14 if A.patches else 3).items()})
 extra = []
 if A.real:
     from vtc.demo.build import build_grid_model, build_grid_processor
@@ -41,6 +41,11 @@ PRE = [tok.bos_token_id] + ids("USER :")
 def qa_for(scene):
     for _ in range(50):
         qt = types[int(rng.integers(len(types)))]
+        if qt == "where":
+            o = scene[int(rng.integers(len(scene)))]
+            if rng.random() < 0.5:
+                return f"what is the {o.name} left ?", T.COLS[o.col], qt
+            return f"what is the {o.name} above ?", T.ROWS[o.row], qt
         tm = T.TEMPLATES[qt]; tm = tm[int(rng.integers(len(tm)))]
         cands = T._candidates(scene, tm, rng)
         if not cands: continue
@@ -67,7 +72,9 @@ def batch(n, step=10**9):
             q, a, qt = qa_for(sc); br.append((ids(" " + q + " ASSISTANT :"), ids(a)[0])); qts.append(qt)
         branches.append(br)
     occ = (cc >= 0).unsqueeze(-1)
-    img = torch.where(occ, E["c"][cc.clamp(min=0)] + E["s"][cs] + E["z"][cz], E["bg"][0]) + E["pos"]
+    side = 14 if A.patches else 3
+    posemb = (E["row"][:, None] + E["col"][None, :]).flatten(0, 1) if A.rowcol else E["pos"]
+    img = torch.where(occ, E["c"][cc.clamp(min=0)] + E["s"][cs] + E["z"][cz], E["bg"][0]) + posemb
     if A.real:
         pv = proc.image_processor(ims, return_tensors='pt')['pixel_values']
         with torch.set_grad_enabled(bool(A.tune)):
