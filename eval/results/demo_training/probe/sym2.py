@@ -6,7 +6,7 @@ from vtc.demo import task as T
 from transformers import LlamaForCausalLM
 ap = argparse.ArgumentParser()
 for k, v in dict(lr=1e-3, b2=0.98, wd=0.0, heads=4, layers=4, hidden=256, imgs=32, k=8, steps=1500, std=0.02,
-                 warm=100, types="all", clip=1.0, threads=1, seed=0, patches=0, noise=0.0, bg0=0, bg1=0, real=0, ln=0, layer=-2, aux=0.0, tune=0, rowcol=0).items():
+                 warm=100, types="all", clip=1.0, threads=1, seed=0, patches=0, noise=0.0, bg0=0, bg1=0, real=0, ln=0, layer=-2, aux=0.0, tune=0, rowcol=0, wname='full', switch=0, types2='').items():
     ap.add_argument("--" + k, type=type(v), default=v)
 A = ap.parse_args()
 torch.set_num_threads(A.threads); torch.manual_seed(A.seed)
@@ -43,9 +43,15 @@ def qa_for(scene):
         qt = types[int(rng.integers(len(types)))]
         if qt == "where":
             o = scene[int(rng.integers(len(scene)))]
+            if A.wname == "color":
+                uq = [p for p in scene if [x.color for x in scene].count(p.color) == 1]
+                o = uq[int(rng.integers(len(uq)))] if uq else o
+                nm = f"{o.color} object" if uq else o.name
+            else:
+                nm = o.name
             if rng.random() < 0.5:
-                return f"what is the {o.name} left ?", T.COLS[o.col], qt
-            return f"what is the {o.name} above ?", T.ROWS[o.row], qt
+                return f"what is the {nm} left ?", T.COLS[o.col], qt
+            return f"what is the {nm} above ?", T.ROWS[o.row], qt
         tm = T.TEMPLATES[qt]; tm = tm[int(rng.integers(len(tm)))]
         cands = T._candidates(scene, tm, rng)
         if not cands: continue
@@ -110,6 +116,7 @@ def batch(n, step=10**9):
     return emb, mask[:, None], pos, torch.tensor(tgt_pos), torch.tensor(tgt), qts
 t0 = time.time(); hist = []
 for step in range(A.steps + 1):
+    if A.switch and step == A.switch: types = A.types2.split(',')
     x, m, pos, tp, tgt, qts = batch(A.imgs, step)
     h = lm.model(inputs_embeds=x, attention_mask=m, position_ids=pos).last_hidden_state
     logits = lm.lm_head(h[tp[:, 0], tp[:, 1]])
