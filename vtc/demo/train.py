@@ -117,18 +117,24 @@ def _pair(o) -> int:
     return SHAPES.index(o.shape) * len(COLORS) + list(COLORS).index(o.color)
 
 
+_PATCH_CENTRES = (np.arange(PATCH_GRID) + 0.5) * PATCH
+
+
+def _covered(o) -> np.ndarray:
+    """(14, 14) bool: the patches whose centre lies inside object ``o``'s bounding square."""
+    h = o.px / 2
+    return (np.abs(_PATCH_CENTRES[:, None] - o.cy) <= h) & (np.abs(_PATCH_CENTRES[None, :] - o.cx) <= h)
+
+
 def _tower_targets(scenes) -> tuple[torch.Tensor, torch.Tensor]:
     """Stage-1 targets: (B, 24) which colour-shape pairs are in the scene, and (B, 196) the pair (1 + index) of
     the object under each patch centre (0: background)."""
     pairs = np.zeros((len(scenes), N_PAIRS), dtype=np.float32)
     patches = np.zeros((len(scenes), PATCH_GRID, PATCH_GRID), dtype=np.int64)
-    centre = (np.arange(PATCH_GRID) + 0.5) * PATCH
     for b, scene in enumerate(scenes):
         for o in scene:
             pairs[b, _pair(o)] = 1
-            h = o.px / 2
-            inside = (np.abs(centre[:, None] - o.cy) <= h) & (np.abs(centre[None, :] - o.cx) <= h)
-            patches[b][inside] = 1 + _pair(o)
+            patches[b][_covered(o)] = 1 + _pair(o)
     return torch.from_numpy(pairs), torch.from_numpy(patches.reshape(len(scenes), -1))
 
 
@@ -311,14 +317,11 @@ def _background_patches(scenes) -> torch.Tensor:
 
 def patch_attributes(scenes) -> torch.Tensor:
     """(B, 196, 3) long: colour, shape and size index of the object under each patch centre (-1 for background)."""
-    centre = (np.arange(PATCH_GRID) + 0.5) * PATCH
     colors = list(COLORS)
     out = np.full((len(scenes), PATCH_GRID, PATCH_GRID, 3), -1, dtype=np.int64)
     for b, scene in enumerate(scenes):
         for o in scene:
-            h = o.px / 2
-            inside = (np.abs(centre[:, None] - o.cy) <= h) & (np.abs(centre[None, :] - o.cx) <= h)
-            out[b][inside] = (colors.index(o.color), SHAPES.index(o.shape), int(o.size == "large"))
+            out[b][_covered(o)] = (colors.index(o.color), SHAPES.index(o.shape), int(o.size == "large"))
     return torch.from_numpy(out.reshape(len(scenes), -1, 3))
 
 
@@ -351,8 +354,8 @@ class SymbolicPatches(nn.Module):
 
 def align_projector(model, processor, symbolic: SymbolicPatches, hp: dict, device, log, seed: int, desc: str):
     """LLaVA's feature-alignment stage: only the projector trains (tower and LM frozen). Here its target is explicit:
-    each projected patch regresses onto the LM's text copy of that patch (:class:`SymbolicPatches`), so image
-    tokens arrive in the word space the pretrained LM already reads."""
+    each projected patch regresses onto the LM's symbolic copy of that patch (:class:`SymbolicPatches`), so image
+    tokens arrive in the space the pretrained LM already reads."""
     from tqdm.auto import tqdm
 
     torch.manual_seed(seed)
@@ -404,9 +407,10 @@ def _train_vlm(
     Two curricula make content-based retrieval learnable by a small LM trained from scratch (it otherwise sits on
     the blind plateau: attention spread over 196 patches carries almost no gradient towards the few that matter):
 
-    - grid model, ``bg_start`` .. ``bg_end``: background patches are hidden from attention (position ids unchanged),
-      then shown with a probability rising linearly to 1, so the LM first learns to read objects and then to
-      ignore the background; all 196 patches are visible for the rest of training, as at test time;
+    - grid model, ``bg = (start, end)`` (default ``hp["bg_start"], hp["bg_end"]``; 0 turns it off): background
+      patches are hidden from attention (position ids unchanged), then shown with a probability rising linearly
+      to 1, so the LM first learns to read objects and then to ignore the background; all 196 patches are
+      visible for the rest of training, as at test time;
     - 1D model, nested dropout (FlexTok): for a fraction of the images only a random prefix of the latents is
       visible, with position ids of the branches either kept or renumbered, so every prefix is in distribution.
     """
@@ -557,7 +561,7 @@ def train_grid(
     stage1_tower(tower, processor, hp, dev, log, seed, "grid", log_dir, reuse_stage1)
     t1 = time.time()
     tower.requires_grad_(False)
-    # LM pretraining on the text copy of the task (image tokens from the scene's words)
+    # stage 2a: LM pretraining on the symbolic copy of the task (image tokens from the scene's ground truth)
     symbolic = SymbolicPatches(model.config.text_config.hidden_size).to(dev)
     _train_vlm(
         model,
@@ -567,7 +571,7 @@ def train_grid(
         dev,
         log,
         seed + 1,
-        "grid text-copy",
+        "grid symbolic",
         lambda m, pv, samples: symbolic(samples),
         out,
         extra_params=tuple(symbolic.parameters()),
