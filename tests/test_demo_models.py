@@ -39,6 +39,28 @@ def test_samples_are_well_formed_and_balanced():
         assert majority <= 0.65, (qtype, counts)
 
 
+def test_where_training_questions_read_the_named_objects_cell():
+    """The training-only "where" questions name an object by colour and shape and answer its row or column;
+    every word is in the tokenizer's vocabulary, and they never appear in the evaluation splits."""
+    from vtc.demo.build import build_tokenizer
+    from vtc.demo.task import COLS, ROWS, TRAINING_QTYPES, scene_qas
+
+    tok = build_tokenizer()
+    assert "where" in TRAINING_QTYPES and "where" not in QTYPES
+    for i in range(10):
+        s = get_sample("train", i)
+        qas = scene_qas(s.scene, np.random.default_rng(i), 12, ("where",))
+        assert len(qas) == 12
+        for q, a, qtype in qas:
+            assert qtype == "where" and tok.unk_token_id not in tok(q)["input_ids"]
+            axis, name = q.split()[1], " ".join(q.split()[4:6])
+            (o,) = [o for o in s.scene if o.name == name]
+            assert a == (COLS[o.col] if axis == "column" else ROWS[o.row])
+    with pytest.raises(ValueError, match="qtypes must be"):
+        scene_qas(get_sample("train", 0).scene, np.random.default_rng(0), 2, ("where", "colour"))
+    assert "which" not in " ".join(s.question for s in get_samples("test", 60))
+
+
 def test_prompt_matches_chat_template():
     from transformers import AutoProcessor
 

@@ -18,6 +18,11 @@ position   what shape is in the top left ? / what color is ...  shapes or colour
 relative   is the red circle left of the green square ?         yes no
 =========  ===================================================  ==========================
 
+Training-only questions (``TRAINING_QTYPES``): ``where`` ("which column is the red circle in ?" -> left / center
+/ right, "which row ..." -> top / middle / bottom) reads the position of an object named by colour and shape. It is
+a curriculum device for the demo models (a small LM learns relative questions only after it can read one object's
+position), never a test question.
+
 Answers are balanced within each question type: sample ``i`` of a split first draws its question type
 (round robin), a template and a target answer (uniformly), then draws scenes until one admits a question
 of that template with that answer. Sample ``i`` of split ``s`` depends only on ``(s, i)``
@@ -44,6 +49,7 @@ __all__ = [
     "SHAPES",
     "SIZES",
     "QTYPES",
+    "TRAINING_QTYPES",
     "ANSWERS",
     "SPLITS",
     "Obj",
@@ -77,6 +83,7 @@ ROWS = ("top", "middle", "bottom")
 COLS = ("left", "center", "right")
 COUNT_WORDS = ("zero", "one", "two", "three")
 QTYPES = ("color", "shape", "count", "exist", "position", "relative")
+TRAINING_QTYPES = QTYPES + ("where",)  # "where": training-only curriculum questions (see the module docstring)
 RELATIONS = ("left of", "right of", "above", "below")
 
 ANSWERS: dict[str, tuple[str, ...]] = {
@@ -245,6 +252,10 @@ def _candidates(scene: list[Obj], template: str, rng: np.random.Generator) -> li
                 out.append((f"what shape is in the {where} ?", o.shape))
             else:
                 out.append((f"what color is the object in the {where} ?", o.color))
+    elif template == "where":
+        for o in scene:
+            out.append((f"which column is the {o.name} in ?", COLS[o.col]))
+            out.append((f"which row is the {o.name} in ?", ROWS[o.row]))
     elif template == "relative":
         for a in scene:
             for b in scene:
@@ -272,6 +283,7 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
     "exist": ("exist",),
     "position": ("position_shape", "position_color"),
     "relative": ("relative",),
+    "where": ("where",),
 }
 _TEMPLATE_ANSWERS = {
     "color": tuple(COLORS),
@@ -282,6 +294,7 @@ _TEMPLATE_ANSWERS = {
     "position_shape": SHAPES,
     "position_color": tuple(COLORS),
     "relative": ("yes", "no"),
+    "where": ROWS + COLS,
 }
 
 
@@ -313,16 +326,21 @@ def get_samples(split: str, n: int, start: int = 0) -> list[Sample]:
     return [get_sample(split, i) for i in range(start, start + n)]
 
 
-def scene_qas(scene: list[Obj], rng: np.random.Generator, k: int) -> list[tuple[str, str, str]]:
+def scene_qas(
+    scene: list[Obj], rng: np.random.Generator, k: int, qtypes: tuple[str, ...] = QTYPES
+) -> list[tuple[str, str, str]]:
     """``k`` extra (question, answer, qtype) triples about one scene (for multi-turn training).
 
-    The question type is drawn uniformly, then the answer uniformly among the answers the scene offers
-    for it, which keeps the extra turns roughly balanced too.
+    The question type is drawn uniformly from ``qtypes`` (any of ``TRAINING_QTYPES``), then the answer uniformly
+    among the answers the scene offers for it, which keeps the extra turns roughly balanced too.
     """
+    unknown = set(qtypes) - set(TRAINING_QTYPES)
+    if unknown or not qtypes:
+        raise ValueError(f"qtypes must be a non-empty subset of {TRAINING_QTYPES}; got {tuple(qtypes)!r}")
     out = []
     for _ in range(k):
         for _ in range(20):
-            qtype = QTYPES[int(rng.integers(len(QTYPES)))]
+            qtype = qtypes[int(rng.integers(len(qtypes)))]
             templates = TEMPLATES[qtype]
             template = templates[int(rng.integers(len(templates)))]
             cands = _candidates(scene, template, rng)
@@ -385,6 +403,9 @@ def vocabulary() -> list[str]:
         "color",
         "shape",
         "of",
+        "which",
+        "row",
+        "column",
         "left",
         "right",
         "above",

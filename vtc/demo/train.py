@@ -54,7 +54,9 @@ from .evaluate import evaluate
 from .task import (
     COLORS,
     IMAGE_SIZE,
+    QTYPES,
     SHAPES,
+    TRAINING_QTYPES,
     blank_image,
     get_sample,
     scene_qas,
@@ -69,12 +71,14 @@ _STAGE2 = dict(stage2_images=16, qas_per_image=16, lr=1e-3, weight_decay=0.0)
 GRID_DEFAULTS = dict(
     stage1_steps=1200,
     stage1_batch=32,
-    lm_steps=800,
+    lm_where_max_steps=800,
+    lm_where_until_acc=0.9,
+    lm_steps=1000,
     lm_qas_per_image=24,
     lm_bg_start=100,
     lm_bg_end=500,
     align_steps=200,
-    stage2_steps=1000,
+    stage2_steps=1200,
     bg_start=0,
     bg_end=0,
     **_STAGE2,
@@ -248,11 +252,20 @@ def stage1_tower(
     return head
 
 
-def packed_sequences(tokenizer, samples, k: int, n_image_tokens: int, seed: int = 777):
+def packed_sequences(
+    tokenizer,
+    samples,
+    k: int,
+    n_image_tokens: int,
+    seed: int = 777,
+    qtypes: tuple[str, ...] = QTYPES,
+    own_first: bool = True,
+):
     """LLaVA-style training text for ``samples`` with shared-prefix packing.
 
     Each row is ``<s> USER : <image> x n_image_tokens`` followed by ``k`` QA branches ``{q} ASSISTANT : {a} </s>``
-    (the sample's own QA first, then ``k - 1`` more about the same scene). Under :func:`packed_attention_mask`
+    (the sample's own QA first, then ``k - 1`` more about the same scene, of question types drawn from ``qtypes``;
+    with ``own_first=False`` all ``k`` are drawn from ``qtypes``). Under :func:`packed_attention_mask`
     every branch sees the prefix and itself only, and its position ids restart right after the prefix, so each
     branch is exactly a single-turn prompt as the model is evaluated: no text can leak between branches.
 
@@ -265,7 +278,8 @@ def packed_sequences(tokenizer, samples, k: int, n_image_tokens: int, seed: int 
     rows = []
     for s in samples:
         rng = np.random.default_rng([seed, *s.seed])
-        qas = [(s.question, s.answer)] + [(q, a) for q, a, _ in scene_qas(s.scene, rng, k - 1)]
+        own = [(s.question, s.answer)] if own_first else []
+        qas = own + [(q, a) for q, a, _ in scene_qas(s.scene, rng, k - len(own), qtypes)]
         ids, seg, pos, lab = list(prefix), [0] * p, list(range(p)), [-100] * p
         for j, (q, a) in enumerate(qas):
             qi, ai = ids_of(f"{q} ASSISTANT:"), ids_of(f"{a}</s>")
@@ -396,23 +410,33 @@ def _train_vlm(
     eval_every: int = 200,
     extra_params: tuple = (),
     steps: int | None = None,
-    bg: tuple[int, int] | None = None,
+    bg: tuple[float, float] | None = None,
     needs_pixels: bool = True,
     constant_lr: bool = False,
     qas: int | None = None,
-):
+    qtypes: tuple[str, ...] = TRAINING_QTYPES,
+    own_first: bool = True,
+    stop_at_acc: float | None = None,
+    first_sample: int = 0,
+) -> int:
     """Stage 2 (LLaVA's visual instruction tuning, scaled down): the stage-1 tower is frozen; the projector (and
     the 1D model's resampler) and the LM learn the VQA task from packed single-turn branches, answer-only loss.
 
     Two curricula make content-based retrieval learnable by a small LM trained from scratch (it otherwise sits on
     the blind plateau: attention spread over 196 patches carries almost no gradient towards the few that matter):
 
-    - grid model, ``bg = (start, end)`` (default ``hp["bg_start"], hp["bg_end"]``; 0 turns it off): background
-      patches are hidden from attention (position ids unchanged), then shown with a probability rising linearly
-      to 1, so the LM first learns to read objects and then to ignore the background; all 196 patches are
-      visible for the rest of training, as at test time;
+    - grid model, ``bg = (start, end)`` (default ``hp["bg_start"], hp["bg_end"]``; ``end = 0`` turns it off,
+      ``start = end = inf`` hides the background throughout): background patches are hidden from attention
+      (position ids unchanged), then shown with a probability rising linearly to 1, so the LM first learns to read
+      objects and then to ignore the background; all 196 patches are visible for the rest of training, as at test
+      time;
     - 1D model, nested dropout (FlexTok): for a fraction of the images only a random prefix of the latents is
       visible, with position ids of the branches either kept or renumbered, so every prefix is in distribution.
+
+    The extra QA branches are drawn from ``qtypes`` (``own_first=False``: all of them, not the sample's own QA
+    first). With ``stop_at_acc`` training stops early once the running mean of the first-answer-token accuracy
+    reaches it (a curriculum phase that lasts until its skill is learned). Images are train samples
+    ``first_sample + step * stage2_images ...``. Returns the number of steps run.
     """
     from tqdm.auto import tqdm
 
@@ -432,18 +456,19 @@ def _train_vlm(
     n_tokens = nested or (IMAGE_SIZE // PATCH) ** 2
     embed = model.get_input_embeddings()
     bar = tqdm(range(steps), desc=f"{desc} stage2 (VLM)")
-    ema = None
+    ema = acc_ema = None
     for step in bar:
         model.train()
         for g in opt.param_groups:
             warm = max(1, steps // 20)
             g["lr"] = hp["lr"] * (min(1.0, (step + 1) / warm) if constant_lr else _lr_factor(step, steps, warm))
-        samples = [get_sample("train", i) for i in range(step * n_img, (step + 1) * n_img)]
-        ids, seg, pos, labels = packed_sequences(tok, samples, k, n_tokens)
+        first = first_sample + step * n_img
+        samples = [get_sample("train", i) for i in range(first, first + n_img)]
+        ids, seg, pos, labels = packed_sequences(tok, samples, k, n_tokens, qtypes=qtypes, own_first=own_first)
         img = ids == IMAGE_TOKEN_ID
         drop = torch.zeros_like(img)
         if nested is None and bg[1] > 0:  # background curriculum (grid)
-            frac = min(1.0, max(0.0, (step - bg[0]) / max(1, bg[1] - bg[0])))
+            frac = 0.0 if math.isinf(bg[0]) else min(1.0, max(0.0, (step - bg[0]) / max(1, bg[1] - bg[0])))
             hidden = _background_patches([s.scene for s in samples]) & (torch.rand(n_img, n_tokens) >= frac)
             drop[img] = hidden.flatten()
         elif nested is not None:  # nested dropout (1D)
@@ -470,20 +495,26 @@ def _train_vlm(
         li = res.loss.item()
         ema = li if ema is None else 0.95 * ema + 0.05 * li
         bar.set_postfix(loss=f"{ema:.3f}")
-        if step % 20 == 0 or step == steps - 1:
+        report = step % 20 == 0 or step == steps - 1
+        if report or stop_at_acc is not None:
             with torch.no_grad():  # first answer token of every branch
                 target = labels[:, 1:].to(device)
-                first = (target != -100) & (labels[:, :-1].to(device) == -100)
-                acc = (res.logits[:, :-1].argmax(-1)[first] == target[first]).float().mean().item()
+                answer = (target != -100) & (labels[:, :-1].to(device) == -100)
+                acc = (res.logits[:, :-1].argmax(-1)[answer] == target[answer]).float().mean().item()
+            acc_ema = acc if acc_ema is None else 0.95 * acc_ema + 0.05 * acc
+        if report:
             log(
                 f"{desc} step {step} loss {li:.4f} ema {ema:.4f} train_acc {acc:.3f} lr {opt.param_groups[0]['lr']:.2e}"
             )
+        if stop_at_acc is not None and step >= 50 and acc_ema >= stop_at_acc:
+            log(f"{desc} step {step}: running train accuracy {acc_ema:.3f} >= {stop_at_acc}, phase done")
+            break
         if needs_pixels and (step + 1) % eval_every == 0 and step + 1 < steps:
             r = evaluate(model, processor, split="val", n=300, batch_size=50, mode="first_token")
             log(f"stage2 step {step + 1} val_first_token_acc {r['accuracy']:.4f} per_type {json.dumps(r['per_type'])}")
             _save(model, processor, out, log)  # checkpoint (overwritten by the final model)
     model.eval()
-    return model
+    return step + 1
 
 
 def _final_metrics(model, processor, log, n_test: int, extra: dict) -> dict:
@@ -561,25 +592,42 @@ def train_grid(
     stage1_tower(tower, processor, hp, dev, log, seed, "grid", log_dir, reuse_stage1)
     t1 = time.time()
     tower.requires_grad_(False)
-    # stage 2a: LM pretraining on the symbolic copy of the task (image tokens from the scene's ground truth)
+    # stage 2a: LM pretraining on the symbolic copy of the task (image tokens from the scene's ground truth).
+    # Phase 1 asks only "where" questions (row / column of a named object), background hidden, until they are
+    # learned; phase 2 asks every question type with the background curriculum. Relative questions stay at chance
+    # when trained from the start, and are learned quickly once the LM can read one object's position.
     symbolic = SymbolicPatches(model.config.text_config.hidden_size).to(dev)
-    _train_vlm(
-        model,
-        processor,
-        list(tower.parameters()) + list(model.model.multi_modal_projector.parameters()),
-        hp,
-        dev,
-        log,
-        seed + 1,
-        "grid symbolic",
-        lambda m, pv, samples: symbolic(samples),
-        out,
+    symbolic_stage = dict(
+        model=model,
+        processor=processor,
+        frozen=list(tower.parameters()) + list(model.model.multi_modal_projector.parameters()),
+        hp=hp,
+        device=dev,
+        log=log,
+        features=lambda m, pv, samples: symbolic(samples),
+        out=out,
         extra_params=tuple(symbolic.parameters()),
         constant_lr=True,
         qas=hp["lm_qas_per_image"],
+        needs_pixels=False,
+    )
+    where_steps = _train_vlm(
+        **symbolic_stage,
+        seed=seed + 11,
+        desc="grid symbolic where",
+        steps=hp["lm_where_max_steps"],
+        stop_at_acc=hp["lm_where_until_acc"],
+        bg=(math.inf, math.inf),
+        qtypes=("where",),
+        own_first=False,
+        first_sample=10_000_000,
+    )
+    _train_vlm(
+        **symbolic_stage,
+        seed=seed + 1,
+        desc="grid symbolic",
         steps=hp["lm_steps"],
         bg=(hp["lm_bg_start"], hp["lm_bg_end"]),
-        needs_pixels=False,
     )
     align_projector(model, processor, symbolic, hp, dev, log, seed + 2, "grid")
     _train_vlm(model, processor, list(tower.parameters()), hp, dev, log, seed + 3, "grid", _grid_features, out)
@@ -596,6 +644,7 @@ def train_grid(
             "model": "vtc-tiny-llava",
             "train_seconds": train_time,
             "stage1_seconds": t1 - t0,
+            "where_phase_steps": where_steps,
             "bytes_on_disk": size,
             "params": sum(p.numel() for p in model.parameters()),
             "hparams": hp,
