@@ -13,6 +13,7 @@ from vtc.demo.evaluate import evaluate
 from vtc.demo.task import ANSWERS, QTYPES, blank_image, format_prompt, get_sample, get_samples
 
 N_FIXED = 50  # test samples 0..49
+ANSWERS_WHERE = ("top", "middle", "bottom", "left", "center", "right")
 
 
 # ------------------------------------------------------------------------------------------ generator
@@ -79,7 +80,13 @@ def test_packed_training_labels_are_exactly_the_answer_spans():
 
     tok = build_tokenizer()
     samples = get_samples("train", 5)
-    ids, seg, pos, labels = packed_sequences(tok, samples, 4, 196)
+    ids, seg, pos, labels, qtypes = packed_sequences(tok, samples, 4, 196, with_qtypes=True)
+    assert qtypes[::4] == [s.qtype for s in samples] and set(qtypes) <= set(QTYPES) and len(qtypes) == 20
+    _, _, _, where_labels, where_types = packed_sequences(
+        tok, samples, 4, 196, qtypes=("where",), own_first=False, with_qtypes=True
+    )
+    assert where_types == ["where"] * 20
+    assert set(tok.decode(where_labels[where_labels != -100]).split()) <= set(ANSWERS_WHERE) | {"</s>"}
     mask = packed_attention_mask(seg)[:, 0]
     for r, s in enumerate(samples):
         assert int((ids[r] == IMAGE_TOKEN_ID).sum()) == 196 and bool((seg[r][ids[r] == IMAGE_TOKEN_ID] == 0).all())

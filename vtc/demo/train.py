@@ -52,7 +52,9 @@ from .build import (
 )
 from .evaluate import evaluate
 from .task import (
+    CELL,
     COLORS,
+    GRID,
     IMAGE_SIZE,
     QTYPES,
     SHAPES,
@@ -77,7 +79,7 @@ GRID_DEFAULTS = dict(
     lm_qas_per_image=24,
     lm_bg_start=100,
     lm_bg_end=500,
-    align_steps=200,
+    align_steps=600,
     stage2_steps=1200,
     bg_start=0,
     bg_end=0,
@@ -260,6 +262,7 @@ def packed_sequences(
     seed: int = 777,
     qtypes: tuple[str, ...] = QTYPES,
     own_first: bool = True,
+    with_qtypes: bool = False,
 ):
     """LLaVA-style training text for ``samples`` with shared-prefix packing.
 
@@ -271,17 +274,19 @@ def packed_sequences(
 
     Returns ``(input_ids, segment, position_ids, labels)``, all (B, L) long: ``segment`` is 0 on the prefix,
     ``j + 1`` on branch ``j`` and -1 on right padding; ``labels`` are the answer and its ``</s>`` (-100 elsewhere).
+    ``with_qtypes=True`` adds a fifth item: the question type of every branch, row by row, branch by branch.
     """
     ids_of = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
     prefix = [tokenizer.bos_token_id] + ids_of("USER:") + [IMAGE_TOKEN_ID] * n_image_tokens
     p = len(prefix)
-    rows = []
+    rows, branch_qtypes = [], []
     for s in samples:
         rng = np.random.default_rng([seed, *s.seed])
-        own = [(s.question, s.answer)] if own_first else []
-        qas = own + [(q, a) for q, a, _ in scene_qas(s.scene, rng, k - len(own), qtypes)]
+        own = [(s.question, s.answer, s.qtype)] if own_first else []
+        qas = own + scene_qas(s.scene, rng, k - len(own), qtypes)
+        branch_qtypes += [t for _, _, t in qas]
         ids, seg, pos, lab = list(prefix), [0] * p, list(range(p)), [-100] * p
-        for j, (q, a) in enumerate(qas):
+        for j, (q, a, _) in enumerate(qas):
             qi, ai = ids_of(f"{q} ASSISTANT:"), ids_of(f"{a}</s>")
             ids += qi + ai
             seg += [j + 1] * (len(qi) + len(ai))
@@ -290,7 +295,8 @@ def packed_sequences(
         rows.append((ids, seg, pos, lab))
     n = max(len(r[0]) for r in rows)
     pad = lambda i, v: torch.tensor([r[i] + [v] * (n - len(r[i])) for r in rows])  # noqa: E731
-    return pad(0, tokenizer.pad_token_id), pad(1, -1), pad(2, 0), pad(3, -100)
+    out = pad(0, tokenizer.pad_token_id), pad(1, -1), pad(2, 0), pad(3, -100)
+    return (*out, branch_qtypes) if with_qtypes else out
 
 
 def packed_attention_mask(segment: torch.Tensor, key_drop: torch.Tensor | None = None) -> torch.Tensor:
@@ -339,11 +345,17 @@ def patch_attributes(scenes) -> torch.Tensor:
     return torch.from_numpy(out.reshape(len(scenes), -1, 3))
 
 
+# the 3 x 3 scene cell (task.GRID) that each patch row / column lies in: objects never cross a cell border
+_PATCH_CELL = torch.from_numpy((_PATCH_CENTRES // CELL).astype(np.int64))
+
+
 class SymbolicPatches(nn.Module):
     """Image tokens from the scene's ground truth, for pretraining the LM on a symbolic copy of the task before it
     sees pixels (a real LLaVA starts from a pretrained LM): an object patch is the sum of learned colour, shape
     and size embeddings, a background patch a learned background embedding, each plus learned embeddings of the
-    patch's row and column in the 14 x 14 grid."""
+    patch's row and column in the 14 x 14 grid and of the scene cell's row and column (3 x 3). The cell terms
+    are the same on every patch of an object, so its position can be read like its colour (the fine terms alone
+    differ from patch to patch, and reading an object's position from them stayed at chance)."""
 
     def __init__(self, dim: int, std: float = 0.02):
         super().__init__()
@@ -353,11 +365,15 @@ class SymbolicPatches(nn.Module):
         self.background = nn.Parameter(torch.randn(dim) * std)
         self.row = nn.Parameter(torch.randn(PATCH_GRID, dim) * std)
         self.col = nn.Parameter(torch.randn(PATCH_GRID, dim) * std)
+        self.cell_row = nn.Parameter(torch.randn(GRID, dim) * std)
+        self.cell_col = nn.Parameter(torch.randn(GRID, dim) * std)
 
     @property
     def pos(self) -> torch.Tensor:
-        """(196, dim) position embedding of each patch: its row's plus its column's."""
-        return (self.row[:, None] + self.col[None, :]).flatten(0, 1)
+        """(196, dim) position embedding of each patch: its row's and column's, and its cell's row's and column's."""
+        cell = _PATCH_CELL.to(self.row.device)
+        rows, cols = self.row + self.cell_row[cell], self.col + self.cell_col[cell]
+        return (rows[:, None] + cols[None, :]).flatten(0, 1)
 
     def forward(self, samples) -> torch.Tensor:
         attr = patch_attributes([s.scene for s in samples]).to(self.pos.device)
@@ -464,7 +480,9 @@ def _train_vlm(
             g["lr"] = hp["lr"] * (min(1.0, (step + 1) / warm) if constant_lr else _lr_factor(step, steps, warm))
         first = first_sample + step * n_img
         samples = [get_sample("train", i) for i in range(first, first + n_img)]
-        ids, seg, pos, labels = packed_sequences(tok, samples, k, n_tokens, qtypes=qtypes, own_first=own_first)
+        ids, seg, pos, labels, branch_qtypes = packed_sequences(
+            tok, samples, k, n_tokens, qtypes=qtypes, own_first=own_first, with_qtypes=True
+        )
         img = ids == IMAGE_TOKEN_ID
         drop = torch.zeros_like(img)
         if nested is None and bg[1] > 0:  # background curriculum (grid)
@@ -500,11 +518,17 @@ def _train_vlm(
             with torch.no_grad():  # first answer token of every branch
                 target = labels[:, 1:].to(device)
                 answer = (target != -100) & (labels[:, :-1].to(device) == -100)
-                acc = (res.logits[:, :-1].argmax(-1)[answer] == target[answer]).float().mean().item()
+                hit = res.logits[:, :-1].argmax(-1)[answer] == target[answer]  # row-major: branch order
+                acc = hit.float().mean().item()
             acc_ema = acc if acc_ema is None else 0.95 * acc_ema + 0.05 * acc
         if report:
+            by_type = {}
+            for t, h in zip(branch_qtypes, hit.tolist()):
+                by_type.setdefault(t, []).append(h)
+            per_type = " ".join(f"{t} {sum(v) / len(v):.2f}" for t, v in sorted(by_type.items()))
             log(
-                f"{desc} step {step} loss {li:.4f} ema {ema:.4f} train_acc {acc:.3f} lr {opt.param_groups[0]['lr']:.2e}"
+                f"{desc} step {step} loss {li:.4f} ema {ema:.4f} train_acc {acc:.3f} ({per_type}) "
+                f"lr {opt.param_groups[0]['lr']:.2e}"
             )
         if stop_at_acc is not None and step >= 50 and acc_ema >= stop_at_acc:
             log(f"{desc} step {step}: running train accuracy {acc_ema:.3f} >= {stop_at_acc}, phase done")
