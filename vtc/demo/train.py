@@ -20,7 +20,9 @@ Both follow the recipe of real LLaVA-style models, scaled down:
   QA branches packed behind one copy of the image prefix (:func:`packed_sequences`); a block mask and
   restarted position ids make every branch exactly the single-turn evaluation prompt, so no answer can be read
   off another question's text and the image is encoded once for many supervised answers.
-- The ordered 1D model starts from the grid model's LM and is trained with **nested dropout**: for most images
+- The ordered 1D model starts from the grid model's LM. Its resampler and projector are first aligned
+  (:func:`align_latents`): latent ``j < 9`` regresses onto the grid model's image tokens of scene cell ``j``, so
+  the LM can read the latents from the start. Then it is trained with **nested dropout**: for most images
   only a random prefix of its 32 latents is visible to the LM (the rest are masked out of attention; position
   ids either keep the original numbering or are renumbered, so both ways of truncating are in distribution).
 
@@ -85,7 +87,9 @@ GRID_DEFAULTS = dict(
     bg_end=0,
     **_STAGE2,
 )
-ORDERED_DEFAULTS = dict(stage1_steps=1200, stage1_batch=32, stage2_steps=1500, nested_full=0.35, **_STAGE2)
+ORDERED_DEFAULTS = dict(
+    stage1_steps=1200, stage1_batch=32, align_steps=600, stage2_steps=1500, nested_full=0.35, **_STAGE2
+)
 
 
 # ------------------------------------------------------------------------------------------- helpers
@@ -681,8 +685,9 @@ def train_grid(
     return metrics
 
 
-def _load_language_model(model, grid_dir: Path, log) -> None:
-    """Copy the language model and LM head of the trained grid model at ``grid_dir`` into ``model``."""
+def _load_language_model(model, grid_dir: Path, log):
+    """Copy the language model and LM head of the trained grid model at ``grid_dir`` into ``model``; return the
+    grid model (the teacher of :func:`align_latents`)."""
     from transformers import LlavaForConditionalGeneration
 
     if not (grid_dir / "model.safetensors").exists():
@@ -694,6 +699,59 @@ def _load_language_model(model, grid_dir: Path, log) -> None:
     model.model.language_model.load_state_dict(grid.model.language_model.state_dict())
     model.lm_head.load_state_dict(grid.lm_head.state_dict())
     log(f"1d: language model initialised from the grid model at {grid_dir}")
+    return grid
+
+
+def _cell_targets(grid_feats: torch.Tensor, scenes) -> torch.Tensor:
+    """(B, 9, D): for each 3 x 3 scene cell in raster order, the mean of the grid model's image tokens over the
+    patches of the object in it, or over the cell's patches when it is empty."""
+    cell = (_PATCH_CELL[:, None] * GRID + _PATCH_CELL[None, :]).flatten()  # (196,) cell of each patch
+    weights = torch.zeros(len(scenes), GRID * GRID, PATCH_GRID * PATCH_GRID)
+    weights[:, cell, torch.arange(cell.numel())] = 1.0
+    for b, scene in enumerate(scenes):
+        for o in scene:
+            covered = torch.from_numpy(_covered(o).reshape(-1))
+            if covered.any():
+                weights[b, o.row * GRID + o.col] = covered.float()
+    weights = weights / weights.sum(-1, keepdim=True)
+    return weights.to(grid_feats) @ grid_feats
+
+
+def align_latents(model, grid, processor, hp: dict, device, log, seed: int):
+    """Feature alignment of the 1D model (only the resampler and projector train): latent ``j < 9`` regresses onto
+    the trained grid model's image tokens of scene cell ``j`` (its object's patches, averaged), so the first
+    latents arrive in the space the shared LM already reads; nested-dropout VQA training then takes over."""
+    from tqdm.auto import tqdm
+
+    torch.manual_seed(seed)
+    tower = model.model.vision_tower
+    train = [p for n, p in tower.named_parameters() if not n.startswith("encoder.")]
+    train += list(model.model.multi_modal_projector.parameters())
+    opt = torch.optim.AdamW(train, lr=hp["lr"], betas=(0.9, 0.98), weight_decay=0.0)
+    steps, n_img = hp["align_steps"], 2 * hp["stage2_images"]
+    grid = grid.to(device).eval()
+    bar = tqdm(range(steps), desc="1d alignment (resampler, projector)")
+    for step in bar:
+        for g in opt.param_groups:
+            g["lr"] = hp["lr"] * _lr_factor(step, steps, max(1, steps // 20))
+        first = 20_000_000 + step * n_img
+        samples = [get_sample("train", i) for i in range(first, first + n_img)]
+        pv = _pixel_values(processor, [s.image for s in samples], device)
+        with torch.no_grad():
+            hs = tower.encoder(pv, output_hidden_states=True).hidden_states
+            target = _cell_targets(
+                grid.model.multi_modal_projector(hs[grid.config.vision_feature_layer][:, 1:]),
+                [s.scene for s in samples],
+            )
+        latents = model.model.multi_modal_projector(tower.resample(hs[-1]))[:, : GRID * GRID]
+        loss = (latents - target).pow(2).mean() / target.var()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+        if step % 20 == 0 or step == steps - 1:
+            log(f"1d align step {step} normalised_mse {loss.item():.4f}")
+    grid.cpu()
 
 
 def train_1d(
@@ -727,7 +785,9 @@ def train_1d(
     stage1_tower(clip, processor, hp, dev, log, seed, "1d", log_dir, reuse_stage1)
     t1 = time.time()
     clip.requires_grad_(False)
-    _load_language_model(model, Path(lm_from) if lm_from else out.parent / "tiny-llava", log)
+    grid = _load_language_model(model, Path(lm_from) if lm_from else out.parent / "tiny-llava", log)
+    align_latents(model, grid, processor, hp, dev, log, seed + 2)
+    del grid
     _train_vlm(
         model,
         processor,
