@@ -77,7 +77,8 @@ GRID_DEFAULTS = dict(
     stage1_batch=32,
     lm_where_max_steps=800,
     lm_where_until_acc=0.9,
-    lm_steps=1000,
+    lm_cell_steps=600,
+    lm_steps=800,
     lm_qas_per_image=24,
     lm_bg_start=100,
     lm_bg_end=500,
@@ -379,11 +380,27 @@ class SymbolicPatches(nn.Module):
         rows, cols = self.row + self.cell_row[cell], self.col + self.cell_col[cell]
         return (rows[:, None] + cols[None, :]).flatten(0, 1)
 
-    def forward(self, samples) -> torch.Tensor:
-        attr = patch_attributes([s.scene for s in samples]).to(self.pos.device)
+    def _tokens(self, attr: torch.Tensor) -> torch.Tensor:
         c, s, z = attr.clamp(min=0).unbind(-1)
         obj = self.color[c] + self.shape[s] + self.size[z]
-        return torch.where(attr[..., :1] >= 0, obj, self.background) + self.pos
+        return torch.where(attr[..., :1] >= 0, obj, self.background)
+
+    def forward(self, samples) -> torch.Tensor:
+        """(B, 196, dim): one token per patch."""
+        return self._tokens(patch_attributes([s.scene for s in samples]).to(self.pos.device)) + self.pos
+
+    def cells(self, samples) -> torch.Tensor:
+        """(B, 9, dim): one token per scene cell (raster order), its object's (or the background's) embeddings plus
+        the cell's row and column: the coarse copy of the image that the LM learns on first."""
+        colors = list(COLORS)
+        attr = torch.full((len(samples), GRID * GRID, 3), -1, dtype=torch.long)
+        for b, smp in enumerate(samples):
+            for o in smp.scene:
+                attr[b, o.row * GRID + o.col] = torch.tensor(
+                    [colors.index(o.color), SHAPES.index(o.shape), int(o.size == "large")]
+                )
+        pos = (self.cell_row[:, None] + self.cell_col[None, :]).flatten(0, 1)
+        return self._tokens(attr.to(pos.device)) + pos
 
 
 def align_projector(model, processor, symbolic: SymbolicPatches, hp: dict, device, log, seed: int, desc: str):
@@ -438,6 +455,7 @@ def _train_vlm(
     own_first: bool = True,
     stop_at_acc: float | None = None,
     first_sample: int = 0,
+    n_image_tokens: int | None = None,
 ) -> int:
     """Stage 2 (LLaVA's visual instruction tuning, scaled down): the stage-1 tower is frozen; the projector (and
     the 1D model's resampler) and the LM learn the VQA task from packed single-turn branches, answer-only loss.
@@ -445,18 +463,18 @@ def _train_vlm(
     Two curricula make content-based retrieval learnable by a small LM trained from scratch (it otherwise sits on
     the blind plateau: attention spread over 196 patches carries almost no gradient towards the few that matter):
 
-    - grid model, ``bg = (start, end)`` (default ``hp["bg_start"], hp["bg_end"]``; ``end = 0`` turns it off,
-      ``start = end = inf`` hides the background throughout): background patches are hidden from attention
-      (position ids unchanged), then shown with a probability rising linearly to 1, so the LM first learns to read
-      objects and then to ignore the background; all 196 patches are visible for the rest of training, as at test
-      time;
+    - grid model, ``bg = (start, end)`` (default ``hp["bg_start"], hp["bg_end"]``; ``end = 0`` turns it off):
+      background patches are hidden from attention (position ids unchanged), then shown with a probability rising
+      linearly to 1, so the LM first learns to read objects and then to ignore the background; all 196 patches are
+      visible for the rest of training, as at test time;
     - 1D model, nested dropout (FlexTok): for a fraction of the images only a random prefix of the latents is
       visible, with position ids of the branches either kept or renumbered, so every prefix is in distribution.
 
     The extra QA branches are drawn from ``qtypes`` (``own_first=False``: all of them, not the sample's own QA
     first). With ``stop_at_acc`` training stops early once the running mean of the first-answer-token accuracy
     reaches it (a curriculum phase that lasts until its skill is learned). Images are train samples
-    ``first_sample + step * stage2_images ...``. Returns the number of steps run.
+    ``first_sample + step * stage2_images ...``; ``n_image_tokens`` overrides the number of image tokens per image
+    (``features`` must return that many). Returns the number of steps run.
     """
     from tqdm.auto import tqdm
 
@@ -473,7 +491,7 @@ def _train_vlm(
     steps = steps or hp["stage2_steps"]
     n_img, k = hp["stage2_images"], qas or hp["qas_per_image"]
     bg = bg or (hp.get("bg_start", 0), hp.get("bg_end", 0))
-    n_tokens = nested or (IMAGE_SIZE // PATCH) ** 2
+    n_tokens = n_image_tokens or nested or (IMAGE_SIZE // PATCH) ** 2
     embed = model.get_input_embeddings()
     bar = tqdm(range(steps), desc=f"{desc} stage2 (VLM)")
     ema = acc_ema = None
@@ -490,7 +508,7 @@ def _train_vlm(
         img = ids == IMAGE_TOKEN_ID
         drop = torch.zeros_like(img)
         if nested is None and bg[1] > 0:  # background curriculum (grid)
-            frac = 0.0 if math.isinf(bg[0]) else min(1.0, max(0.0, (step - bg[0]) / max(1, bg[1] - bg[0])))
+            frac = min(1.0, max(0.0, (step - bg[0]) / max(1, bg[1] - bg[0])))
             hidden = _background_patches([s.scene for s in samples]) & (torch.rand(n_img, n_tokens) >= frac)
             drop[img] = hidden.flatten()
         elif nested is not None:  # nested dropout (1D)
@@ -620,10 +638,11 @@ def train_grid(
     stage1_tower(tower, processor, hp, dev, log, seed, "grid", log_dir, reuse_stage1)
     t1 = time.time()
     tower.requires_grad_(False)
-    # stage 2a: LM pretraining on the symbolic copy of the task (image tokens from the scene's ground truth).
-    # Phase 1 asks only "where" questions (row / column of a named object), background hidden, until they are
-    # learned; phase 2 asks every question type with the background curriculum. Relative questions stay at chance
-    # when trained from the start, and are learned quickly once the LM can read one object's position.
+    # stage 2a: LM pretraining on the symbolic copy of the task (image tokens from the scene's ground truth), from
+    # coarse to fine. Phase 1: one token per 3 x 3 scene cell, only "where" questions (row / column of a named
+    # object) until they are learned; phase 2: the same cell tokens, every question type; phase 3: one token per
+    # patch (196), every question type, with the background curriculum. Relative questions stay at chance when
+    # trained from the start, and are learned quickly once the LM can read one object's position.
     symbolic = SymbolicPatches(model.config.text_config.hidden_size).to(dev)
     symbolic_stage = dict(
         model=model,
@@ -639,17 +658,18 @@ def train_grid(
         qas=hp["lm_qas_per_image"],
         needs_pixels=False,
     )
+    cells = dict(symbolic_stage, features=lambda m, pv, samples: symbolic.cells(samples), n_image_tokens=GRID * GRID)
     where_steps = _train_vlm(
-        **symbolic_stage,
+        **cells,
         seed=seed + 11,
-        desc="grid symbolic where",
+        desc="grid symbolic cells where",
         steps=hp["lm_where_max_steps"],
         stop_at_acc=hp["lm_where_until_acc"],
-        bg=(math.inf, math.inf),
         qtypes=("where",),
         own_first=False,
         first_sample=10_000_000,
     )
+    _train_vlm(**cells, seed=seed + 12, desc="grid symbolic cells", steps=hp["lm_cell_steps"], first_sample=12_000_000)
     _train_vlm(
         **symbolic_stage,
         seed=seed + 1,
