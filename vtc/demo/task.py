@@ -332,7 +332,9 @@ def scene_qas(
     """``k`` extra (question, answer, qtype) triples about one scene (for multi-turn training).
 
     The question type is drawn uniformly from ``qtypes`` (any of ``TRAINING_QTYPES``), then the answer uniformly
-    among the answers the scene offers for it, which keeps the extra turns roughly balanced too.
+    among the answers the scene offers for it, which keeps the extra turns roughly balanced too. "where" questions
+    are drawn uniformly over (object, row or column) instead: answering with the most common position among the
+    objects is then better than chance, a first step off the plateau that the LM needs to start reading positions.
     """
     unknown = set(qtypes) - set(TRAINING_QTYPES)
     if unknown or not qtypes:
@@ -346,6 +348,10 @@ def scene_qas(
             cands = _candidates(scene, template, rng)
             if not cands:
                 continue
+            if qtype == "where":  # uniform over (object, axis): majority-position shortcuts stay, as a first rung
+                q, a = cands[int(rng.integers(len(cands)))]
+                out.append((q, a, qtype))
+                break
             answers = sorted({a for _, a in cands})
             a = answers[int(rng.integers(len(answers)))]
             qs = [q for q, aa in cands if aa == a]

@@ -75,7 +75,9 @@ _STAGE2 = dict(stage2_images=16, qas_per_image=16, lr=1e-3, weight_decay=0.0)
 GRID_DEFAULTS = dict(
     stage1_steps=1200,
     stage1_batch=32,
-    lm_where_max_steps=800,
+    lm_cell_images=32,
+    lm_cell_qas_per_image=8,
+    lm_where_max_steps=1000,
     lm_where_until_acc=0.9,
     lm_cell_steps=600,
     lm_steps=800,
@@ -456,6 +458,7 @@ def _train_vlm(
     stop_at_acc: float | None = None,
     first_sample: int = 0,
     n_image_tokens: int | None = None,
+    images: int | None = None,
 ) -> int:
     """Stage 2 (LLaVA's visual instruction tuning, scaled down): the stage-1 tower is frozen; the projector (and
     the 1D model's resampler) and the LM learn the VQA task from packed single-turn branches, answer-only loss.
@@ -473,7 +476,7 @@ def _train_vlm(
     The extra QA branches are drawn from ``qtypes`` (``own_first=False``: all of them, not the sample's own QA
     first). With ``stop_at_acc`` training stops early once the running mean of the first-answer-token accuracy
     reaches it (a curriculum phase that lasts until its skill is learned). Images are train samples
-    ``first_sample + step * stage2_images ...``; ``n_image_tokens`` overrides the number of image tokens per image
+    ``first_sample + step * images ...`` (default ``hp["stage2_images"]``); ``n_image_tokens`` overrides the number of image tokens per image
     (``features`` must return that many). Returns the number of steps run.
     """
     from tqdm.auto import tqdm
@@ -489,7 +492,7 @@ def _train_vlm(
     ]
     opt = torch.optim.AdamW(groups, lr=hp["lr"], betas=(0.9, 0.98))
     steps = steps or hp["stage2_steps"]
-    n_img, k = hp["stage2_images"], qas or hp["qas_per_image"]
+    n_img, k = images or hp["stage2_images"], qas or hp["qas_per_image"]
     bg = bg or (hp.get("bg_start", 0), hp.get("bg_end", 0))
     n_tokens = n_image_tokens or nested or (IMAGE_SIZE // PATCH) ** 2
     embed = model.get_input_embeddings()
@@ -658,7 +661,13 @@ def train_grid(
         qas=hp["lm_qas_per_image"],
         needs_pixels=False,
     )
-    cells = dict(symbolic_stage, features=lambda m, pv, samples: symbolic.cells(samples), n_image_tokens=GRID * GRID)
+    cells = dict(
+        symbolic_stage,
+        features=lambda m, pv, samples: symbolic.cells(samples),
+        n_image_tokens=GRID * GRID,
+        images=hp["lm_cell_images"],
+        qas=hp["lm_cell_qas_per_image"],
+    )
     where_steps = _train_vlm(
         **cells,
         seed=seed + 11,

@@ -49,6 +49,10 @@ def qa_for(scene):
                 nm = f"{o.color} object" if uq else o.name
             else:
                 nm = o.name
+            if A.wname == "which":  # the wording of task.py's training-only "where" questions
+                if rng.random() < 0.5:
+                    return f"which column is the {nm} in ?", T.COLS[o.col], qt
+                return f"which row is the {nm} in ?", T.ROWS[o.row], qt
             if rng.random() < 0.5:
                 return f"what is the {nm} left ?", T.COLS[o.col], qt
             return f"what is the {nm} above ?", T.ROWS[o.row], qt
