@@ -77,9 +77,8 @@ GRID_DEFAULTS = dict(
     stage1_batch=32,
     lm_cell_images=32,
     lm_cell_qas_per_image=8,
-    lm_where_max_steps=1000,
-    lm_where_until_acc=0.9,
-    lm_cell_steps=600,
+    lm_cell_steps=800,
+    lm_cell_relative_steps=600,
     lm_steps=800,
     lm_qas_per_image=24,
     lm_bg_start=100,
@@ -455,11 +454,10 @@ def _train_vlm(
     qas: int | None = None,
     qtypes: tuple[str, ...] = TRAINING_QTYPES,
     own_first: bool = True,
-    stop_at_acc: float | None = None,
     first_sample: int = 0,
     n_image_tokens: int | None = None,
     images: int | None = None,
-) -> int:
+) -> None:
     """Stage 2 (LLaVA's visual instruction tuning, scaled down): the stage-1 tower is frozen; the projector (and
     the 1D model's resampler) and the LM learn the VQA task from packed single-turn branches, answer-only loss.
 
@@ -474,10 +472,9 @@ def _train_vlm(
       visible, with position ids of the branches either kept or renumbered, so every prefix is in distribution.
 
     The extra QA branches are drawn from ``qtypes`` (``own_first=False``: all of them, not the sample's own QA
-    first). With ``stop_at_acc`` training stops early once the running mean of the first-answer-token accuracy
-    reaches it (a curriculum phase that lasts until its skill is learned). Images are train samples
-    ``first_sample + step * images ...`` (default ``hp["stage2_images"]``); ``n_image_tokens`` overrides the number of image tokens per image
-    (``features`` must return that many). Returns the number of steps run.
+    first; a type listed twice is drawn twice as often). Images are train samples
+    ``first_sample + step * images ...`` (default ``hp["stage2_images"]``); ``n_image_tokens`` overrides the number
+    of image tokens per image (``features`` must return that many).
     """
     from tqdm.auto import tqdm
 
@@ -497,7 +494,7 @@ def _train_vlm(
     n_tokens = n_image_tokens or nested or (IMAGE_SIZE // PATCH) ** 2
     embed = model.get_input_embeddings()
     bar = tqdm(range(steps), desc=f"{desc} stage2 (VLM)")
-    ema = acc_ema = None
+    ema = None
     for step in bar:
         model.train()
         for g in opt.param_groups:
@@ -538,15 +535,12 @@ def _train_vlm(
         li = res.loss.item()
         ema = li if ema is None else 0.95 * ema + 0.05 * li
         bar.set_postfix(loss=f"{ema:.3f}")
-        report = step % 20 == 0 or step == steps - 1
-        if report or stop_at_acc is not None:
+        if step % 20 == 0 or step == steps - 1:
             with torch.no_grad():  # first answer token of every branch
                 target = labels[:, 1:].to(device)
                 answer = (target != -100) & (labels[:, :-1].to(device) == -100)
                 hit = res.logits[:, :-1].argmax(-1)[answer] == target[answer]  # row-major: branch order
                 acc = hit.float().mean().item()
-            acc_ema = acc if acc_ema is None else 0.95 * acc_ema + 0.05 * acc
-        if report:
             by_type = {}
             for t, h in zip(branch_qtypes, hit.tolist()):
                 by_type.setdefault(t, []).append(h)
@@ -555,15 +549,11 @@ def _train_vlm(
                 f"{desc} step {step} loss {li:.4f} ema {ema:.4f} train_acc {acc:.3f} ({per_type}) "
                 f"lr {opt.param_groups[0]['lr']:.2e}"
             )
-        if stop_at_acc is not None and step >= 50 and acc_ema >= stop_at_acc:
-            log(f"{desc} step {step}: running train accuracy {acc_ema:.3f} >= {stop_at_acc}, phase done")
-            break
         if needs_pixels and (step + 1) % eval_every == 0 and step + 1 < steps:
             r = evaluate(model, processor, split="val", n=300, batch_size=50, mode="first_token")
             log(f"stage2 step {step + 1} val_first_token_acc {r['accuracy']:.4f} per_type {json.dumps(r['per_type'])}")
             _save(model, processor, out, log)  # checkpoint (overwritten by the final model)
     model.eval()
-    return step + 1
 
 
 def _final_metrics(model, processor, log, n_test: int, extra: dict) -> dict:
@@ -642,10 +632,10 @@ def train_grid(
     t1 = time.time()
     tower.requires_grad_(False)
     # stage 2a: LM pretraining on the symbolic copy of the task (image tokens from the scene's ground truth), from
-    # coarse to fine. Phase 1: one token per 3 x 3 scene cell, only "where" questions (row / column of a named
-    # object) until they are learned; phase 2: the same cell tokens, every question type; phase 3: one token per
-    # patch (196), every question type, with the background curriculum. Relative questions stay at chance when
-    # trained from the start, and are learned quickly once the LM can read one object's position.
+    # coarse to fine. Phase 1: one token per 3 x 3 scene cell, every question type but relative, plus "where"
+    # questions (row / column of a named object); phase 2: the same cell tokens, relative questions too; phase 3:
+    # one token per patch (196), every question type, with the background curriculum. Relative questions stay at
+    # chance when trained from the start, and are learned quickly once the LM can read one object's position.
     symbolic = SymbolicPatches(model.config.text_config.hidden_size).to(dev)
     symbolic_stage = dict(
         model=model,
@@ -668,17 +658,25 @@ def train_grid(
         images=hp["lm_cell_images"],
         qas=hp["lm_cell_qas_per_image"],
     )
-    where_steps = _train_vlm(
+    # "where" questions get twice the weight of the other types on the cell tokens
+    no_relative = tuple(t for t in QTYPES if t != "relative") + ("where", "where")
+    _train_vlm(
         **cells,
         seed=seed + 11,
-        desc="grid symbolic cells where",
-        steps=hp["lm_where_max_steps"],
-        stop_at_acc=hp["lm_where_until_acc"],
-        qtypes=("where",),
+        desc="grid symbolic cells",
+        steps=hp["lm_cell_steps"],
+        qtypes=no_relative,
         own_first=False,
         first_sample=10_000_000,
     )
-    _train_vlm(**cells, seed=seed + 12, desc="grid symbolic cells", steps=hp["lm_cell_steps"], first_sample=12_000_000)
+    _train_vlm(
+        **cells,
+        seed=seed + 12,
+        desc="grid symbolic cells +relative",
+        steps=hp["lm_cell_relative_steps"],
+        qtypes=TRAINING_QTYPES + ("where",),
+        first_sample=12_000_000,
+    )
     _train_vlm(
         **symbolic_stage,
         seed=seed + 1,
@@ -701,7 +699,6 @@ def train_grid(
             "model": "vtc-tiny-llava",
             "train_seconds": train_time,
             "stage1_seconds": t1 - t0,
-            "where_phase_steps": where_steps,
             "bytes_on_disk": size,
             "params": sum(p.numel() for p in model.parameters()),
             "hparams": hp,
