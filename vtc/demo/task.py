@@ -294,7 +294,6 @@ _TEMPLATE_ANSWERS = {
     "position_shape": SHAPES,
     "position_color": tuple(COLORS),
     "relative": ("yes", "no"),
-    "where": ROWS + COLS,
 }
 
 

@@ -341,13 +341,17 @@ def _background_patches(scenes) -> torch.Tensor:
     return _tower_targets(scenes)[1] == 0
 
 
+def _object_attributes(o) -> tuple[int, int, int]:
+    """Colour, shape and size index of object ``o`` (the rows of :class:`SymbolicPatches`' tables)."""
+    return list(COLORS).index(o.color), SHAPES.index(o.shape), int(o.size == "large")
+
+
 def patch_attributes(scenes) -> torch.Tensor:
     """(B, 196, 3) long: colour, shape and size index of the object under each patch centre (-1 for background)."""
-    colors = list(COLORS)
     out = np.full((len(scenes), PATCH_GRID, PATCH_GRID, 3), -1, dtype=np.int64)
     for b, scene in enumerate(scenes):
         for o in scene:
-            out[b][_covered(o)] = (colors.index(o.color), SHAPES.index(o.shape), int(o.size == "large"))
+            out[b][_covered(o)] = _object_attributes(o)
     return torch.from_numpy(out.reshape(len(scenes), -1, 3))
 
 
@@ -393,15 +397,23 @@ class SymbolicPatches(nn.Module):
     def cells(self, samples) -> torch.Tensor:
         """(B, 9, dim): one token per scene cell (raster order), its object's (or the background's) embeddings plus
         the cell's row and column: the coarse copy of the image that the LM learns on first."""
-        colors = list(COLORS)
         attr = torch.full((len(samples), GRID * GRID, 3), -1, dtype=torch.long)
         for b, smp in enumerate(samples):
             for o in smp.scene:
-                attr[b, o.row * GRID + o.col] = torch.tensor(
-                    [colors.index(o.color), SHAPES.index(o.shape), int(o.size == "large")]
-                )
+                attr[b, o.row * GRID + o.col] = torch.tensor(_object_attributes(o))
         pos = (self.cell_row[:, None] + self.cell_col[None, :]).flatten(0, 1)
         return self._tokens(attr.to(pos.device)) + pos
+
+
+def _regression_step(opt, pred: torch.Tensor, target: torch.Tensor, bar, log, label: str, step: int, steps: int):
+    """One step of the alignment stages: normalised MSE (MSE over the target's variance), logged every 20 steps."""
+    loss = (pred - target).pow(2).mean() / target.var()
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    bar.set_postfix(loss=f"{loss.item():.3f}")
+    if step % 20 == 0 or step == steps - 1:
+        log(f"{label} step {step} normalised_mse {loss.item():.4f}")
 
 
 def align_projector(model, processor, symbolic: SymbolicPatches, hp: dict, device, log, seed: int, desc: str):
@@ -424,13 +436,7 @@ def align_projector(model, processor, symbolic: SymbolicPatches, hp: dict, devic
         with torch.no_grad():
             target = symbolic(samples)
         pred = _grid_features(model, _pixel_values(processor, [s.image for s in samples], device))
-        loss = (pred - target).pow(2).mean() / target.var()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-        if step % 20 == 0 or step == steps - 1:
-            log(f"align step {step} normalised_mse {loss.item():.4f}")
+        _regression_step(opt, pred, target, bar, log, "align", step, steps)
 
 
 def _train_vlm(
@@ -448,7 +454,7 @@ def _train_vlm(
     eval_every: int = 200,
     extra_params: tuple = (),
     steps: int | None = None,
-    bg: tuple[float, float] | None = None,
+    bg: tuple[int, int] | None = None,
     needs_pixels: bool = True,
     constant_lr: bool = False,
     qas: int | None = None,
@@ -771,13 +777,7 @@ def align_latents(model, grid, processor, hp: dict, device, log, seed: int):
                 [s.scene for s in samples],
             )
         latents = model.model.multi_modal_projector(tower.resample(hs[-1]))[:, : GRID * GRID]
-        loss = (latents - target).pow(2).mean() / target.var()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-        if step % 20 == 0 or step == steps - 1:
-            log(f"1d align step {step} normalised_mse {loss.item():.4f}")
+        _regression_step(opt, latents, target, bar, log, "1d align", step, steps)
     grid.cpu()
 
 
