@@ -32,6 +32,7 @@ Entry points: :func:`train_grid`, :func:`train_1d`, :func:`main` (``python eval/
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import time
@@ -73,24 +74,25 @@ DEFAULT_LOG_DIR = Path(__file__).resolve().parents[2] / "eval" / "results" / "de
 # stage 2: ``stage2_images`` images per step, each with ``qas_per_image`` packed single-turn QA branches
 _STAGE2 = dict(stage2_images=16, qas_per_image=16, lr=1e-3, weight_decay=0.0)
 GRID_DEFAULTS = dict(
-    stage1_steps=1200,
+    stage1_steps=2400,
     stage1_batch=32,
     lm_cell_images=32,
     lm_cell_qas_per_image=8,
     lm_cell_steps=800,
     lm_cell_relative_steps=600,
-    lm_steps=800,
+    lm_steps=600,
     lm_qas_per_image=24,
     lm_bg_start=100,
     lm_bg_end=500,
     align_steps=600,
     stage2_steps=1200,
+    tower_lr_scale=0.1,
     bg_start=0,
     bg_end=0,
     **_STAGE2,
 )
 ORDERED_DEFAULTS = dict(
-    stage1_steps=1200, stage1_batch=32, align_steps=600, stage2_steps=1500, nested_full=0.35, **_STAGE2
+    stage1_steps=2400, stage1_batch=32, align_steps=600, stage2_steps=1500, nested_full=0.35, **_STAGE2
 )
 
 
@@ -463,6 +465,8 @@ def _train_vlm(
     first_sample: int = 0,
     n_image_tokens: int | None = None,
     images: int | None = None,
+    slow_params: tuple = (),
+    slow_lr_scale: float = 1.0,
 ) -> None:
     """Stage 2 (LLaVA's visual instruction tuning, scaled down): the stage-1 tower is frozen; the projector (and
     the 1D model's resampler) and the LM learn the VQA task from packed single-turn branches, answer-only loss.
@@ -480,7 +484,8 @@ def _train_vlm(
     The extra QA branches are drawn from ``qtypes`` (``own_first=False``: all of them, not the sample's own QA
     first; a type listed twice is drawn twice as often). Images are train samples
     ``first_sample + step * images ...`` (default ``hp["stage2_images"]``); ``n_image_tokens`` overrides the number
-    of image tokens per image (``features`` must return that many).
+    of image tokens per image (``features`` must return that many). ``slow_params`` (the grid tower) train at
+    ``slow_lr_scale`` times the learning rate, as LLaVA-style recipes that unfreeze the vision tower do.
     """
     from tqdm.auto import tqdm
 
@@ -488,11 +493,15 @@ def _train_vlm(
     rng = np.random.default_rng([seed, 12345])
     tok = processor.tokenizer
     frozen_ids = {id(p) for p in frozen}
-    train = [p for p in model.parameters() if id(p) not in frozen_ids] + list(extra_params)
+    slow_ids = {id(p) for p in slow_params}
+    train = [p for p in model.parameters() if id(p) not in frozen_ids | slow_ids] + list(extra_params)
     groups = [
-        {"params": [p for p in train if p.ndim >= 2], "weight_decay": hp["weight_decay"]},
-        {"params": [p for p in train if p.ndim < 2], "weight_decay": 0.0},
+        {"params": [p for p in train if p.ndim >= 2], "weight_decay": hp["weight_decay"], "lr_scale": 1.0},
+        {"params": [p for p in train if p.ndim < 2], "weight_decay": 0.0, "lr_scale": 1.0},
     ]
+    if slow_params:
+        groups.append({"params": list(slow_params), "weight_decay": 0.0, "lr_scale": slow_lr_scale})
+    train += list(slow_params)
     opt = torch.optim.AdamW(groups, lr=hp["lr"], betas=(0.9, 0.98))
     steps = steps or hp["stage2_steps"]
     n_img, k = images or hp["stage2_images"], qas or hp["qas_per_image"]
@@ -505,7 +514,8 @@ def _train_vlm(
         model.train()
         for g in opt.param_groups:
             warm = max(1, steps // 20)
-            g["lr"] = hp["lr"] * (min(1.0, (step + 1) / warm) if constant_lr else _lr_factor(step, steps, warm))
+            factor = min(1.0, (step + 1) / warm) if constant_lr else _lr_factor(step, steps, warm)
+            g["lr"] = hp["lr"] * factor * g["lr_scale"]
         first = first_sample + step * n_img
         samples = [get_sample("train", i) for i in range(first, first + n_img)]
         ids, seg, pos, labels, branch_qtypes = packed_sequences(
@@ -604,6 +614,55 @@ def _save(model, processor, out: Path, log) -> int:
     return size
 
 
+_LM_STAGE_KEYS = (
+    "lm_cell_images",
+    "lm_cell_qas_per_image",
+    "lm_cell_steps",
+    "lm_cell_relative_steps",
+    "lm_steps",
+    "lm_qas_per_image",
+    "lm_bg_start",
+    "lm_bg_end",
+    "lr",
+    "weight_decay",
+    "stage2_images",
+)
+
+
+def _lm_cache_path(log_dir: Path, hp: dict, seed: int) -> Path:
+    """Where the grid model's stage-2a result (LM and symbolic tables) is cached: the name encodes every
+    hyperparameter the stage reads, so a changed recipe never loads a stale LM."""
+    key = json.dumps({k: hp[k] for k in _LM_STAGE_KEYS}, sort_keys=True)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:10]
+    return Path(log_dir) / f"lm2a_v1_{digest}_seed{seed}.safetensors"
+
+
+def _save_lm_state(model, symbolic: nn.Module, path: Path) -> None:
+    from safetensors.torch import save_file
+
+    state = {
+        f"model.{k}": v.detach().cpu().contiguous()
+        for k, v in model.state_dict().items()
+        if "vision_tower" not in k and "multi_modal_projector" not in k
+    }
+    state.update({f"symbolic.{k}": v.detach().cpu().contiguous() for k, v in symbolic.state_dict().items()})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file(state, str(tmp))
+    tmp.rename(path)
+
+
+def _load_lm_state(model, symbolic: nn.Module, path: Path, device) -> None:
+    from safetensors.torch import load_file
+
+    state = load_file(str(path), device=str(device))
+    missing = model.load_state_dict({k[6:]: v for k, v in state.items() if k.startswith("model.")}, strict=False)
+    unexpected = [k for k in missing.missing_keys if "vision_tower" not in k and "multi_modal_projector" not in k]
+    if unexpected or missing.unexpected_keys:
+        raise RuntimeError(f"{path} does not match the grid model: {unexpected or missing.unexpected_keys}")
+    symbolic.load_state_dict({k[9:]: v for k, v in state.items() if k.startswith("symbolic.")})
+
+
 def _setup(seed: int, device: str | None, threads: int = 2):
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
@@ -620,9 +679,13 @@ def train_grid(
     n_test: int = 600,
     threads: int = 2,
     reuse_stage1: bool = False,
+    reuse_lm: bool = False,
     **overrides,
 ) -> dict:
-    """Train ``vtc-tiny-llava`` (stock LLaVA, CLIP tower with CLS) from scratch; save it; return metrics."""
+    """Train ``vtc-tiny-llava`` (stock LLaVA, CLIP tower with CLS) from scratch; save it; return metrics.
+
+    ``reuse_stage1`` / ``reuse_lm`` load the cached stage-1 tower / stage-2a LM (saved in ``log_dir`` by an
+    earlier run with the same hyperparameters and seed) instead of recomputing them; the result is the same."""
     hp = {**GRID_DEFAULTS, **overrides}
     out = Path(out) if out else ASSETS / "tiny-llava"
     log_dir = Path(log_dir) if log_dir else DEFAULT_LOG_DIR
@@ -664,37 +727,63 @@ def train_grid(
         images=hp["lm_cell_images"],
         qas=hp["lm_cell_qas_per_image"],
     )
-    # on the cell tokens "where" questions get twice the weight of the other types; relative ones, once added,
-    # three times (one share in seven left them at chance for 600 steps with "where" at 0.95)
-    no_relative = tuple(t for t in QTYPES if t != "relative") + ("where", "where")
-    _train_vlm(
-        **cells,
-        seed=seed + 11,
-        desc="grid symbolic cells",
-        steps=hp["lm_cell_steps"],
-        qtypes=no_relative,
-        own_first=False,
-        first_sample=10_000_000,
-    )
-    _train_vlm(
-        **cells,
-        seed=seed + 12,
-        desc="grid symbolic cells +relative",
-        steps=hp["lm_cell_relative_steps"],
-        qtypes=TRAINING_QTYPES + ("relative", "relative", "where"),
-        first_sample=12_000_000,
-    )
-    _train_vlm(
-        **symbolic_stage,
-        seed=seed + 1,
-        desc="grid symbolic",
-        steps=hp["lm_steps"],
-        bg=(hp["lm_bg_start"], hp["lm_bg_end"]),
-    )
+    lm_cache = _lm_cache_path(log_dir, hp, seed)
+    if reuse_lm and lm_cache.exists():
+        _load_lm_state(model, symbolic, lm_cache, dev)
+        log(f"stage 2a: loaded the symbolic-stage LM from {lm_cache}")
+    else:
+        # on the cell tokens "where" questions get twice the weight of the other types; relative ones, once added,
+        # three times (one share in seven left them at chance for 600 steps with "where" at 0.95)
+        no_relative = tuple(t for t in QTYPES if t != "relative") + ("where", "where")
+        _train_vlm(
+            **cells,
+            seed=seed + 11,
+            desc="grid symbolic cells",
+            steps=hp["lm_cell_steps"],
+            qtypes=no_relative,
+            own_first=False,
+            first_sample=10_000_000,
+        )
+        _train_vlm(
+            **cells,
+            seed=seed + 12,
+            desc="grid symbolic cells +relative",
+            steps=hp["lm_cell_relative_steps"],
+            qtypes=TRAINING_QTYPES + ("relative", "relative", "where"),
+            first_sample=12_000_000,
+        )
+        _train_vlm(
+            **symbolic_stage,
+            seed=seed + 1,
+            desc="grid symbolic",
+            steps=hp["lm_steps"],
+            bg=(hp["lm_bg_start"], hp["lm_bg_end"]),
+        )
+        _save_lm_state(model, symbolic, lm_cache)
+        log(f"stage 2a: saved the symbolic-stage LM to {lm_cache}")
+    t2a = time.time()
     align_projector(model, processor, symbolic, hp, dev, log, seed + 2, "grid")
-    _train_vlm(model, processor, list(tower.parameters()), hp, dev, log, seed + 3, "grid", _grid_features, out)
+    # stage 2c: pixels; the tower is unfrozen at a tenth of the learning rate
+    tower.requires_grad_(hp["tower_lr_scale"] > 0)
+    frozen_tower = [] if hp["tower_lr_scale"] > 0 else list(tower.parameters())
+    slow = tuple(tower.parameters()) if hp["tower_lr_scale"] > 0 else ()
+    _train_vlm(
+        model,
+        processor,
+        frozen_tower,
+        hp,
+        dev,
+        log,
+        seed + 3,
+        "grid",
+        _grid_features,
+        out,
+        slow_params=slow,
+        slow_lr_scale=hp["tower_lr_scale"],
+    )
+    tower.requires_grad_(False)
     train_time = time.time() - t0
-    log(f"training wall time {train_time:.0f}s (stage1 {t1 - t0:.0f}s)")
+    log(f"training wall time {train_time:.0f}s (stage1 {t1 - t0:.0f}s, stage 2a {t2a - t1:.0f}s)")
     size = _save(model.cpu(), processor, out, log)
     model.to(dev)
     metrics = _final_metrics(
@@ -907,6 +996,11 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="load the saved stage-1 tower if present (always done for the 1D model under --model all)",
     )
+    ap.add_argument(
+        "--reuse-lm",
+        action="store_true",
+        help="grid model: load the saved stage-2a (symbolic) LM if present, for reruns of the later stages",
+    )
     args = ap.parse_args(argv)
     root = Path(args.out) if args.out else ASSETS
     over = {}
@@ -924,6 +1018,7 @@ def main(argv: list[str] | None = None) -> int:
             args.n_test,
             args.threads,
             args.reuse_stage1,
+            args.reuse_lm,
             **over,
         )
     if args.model in ("1d", "all"):
