@@ -321,19 +321,25 @@ def packed_attention_mask(segment: torch.Tensor, key_drop: torch.Tensor | None =
     return ((causal & visible) | torch.eye(n, dtype=torch.bool, device=segment.device))[:, None]
 
 
+def _trains(module: nn.Module) -> bool:
+    return any(p.requires_grad for p in module.parameters())
+
+
 def _grid_features(model, pv, samples=None):
-    """``LlavaModel.get_image_features`` with the tower frozen: layer -2, CLS dropped, then the projector."""
-    with torch.no_grad():
-        hs = model.model.vision_tower(pv, output_hidden_states=True).hidden_states[model.config.vision_feature_layer]
+    """``LlavaModel.get_image_features``: layer -2, CLS dropped, then the projector (no graph through a frozen
+    tower)."""
+    tower = model.model.vision_tower
+    with torch.set_grad_enabled(torch.is_grad_enabled() and _trains(tower)):
+        hs = tower(pv, output_hidden_states=True).hidden_states[model.config.vision_feature_layer]
         if model.config.vision_feature_select_strategy == "default":
             hs = hs[:, 1:]
     return model.model.multi_modal_projector(hs)
 
 
 def _ordered_features(model, pv, samples=None):
-    """``OrderedVLMModel.get_image_features`` with the CLIP encoder frozen (resampler and projector train)."""
+    """``OrderedVLMModel.get_image_features`` (no graph through a frozen CLIP encoder)."""
     tower = model.model.vision_tower
-    with torch.no_grad():
+    with torch.set_grad_enabled(torch.is_grad_enabled() and _trains(tower.encoder)):
         enc = tower.encoder(pv, return_dict=True).last_hidden_state
     return model.model.multi_modal_projector(tower.resample(enc))
 
