@@ -148,6 +148,7 @@ def build_ordered_model(tokenizer=None, n_latents: int = N_LATENTS):
         image_token_id=IMAGE_TOKEN_ID,
         n_latents=n_latents,
         resampler_layers=2,
+        resampler_position_bias=True,
         image_seq_length=n_latents,
     )
     model = OrderedVLMForConditionalGeneration(cfg)

@@ -70,6 +70,7 @@ class OrderedVLMConfig(PreTrainedConfig):
     n_latents: int = 32
     resampler_layers: int = 2
     resampler_heads: int = 4
+    resampler_position_bias: bool = False
     image_seq_length: int = 32
     projector_hidden_act: str = "gelu"
     multimodal_projector_bias: bool = True
@@ -104,10 +105,14 @@ class _ResamplerBlock(nn.Module):
         b, h, n, d = x.shape
         return x.transpose(1, 2).reshape(b, n, h * d)
 
-    def forward(self, q: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
+    def forward(self, q: torch.Tensor, feats: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """``bias``: optional (heads, n_queries, n_keys) additive cross-attention bias."""
         kv = self.cross_kv(self.norm_kv(feats)).chunk(2, dim=-1)
         a = F.scaled_dot_product_attention(
-            self._split(self.cross_q(self.norm_q(q))), self._split(kv[0]), self._split(kv[1])
+            self._split(self.cross_q(self.norm_q(q))),
+            self._split(kv[0]),
+            self._split(kv[1]),
+            attn_mask=None if bias is None else bias.to(q.dtype),
         )
         q = q + self.cross_out(self._merge(a))
         qq, kk, vv = (self._split(t) for t in self.self_qkv(self.norm_self(q)).chunk(3, dim=-1))
@@ -120,6 +125,11 @@ class OrderedVisionTower(nn.Module):
 
     ``forward(pixel_values)`` returns ``BaseModelOutputWithPooling`` with ``last_hidden_state`` the
     (B, n_latents, D) latents and ``pooler_output`` the CLIP CLS embedding (B, D).
+
+    With ``config.resampler_position_bias`` every cross-attention has a learned additive bias per (layer, head,
+    query, key), zero at init: a query can prefer an image region regardless of content, which content-only
+    attention of a learned query reaches slowly (a spatial prior, like the relative-position biases of
+    Swin-style attention, applied to the query-to-patch map).
     """
 
     def __init__(self, config: OrderedVLMConfig):
@@ -132,17 +142,24 @@ class OrderedVisionTower(nn.Module):
             [_ResamplerBlock(dim, config.resampler_heads) for _ in range(config.resampler_layers)]
         )
         self.norm = nn.LayerNorm(dim)
+        self.position_bias = None
+        if config.resampler_position_bias:
+            n_keys = (vc.image_size // vc.patch_size) ** 2 + 1  # patches and CLS
+            self.position_bias = nn.Parameter(
+                torch.zeros(config.resampler_layers, config.resampler_heads, config.n_latents, n_keys)
+            )
 
     def forward(self, pixel_values: torch.Tensor, **kwargs) -> BaseModelOutputWithPooling:
         enc = self.encoder(pixel_values, return_dict=True)
-        return BaseModelOutputWithPooling(last_hidden_state=self.resample(enc.last_hidden_state),
-                                          pooler_output=enc.pooler_output)
+        return BaseModelOutputWithPooling(
+            last_hidden_state=self.resample(enc.last_hidden_state), pooler_output=enc.pooler_output
+        )
 
     def resample(self, feats: torch.Tensor) -> torch.Tensor:
         """(B, 1 + n_patches, D) CLIP outputs (CLS first) -> (B, n_latents, D) ordered latents."""
         q = self.queries.unsqueeze(0).expand(feats.shape[0], -1, -1).to(feats.dtype)
-        for layer in self.layers:
-            q = layer(q, feats)
+        for i, layer in enumerate(self.layers):
+            q = layer(q, feats, None if self.position_bias is None else self.position_bias[i])
         return self.norm(q)
 
 
@@ -177,6 +194,8 @@ class OrderedVLMPreTrainedModel(PreTrainedModel):
         super()._init_weights(module)
         if isinstance(module, OrderedVisionTower):
             module.queries.normal_(0.0, 0.02)
+            if module.position_bias is not None:
+                module.position_bias.zero_()
 
 
 class OrderedVLMModel(OrderedVLMPreTrainedModel):

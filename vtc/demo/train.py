@@ -92,7 +92,7 @@ GRID_DEFAULTS = dict(
     **_STAGE2,
 )
 ORDERED_DEFAULTS = dict(
-    stage1_steps=2400, stage1_batch=32, align_steps=600, stage2_steps=1500, nested_full=0.35, **_STAGE2
+    align_steps=1000, bridge_steps=400, stage2_steps=2000, tower_lr_scale=0.1, nested_full=0.35, **_STAGE2
 )
 
 
@@ -813,20 +813,21 @@ def train_grid(
     return metrics
 
 
-def _load_language_model(model, grid_dir: Path, log):
-    """Copy the language model and LM head of the trained grid model at ``grid_dir`` into ``model``; return the
-    grid model (the teacher of :func:`align_latents`)."""
+def _load_grid(model, grid_dir: Path, log):
+    """Copy the trained grid model's CLIP tower, language model and LM head from ``grid_dir`` into the 1D model
+    ``model``; return the grid model (the teacher of :func:`align_latents`)."""
     from transformers import LlavaForConditionalGeneration
 
     if not (grid_dir / "model.safetensors").exists():
         raise FileNotFoundError(
-            f"the 1D model starts from the trained grid model's LM, but {grid_dir} has no model.safetensors; "
+            f"the 1D model starts from the trained grid model, but {grid_dir} has no model.safetensors; "
             "train the grid model first (`--model grid` or `--model all`)"
         )
     grid = LlavaForConditionalGeneration.from_pretrained(grid_dir)
+    model.model.vision_tower.encoder.load_state_dict(grid.model.vision_tower.state_dict())
     model.model.language_model.load_state_dict(grid.model.language_model.state_dict())
     model.lm_head.load_state_dict(grid.lm_head.state_dict())
-    log(f"1d: language model initialised from the grid model at {grid_dir}")
+    log(f"1d: CLIP tower and language model initialised from the grid model at {grid_dir}")
     return grid
 
 
@@ -848,7 +849,7 @@ def _cell_targets(grid_feats: torch.Tensor, scenes) -> torch.Tensor:
 def align_latents(model, grid, processor, hp: dict, device, log, seed: int):
     """Feature alignment of the 1D model (only the resampler and projector train): latent ``j < 9`` regresses onto
     the trained grid model's image tokens of scene cell ``j`` (its object's patches, averaged), so the first
-    latents arrive in the space the shared LM already reads; nested-dropout VQA training then takes over."""
+    latents arrive in the space the shared LM already reads; VQA training then takes over."""
     from tqdm.auto import tqdm
 
     torch.manual_seed(seed)
@@ -866,12 +867,9 @@ def align_latents(model, grid, processor, hp: dict, device, log, seed: int):
         samples = [get_sample("train", i) for i in range(first, first + n_img)]
         pv = _pixel_values(processor, [s.image for s in samples], device)
         with torch.no_grad():
-            hs = tower.encoder(pv, output_hidden_states=True).hidden_states
-            target = _cell_targets(
-                grid.model.multi_modal_projector(hs[grid.config.vision_feature_layer][:, 1:]),
-                [s.scene for s in samples],
-            )
-        latents = model.model.multi_modal_projector(tower.resample(hs[-1]))[:, : GRID * GRID]
+            target = _cell_targets(_grid_features(grid, pv), [s.scene for s in samples])
+            feats = tower.encoder(pv).last_hidden_state
+        latents = model.model.multi_modal_projector(tower.resample(feats))[:, : GRID * GRID]
         _regression_step(opt, latents, target, bar, log, "1d align", step, steps)
     grid.cpu()
 
@@ -883,16 +881,18 @@ def train_1d(
     device: str | None = None,
     n_test: int = 600,
     threads: int = 2,
-    reuse_stage1: bool = False,
     lm_from: str | Path | None = None,
     **overrides,
 ) -> dict:
     """Train ``vtc-tiny-1d`` (32 ordered latents, nested dropout); save it; return metrics.
 
-    It shares the grid model's language model, as VLM families share one LM: the LM (embeddings, decoder, head)
-    starts from the trained grid model at ``lm_from`` (default: ``tiny-llava`` next to ``out``, which
-    ``--model all`` trains first), the CLIP encoder from the shared stage-1 tower; the resampler and projector
-    start from scratch and learn, with the LM, to describe the image in 32 ordered latents."""
+    It is built from the trained grid model at ``lm_from`` (default: ``tiny-llava`` next to ``out``, which
+    ``--model all`` trains first), as VLM families share one LM and vision encoder: the CLIP tower, the LM
+    (embeddings, decoder, head) come from it; the resampler and projector start from scratch. Stages:
+    (1) alignment, only resampler and projector train: the first 9 latents regress onto the grid model's image
+    tokens of the 9 scene cells (:func:`align_latents`); (2) bridge, VQA with nested dropout and the LM frozen,
+    so the latents learn what the LM reads before the LM moves; (3) VQA with nested dropout, everything trains
+    (the CLIP tower at ``tower_lr_scale`` times the learning rate)."""
     hp = {**ORDERED_DEFAULTS, **overrides}
     out = Path(out) if out else ASSETS / "tiny-1d"
     log_dir = Path(log_dir) if log_dir else DEFAULT_LOG_DIR
@@ -904,27 +904,46 @@ def train_1d(
     model = build_ordered_model(tok).to(dev)
     processor = build_ordered_processor(tok)
     clip = model.model.vision_tower.encoder
-    stage1_tower(clip, processor, hp, dev, log, seed, "1d", log_dir, reuse_stage1)
-    t1 = time.time()
     clip.requires_grad_(False)
-    grid = _load_language_model(model, Path(lm_from) if lm_from else out.parent / "tiny-llava", log)
+    grid = _load_grid(model, Path(lm_from) if lm_from else out.parent / "tiny-llava", log)
     align_latents(model, grid, processor, hp, dev, log, seed + 2)
     del grid
-    _train_vlm(
-        model,
-        processor,
-        list(clip.parameters()),
-        hp,
-        dev,
-        log,
-        seed + 1,
-        "1d",
-        _ordered_features,
-        out,
+    lm = list(model.model.language_model.parameters()) + list(model.lm_head.parameters())
+    vqa = dict(
+        model=model,
+        processor=processor,
+        hp=hp,
+        device=dev,
+        log=log,
+        features=_ordered_features,
+        out=out,
         nested=model.config.n_latents,
     )
+    for p in lm:
+        p.requires_grad_(False)
+    _train_vlm(
+        **vqa,
+        frozen=list(clip.parameters()) + lm,
+        seed=seed + 4,
+        desc="1d bridge",
+        steps=hp["bridge_steps"],
+        first_sample=30_000_000,
+    )
+    for p in lm:
+        p.requires_grad_(True)
+    scale = hp["tower_lr_scale"]
+    clip.requires_grad_(scale > 0)
+    _train_vlm(
+        **vqa,
+        frozen=[] if scale > 0 else list(clip.parameters()),
+        seed=seed + 1,
+        desc="1d",
+        slow_params=tuple(clip.parameters()) if scale > 0 else (),
+        slow_lr_scale=scale,
+    )
+    clip.requires_grad_(False)
     train_time = time.time() - t0
-    log(f"training wall time {train_time:.0f}s (stage1 {t1 - t0:.0f}s)")
+    log(f"training wall time {train_time:.0f}s")
     size = _save(model.cpu(), processor, out, log)
     model.to(dev)
     metrics = _final_metrics(
@@ -935,7 +954,6 @@ def train_1d(
         {
             "model": "vtc-tiny-1d",
             "train_seconds": train_time,
-            "stage1_seconds": t1 - t0,
             "bytes_on_disk": size,
             "params": sum(p.numel() for p in model.parameters()),
             "hparams": hp,
@@ -993,14 +1011,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--log-dir", default=None, help="default: eval/results/demo_training")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default=None)
-    ap.add_argument("--stage1-steps", type=int, default=None)
+    ap.add_argument("--stage1-steps", type=int, default=None, help="grid model (the 1D model reuses its tower)")
     ap.add_argument("--stage2-steps", type=int, default=None)
     ap.add_argument("--n-test", type=int, default=600)
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     ap.add_argument(
         "--reuse-stage1",
         action="store_true",
-        help="load the saved stage-1 tower if present (always done for the 1D model under --model all)",
+        help="grid model: load the saved stage-1 tower if present",
     )
     ap.add_argument(
         "--reuse-lm",
@@ -1010,10 +1028,11 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     root = Path(args.out) if args.out else ASSETS
     over = {}
-    if args.stage1_steps is not None:
-        over["stage1_steps"] = args.stage1_steps
     if args.stage2_steps is not None:
         over["stage2_steps"] = args.stage2_steps
+    grid_over = dict(over)
+    if args.stage1_steps is not None:
+        grid_over["stage1_steps"] = args.stage1_steps
     results = {}
     if args.model in ("grid", "all"):
         results["grid"] = train_grid(
@@ -1025,7 +1044,7 @@ def main(argv: list[str] | None = None) -> int:
             args.threads,
             args.reuse_stage1,
             args.reuse_lm,
-            **over,
+            **grid_over,
         )
     if args.model in ("1d", "all"):
         results["1d"] = train_1d(
@@ -1035,7 +1054,6 @@ def main(argv: list[str] | None = None) -> int:
             args.device,
             args.n_test,
             args.threads,
-            args.reuse_stage1 or args.model == "all",
             **over,
         )
     for name, m in results.items():
