@@ -244,3 +244,73 @@ def test_symbolic_patches_describe_the_scene():
     torch.testing.assert_close(x[0, bg], sym.background + sym.pos[bg])
     c, s, z = attr[0, centre].tolist()
     torch.testing.assert_close(x[0, centre], sym.color[c] + sym.shape[s] + sym.size[z] + sym.pos[centre])
+
+
+# ------------------------------------------------------------------------------------- training pieces
+def test_lm_stage_cache_round_trips_and_names_its_hyperparameters(tmp_path):
+    """Stage 2a's cache restores the LM and symbolic tables exactly, leaves tower and projector alone, and its
+    file name changes with every hyperparameter the stage reads (never with later stages' ones)."""
+    from vtc.demo.build import build_grid_model, build_tokenizer
+    from vtc.demo.train import GRID_DEFAULTS, SymbolicPatches, _lm_cache_path, _load_lm_state, _save_lm_state
+
+    tok = build_tokenizer()
+    torch.manual_seed(0)
+    a, sym_a = build_grid_model(tok), SymbolicPatches(256)
+    torch.manual_seed(1)
+    b, sym_b = build_grid_model(tok), SymbolicPatches(256)
+    tower_b = {k: v.clone() for k, v in b.model.vision_tower.state_dict().items()}
+    path = _lm_cache_path(tmp_path, GRID_DEFAULTS, 0)
+    _save_lm_state(a, sym_a, path)
+    _load_lm_state(b, sym_b, path, "cpu")
+    for (name, va), vb in zip(
+        a.model.language_model.state_dict().items(), b.model.language_model.state_dict().values()
+    ):
+        assert torch.equal(va, vb), name
+    assert torch.equal(a.lm_head.weight, b.lm_head.weight) and torch.equal(sym_a.color, sym_b.color)
+    assert all(torch.equal(v, b.model.vision_tower.state_dict()[k]) for k, v in tower_b.items())
+    assert not torch.equal(a.model.multi_modal_projector.linear_1.weight, b.model.multi_modal_projector.linear_1.weight)
+    assert _lm_cache_path(tmp_path, {**GRID_DEFAULTS, "lm_steps": 1}, 0) != path
+    assert _lm_cache_path(tmp_path, GRID_DEFAULTS, 1) != path
+    assert _lm_cache_path(tmp_path, {**GRID_DEFAULTS, "stage2_steps": 1, "align_steps": 1}, 0) == path
+
+
+def test_feature_helpers_train_the_tower_only_when_it_is_unfrozen():
+    from vtc.demo.build import build_grid_model, build_tokenizer
+    from vtc.demo.train import _grid_features
+
+    model = build_grid_model(build_tokenizer())
+    pv = torch.randn(2, 3, 112, 112)
+    tower = model.model.vision_tower
+    tower.requires_grad_(False)
+    _grid_features(model, pv).sum().backward()
+    assert all(p.grad is None for p in tower.parameters())
+    assert model.model.multi_modal_projector.linear_1.weight.grad is not None
+    tower.requires_grad_(True)
+    _grid_features(model, pv).sum().backward()
+    q_proj = next(p for n, p in tower.named_parameters() if n.endswith("layers.0.self_attn.q_proj.weight"))
+    assert q_proj.grad.abs().sum() > 0
+
+
+def test_resampler_position_bias_starts_neutral_and_steers_the_queries():
+    """The 1D resampler's learned cross-attention bias is zero at init (the latents equal those of the same
+    weights without it) and, once set, moves each query's attention independently of content."""
+    from vtc.demo.build import build_ordered_model, build_tokenizer
+    from vtc.demo.ordered_vlm import OrderedVLMForConditionalGeneration
+
+    tok = build_tokenizer()
+    torch.manual_seed(0)
+    model = build_ordered_model(tok).eval()
+    tower = model.model.vision_tower
+    assert model.config.resampler_position_bias and tower.position_bias.shape == (2, 4, 32, 197)
+    assert torch.count_nonzero(tower.position_bias) == 0
+    cfg = model.config.to_dict() | {"resampler_position_bias": False}
+    plain = OrderedVLMForConditionalGeneration(type(model.config).from_dict(cfg)).eval()
+    missing = plain.load_state_dict(model.state_dict(), strict=False)
+    assert missing.unexpected_keys == ["model.vision_tower.position_bias"] and not missing.missing_keys
+    feats = torch.randn(2, 197, 128)
+    with torch.no_grad():
+        torch.testing.assert_close(tower.resample(feats), plain.model.vision_tower.resample(feats))
+        tower.position_bias[:, :, 0, 5] = 50.0  # query 0 looks only at key 5
+        out = tower.resample(feats)
+        ref = plain.model.vision_tower.resample(feats)
+    assert not torch.allclose(out[:, 0], ref[:, 0])
