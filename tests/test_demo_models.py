@@ -314,3 +314,23 @@ def test_resampler_position_bias_starts_neutral_and_steers_the_queries():
         out = tower.resample(feats)
         ref = plain.model.vision_tower.resample(feats)
     assert not torch.allclose(out[:, 0], ref[:, 0])
+
+
+def test_cached_stage1_leaves_the_same_tower_and_random_state_as_training_it(tmp_path):
+    """A run that loads the stage-1 cache continues exactly like the run that trained it: same tower weights and
+    the same torch RNG state for the stages after it (the symbolic tables are initialised from it)."""
+    from vtc.demo.build import build_grid_model, build_grid_processor, build_tokenizer
+    from vtc.demo.train import stage1_tower
+
+    tok = build_tokenizer()
+    hp = {"stage1_steps": 2, "stage1_batch": 4}
+    draws, towers = [], []
+    for reuse in (False, True):
+        torch.manual_seed(123 + reuse)  # a different state before the stage on each path
+        model = build_grid_model(tok)
+        tower = model.model.vision_tower
+        stage1_tower(tower, build_grid_processor(tok), hp, "cpu", lambda m: None, 0, "t", tmp_path, reuse)
+        draws.append(torch.rand(4))
+        towers.append(tower.state_dict())
+    assert torch.equal(draws[0], draws[1])
+    assert all(torch.equal(v, towers[1][k]) for k, v in towers[0].items())

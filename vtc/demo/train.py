@@ -243,9 +243,12 @@ def stage1_tower(
     ``reuse=True`` (``--model all`` does this for the 1D model), loaded instead of being recomputed."""
     from safetensors.torch import load_file, save_file
 
-    head = _TowerHead(clip_vision_model.config.hidden_size).to(device)
     path = Path(cache_dir) / f"stage1_v3_s{hp['stage1_steps']}_b{hp['stage1_batch']}_seed{seed}.safetensors"
     if reuse and path.exists():
+        # leave the torch RNG where training leaves it (seeded, the head's init, nothing drawn while training), so
+        # later stages start from the same random state whether stage 1 was trained or loaded
+        torch.manual_seed(seed)
+        head = _TowerHead(clip_vision_model.config.hidden_size).to(device)
         state = load_file(str(path), device=str(device))
         clip_vision_model.load_state_dict({k[6:]: v for k, v in state.items() if k.startswith("tower.")})
         head.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("head.")})
