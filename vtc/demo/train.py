@@ -6,7 +6,8 @@ Both follow the recipe of real LLaVA-style models, scaled down:
   the objects of the scene (multi-label over colour-shape pairs, a bag-of-objects caption), so the CLS token
   is a global summary whose attention picks out the object patches, as in CLIP; dense per-patch objectives
   (which object is under each patch, and where the patch is) make the patch features carry colour, shape and
-  position.
+  position. Stages 1 and 2a are cached (``--reuse-stage1``, ``--reuse-lm``) under names that encode their
+  hyperparameters; a run that loads them continues exactly like the run that computed them.
 - **Stage 2a, language model pretraining** (grid model; real LLaVA starts from a pretrained LM): the LM learns
   the task on a symbolic copy of each image (:class:`SymbolicPatches`: each patch is the sum of learned
   colour / shape / size embeddings of the object under it, plus its row and column). A small LM trained from
@@ -15,14 +16,16 @@ Both follow the recipe of real LLaVA-style models, scaled down:
   over 196 mostly empty patches gives almost no gradient at the start).
 - **Stage 2b, feature alignment** (LLaVA's first stage; only the projector trains): each projected patch
   regresses onto the LM's symbolic copy of that patch, so image tokens arrive in the space the LM reads.
-- **Stage 2c, visual instruction tuning** (LLaVA-1.5): the tower stays frozen; the projector and the LM (and
-  the 1D model's resampler) learn the VQA task from real pixels, answer-only loss. Each image carries several
+- **Stage 2c, visual instruction tuning** (LLaVA-1.5, with the tower unfrozen at a tenth of the learning rate as
+  later LLaVA recipes do): the projector, the LM and the tower (and the 1D model's resampler) learn the VQA task
+  from real pixels, answer-only loss. Each image carries several
   QA branches packed behind one copy of the image prefix (:func:`packed_sequences`); a block mask and
   restarted position ids make every branch exactly the single-turn evaluation prompt, so no answer can be read
   off another question's text and the image is encoded once for many supervised answers.
-- The ordered 1D model starts from the grid model's LM. Its resampler and projector are first aligned
-  (:func:`align_latents`): latent ``j < 9`` regresses onto the grid model's image tokens of scene cell ``j``, so
-  the LM can read the latents from the start. Then it is trained with **nested dropout**: for most images
+- The ordered 1D model starts from the grid model's CLIP tower and LM. Its resampler and projector are first
+  aligned (:func:`align_latents`): latent ``j < 9`` regresses onto the grid model's image tokens of scene cell
+  ``j``, so the LM can read the latents from the start; a bridge stage trains them on the VQA task with the LM
+  frozen. Then everything trains with **nested dropout**: for most images
   only a random prefix of its 32 latents is visible to the LM (the rest are masked out of attention; position
   ids either keep the original numbering or are renumbered, so both ways of truncating are in distribution).
 
