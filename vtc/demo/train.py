@@ -668,10 +668,10 @@ def _load_lm_state(model, symbolic: nn.Module, path: Path, device) -> None:
     from safetensors.torch import load_file
 
     state = load_file(str(path), device=str(device))
-    missing = model.load_state_dict({k[6:]: v for k, v in state.items() if k.startswith("model.")}, strict=False)
-    unexpected = [k for k in missing.missing_keys if "vision_tower" not in k and "multi_modal_projector" not in k]
-    if unexpected or missing.unexpected_keys:
-        raise RuntimeError(f"{path} does not match the grid model: {unexpected or missing.unexpected_keys}")
+    result = model.load_state_dict({k[6:]: v for k, v in state.items() if k.startswith("model.")}, strict=False)
+    lm_missing = [k for k in result.missing_keys if "vision_tower" not in k and "multi_modal_projector" not in k]
+    if lm_missing or result.unexpected_keys:
+        raise RuntimeError(f"{path} does not match the grid model: {lm_missing or result.unexpected_keys}")
     symbolic.load_state_dict({k[9:]: v for k, v in state.items() if k.startswith("symbolic.")})
 
 
