@@ -55,3 +55,16 @@ def test_vtc_demo_runs_offline(kind, before, after, tmp_path, capsys):
     assert int(rows["uncompressed"][-2]) == before and int(rows["vtc"][-2]) == after  # answers may be several words
     assert float(rows["uncompressed"][-1]) > 0 and float(rows["vtc"][-1]) > 0
     assert Image.open(out).size[0] >= 112
+
+
+def test_train_demo_cli_exposes_every_training_option(capsys):
+    from vtc.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train-demo", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "vtc train-demo" in out and all(o in out for o in ("--model", "--reuse-stage1", "--reuse-lm", "--seed"))
+    with pytest.raises(SystemExit):
+        main(["train-demo", "--model", "big"])
+    assert "invalid choice: 'big'" in capsys.readouterr().err

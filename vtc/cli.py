@@ -178,15 +178,6 @@ def cmd_show(args) -> int:
     return 0
 
 
-def cmd_train_demo(args) -> int:
-    from .demo import train
-
-    argv = ["--model", args.model]
-    if args.out:
-        argv += ["--out", args.out]
-    return train.main(argv)
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vtc", description="Visual token compression for Hugging Face VLMs.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -222,10 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("eval", add_help=False,
                    help="VQA accuracy and cost on local benchmarks, compressed vs uncompressed (vtc eval --help)")
 
-    t = sub.add_parser("train-demo", help="retrain the bundled demo models from scratch (fixed seed)")
-    t.add_argument("--model", choices=["grid", "1d", "all"], default="all")
-    t.add_argument("--out", default=None)
-    t.set_defaults(func=cmd_train_demo)
+    sub.add_parser("train-demo", add_help=False,
+                   help="retrain the bundled demo models from scratch, fixed seed (vtc train-demo --help)")
     return p
 
 
@@ -235,6 +224,10 @@ def main(argv: list[str] | None = None) -> int:
         from .evaluation.cli import main as eval_main
 
         return eval_main(argv[1:])
+    if argv[:1] == ["train-demo"]:  # every option of the training script (vtc train-demo --help)
+        from .demo.train import main as train_main
+
+        return train_main(argv[1:])
     if argv[:1] == ["bench"]:
         if Path("eval/bench.py").exists() and str(Path.cwd()) not in sys.path:
             sys.path.insert(0, str(Path.cwd()))

@@ -1011,7 +1011,7 @@ def _prefix_curve(model, processor, log, n: int = 150) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="Retrain the demo VLMs from scratch (fixed seed).")
+    ap = argparse.ArgumentParser(prog="vtc train-demo", description="Retrain the demo VLMs from scratch (fixed seed).")
     ap.add_argument("--model", choices=["grid", "1d", "all"], default="all")
     ap.add_argument("--out", default=None, help="folder for the models (default: vtc/assets)")
     ap.add_argument("--log-dir", default=None, help="default: eval/results/demo_training")
