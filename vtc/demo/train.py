@@ -477,11 +477,12 @@ def _train_vlm(
     first_sample: int = 0,
     n_image_tokens: int | None = None,
     images: int | None = None,
-    slow_params: tuple = (),
-    slow_lr_scale: float = 1.0,
+    tower: nn.Module | None = None,
 ) -> None:
-    """Stage 2 (LLaVA's visual instruction tuning, scaled down): the stage-1 tower is frozen; the projector (and
-    the 1D model's resampler) and the LM learn the VQA task from packed single-turn branches, answer-only loss.
+    """Stage 2 (LLaVA's visual instruction tuning, scaled down): the projector (and the 1D model's resampler) and
+    the LM learn the VQA task from packed single-turn branches, answer-only loss; the CLIP ``tower``, if given,
+    trains at ``hp["tower_lr_scale"]`` times the learning rate (frozen at 0), as LLaVA-style recipes that unfreeze
+    the vision tower do, and is frozen again afterwards.
 
     Two curricula make content-based retrieval learnable by a small LM trained from scratch (it otherwise sits on
     the blind plateau: attention spread over 196 patches carries almost no gradient towards the few that matter):
@@ -496,24 +497,26 @@ def _train_vlm(
     The extra QA branches are drawn from ``qtypes`` (``own_first=False``: all of them, not the sample's own QA
     first; a type listed twice is drawn twice as often). Images are train samples
     ``first_sample + step * images ...`` (default ``hp["stage2_images"]``); ``n_image_tokens`` overrides the number
-    of image tokens per image (``features`` must return that many). ``slow_params`` (the grid tower) train at
-    ``slow_lr_scale`` times the learning rate, as LLaVA-style recipes that unfreeze the vision tower do.
+    of image tokens per image (``features`` must return that many).
     """
     from tqdm.auto import tqdm
 
     torch.manual_seed(seed)
     rng = np.random.default_rng([seed, 12345])
     tok = processor.tokenizer
-    frozen_ids = {id(p) for p in frozen}
-    slow_ids = {id(p) for p in slow_params}
-    train = [p for p in model.parameters() if id(p) not in frozen_ids | slow_ids] + list(extra_params)
+    tower_params = list(tower.parameters()) if tower is not None else []
+    tower_scale = hp["tower_lr_scale"] if tower is not None else 0.0
+    if tower is not None:
+        tower.requires_grad_(tower_scale > 0)
+    frozen_ids = {id(p) for p in frozen} | {id(p) for p in tower_params}
+    train = [p for p in model.parameters() if id(p) not in frozen_ids] + list(extra_params)
     groups = [
         {"params": [p for p in train if p.ndim >= 2], "weight_decay": hp["weight_decay"], "lr_scale": 1.0},
         {"params": [p for p in train if p.ndim < 2], "weight_decay": 0.0, "lr_scale": 1.0},
     ]
-    if slow_params:
-        groups.append({"params": list(slow_params), "weight_decay": 0.0, "lr_scale": slow_lr_scale})
-    train += list(slow_params)
+    if tower_scale > 0:
+        groups.append({"params": tower_params, "weight_decay": 0.0, "lr_scale": tower_scale})
+        train += tower_params
     opt = torch.optim.AdamW(groups, lr=hp["lr"], betas=(0.9, 0.98))
     steps = steps or hp["stage2_steps"]
     n_img, k = images or hp["stage2_images"], qas or hp["qas_per_image"]
@@ -581,6 +584,8 @@ def _train_vlm(
             r = evaluate(model, processor, split="val", n=300, batch_size=50, mode="first_token")
             log(f"stage2 step {step + 1} val_first_token_acc {r['accuracy']:.4f} per_type {json.dumps(r['per_type'])}")
             _save(model, processor, out, log)  # checkpoint (overwritten by the final model)
+    if tower is not None:
+        tower.requires_grad_(False)
     model.eval()
 
 
@@ -776,24 +781,7 @@ def train_grid(
     t2a = time.time()
     align_projector(model, processor, symbolic, hp, dev, log, seed + 2, "grid")
     # stage 2c: pixels; the tower is unfrozen at a tenth of the learning rate
-    tower.requires_grad_(hp["tower_lr_scale"] > 0)
-    frozen_tower = [] if hp["tower_lr_scale"] > 0 else list(tower.parameters())
-    slow = tuple(tower.parameters()) if hp["tower_lr_scale"] > 0 else ()
-    _train_vlm(
-        model,
-        processor,
-        frozen_tower,
-        hp,
-        dev,
-        log,
-        seed + 3,
-        "grid",
-        _grid_features,
-        out,
-        slow_params=slow,
-        slow_lr_scale=hp["tower_lr_scale"],
-    )
-    tower.requires_grad_(False)
+    _train_vlm(model, processor, [], hp, dev, log, seed + 3, "grid", _grid_features, out, tower=tower)
     train_time = time.time() - t0
     log(f"training wall time {train_time:.0f}s (stage1 {t1 - t0:.0f}s, stage 2a {t2a - t1:.0f}s)")
     size = _save(model.cpu(), processor, out, log)
@@ -937,17 +925,7 @@ def train_1d(
     )
     for p in lm:
         p.requires_grad_(True)
-    scale = hp["tower_lr_scale"]
-    clip.requires_grad_(scale > 0)
-    _train_vlm(
-        **vqa,
-        frozen=[] if scale > 0 else list(clip.parameters()),
-        seed=seed + 1,
-        desc="1d",
-        slow_params=tuple(clip.parameters()) if scale > 0 else (),
-        slow_lr_scale=scale,
-    )
-    clip.requires_grad_(False)
+    _train_vlm(**vqa, frozen=[], seed=seed + 1, desc="1d", tower=clip)
     train_time = time.time() - t0
     log(f"training wall time {train_time:.0f}s")
     size = _save(model.cpu(), processor, out, log)
