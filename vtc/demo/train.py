@@ -238,32 +238,48 @@ def pretrain_tower(clip_vision_model, processor, steps: int, batch: int, device,
     return head
 
 
+def _save_parts(path: Path, parts: dict[str, dict]) -> None:
+    """Write several state dicts to one safetensors cache file, keys prefixed ``{part}.``; atomically (a stopped
+    run leaves no half-written cache)."""
+    from safetensors.torch import save_file
+
+    state = {f"{name}.{k}": v.detach().cpu().contiguous() for name, sd in parts.items() for k, v in sd.items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file(state, str(tmp))
+    tmp.rename(path)
+
+
+def _load_parts(path: Path, device) -> dict[str, dict]:
+    """The state dicts of a :func:`_save_parts` file, by part name."""
+    from safetensors.torch import load_file
+
+    parts: dict[str, dict] = {}
+    for key, value in load_file(str(path), device=str(device)).items():
+        name, _, rest = key.partition(".")
+        parts.setdefault(name, {})[rest] = value
+    return parts
+
+
 def stage1_tower(
     clip_vision_model, processor, hp: dict, device, log, seed: int, desc: str, cache_dir: Path, reuse: bool = False
 ):
     """Stage 1, shared by both models: their CLIP towers have the same config, init and data, so the result
     is identical. It is saved as ``cache_dir/stage1_s{steps}_b{batch}_seed{seed}.safetensors`` and, with
     ``reuse=True`` (``--model all`` does this for the 1D model), loaded instead of being recomputed."""
-    from safetensors.torch import load_file, save_file
-
     path = Path(cache_dir) / f"stage1_v3_s{hp['stage1_steps']}_b{hp['stage1_batch']}_seed{seed}.safetensors"
     if reuse and path.exists():
         # leave the torch RNG where training leaves it (seeded, the head's init, nothing drawn while training), so
         # later stages start from the same random state whether stage 1 was trained or loaded
         torch.manual_seed(seed)
         head = _TowerHead(clip_vision_model.config.hidden_size).to(device)
-        state = load_file(str(path), device=str(device))
-        clip_vision_model.load_state_dict({k[6:]: v for k, v in state.items() if k.startswith("tower.")})
-        head.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("head.")})
+        parts = _load_parts(path, device)
+        clip_vision_model.load_state_dict(parts["tower"])
+        head.load_state_dict(parts["head"])
         log(f"stage1: loaded the shared stage-1 tower from {path}")
         return head
     head = pretrain_tower(clip_vision_model, processor, hp["stage1_steps"], hp["stage1_batch"], device, log, seed, desc)
-    state = {f"tower.{k}": v.detach().cpu().contiguous() for k, v in clip_vision_model.state_dict().items()}
-    state.update({f"head.{k}": v.detach().cpu().contiguous() for k, v in head.state_dict().items()})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_file(state, str(tmp))
-    tmp.rename(path)
+    _save_parts(path, {"tower": clip_vision_model.state_dict(), "head": head.state_dict()})
     log(f"stage1: saved the tower to {path}")
     return head
 
@@ -654,30 +670,23 @@ def _lm_cache_path(log_dir: Path, hp: dict, seed: int) -> Path:
     return Path(log_dir) / f"lm2a_v1_{digest}_seed{seed}.safetensors"
 
 
-def _save_lm_state(model, symbolic: nn.Module, path: Path) -> None:
-    from safetensors.torch import save_file
+def _is_lm_key(name: str) -> bool:
+    """A grid-model state-dict key that stage 2a trains (not the tower's or the projector's)."""
+    return "vision_tower" not in name and "multi_modal_projector" not in name
 
-    state = {
-        f"model.{k}": v.detach().cpu().contiguous()
-        for k, v in model.state_dict().items()
-        if "vision_tower" not in k and "multi_modal_projector" not in k
-    }
-    state.update({f"symbolic.{k}": v.detach().cpu().contiguous() for k, v in symbolic.state_dict().items()})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_file(state, str(tmp))
-    tmp.rename(path)
+
+def _save_lm_state(model, symbolic: nn.Module, path: Path) -> None:
+    lm = {k: v for k, v in model.state_dict().items() if _is_lm_key(k)}
+    _save_parts(path, {"model": lm, "symbolic": symbolic.state_dict()})
 
 
 def _load_lm_state(model, symbolic: nn.Module, path: Path, device) -> None:
-    from safetensors.torch import load_file
-
-    state = load_file(str(path), device=str(device))
-    result = model.load_state_dict({k[6:]: v for k, v in state.items() if k.startswith("model.")}, strict=False)
-    lm_missing = [k for k in result.missing_keys if "vision_tower" not in k and "multi_modal_projector" not in k]
+    parts = _load_parts(path, device)
+    result = model.load_state_dict(parts["model"], strict=False)
+    lm_missing = [k for k in result.missing_keys if _is_lm_key(k)]
     if lm_missing or result.unexpected_keys:
         raise RuntimeError(f"{path} does not match the grid model: {lm_missing or result.unexpected_keys}")
-    symbolic.load_state_dict({k[9:]: v for k, v in state.items() if k.startswith("symbolic.")})
+    symbolic.load_state_dict(parts["symbolic"])
 
 
 def _setup(seed: int, device: str | None, threads: int = 2):
