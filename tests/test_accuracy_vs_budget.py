@@ -4,16 +4,10 @@ runs on the shipped demo models at every budget, and the table, JSON and plot ar
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
 from vtc.demo import GRID_MODEL_PATH, ORDERED_MODEL_PATH
-
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 
 def test_accuracy_vs_budget_runs_every_config(tmp_path):

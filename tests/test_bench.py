@@ -3,20 +3,17 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+import vtc
+from eval import bench as B
+from eval import bench_all as BA
+from eval import flops as fl
 
-import vtc  # noqa: E402
-from eval import bench as B  # noqa: E402
-from eval import bench_all as BA  # noqa: E402
-from eval import flops as fl  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 FASTV = {"name": "fastv-t", "stages": [{"method": "fastv", "layer": 2, "budget": 0.5}]}
 
@@ -52,13 +49,15 @@ def test_vision_flops_by_hand():
     assert fl.vit_flops(v, T, units=5) == 5 * by_hand
     gated = fl.ViTShape(layers=2, hidden=4, intermediate=8, heads=2, gated=True)
     # layer 0 windowed (10 pairs), layer 1 full (T^2)
-    assert fl.vit_flops(gated, T, window_pairs_per_unit=10, full_layers=[1]) == \
-        fl.vit_layer_flops(gated, T, 10)["total"] + fl.vit_layer_flops(gated, T)["total"]
+    assert (
+        fl.vit_flops(gated, T, window_pairs_per_unit=10, full_layers=[1])
+        == fl.vit_layer_flops(gated, T, 10)["total"] + fl.vit_layer_flops(gated, T)["total"]
+    )
     assert fl.vit_layer_flops(gated, T)["mlp"] == 3 * 2 * T * 4 * 8
     assert fl.patch_embed_flops(6, 12, 4) == 2 * 6 * 12 * 4
     assert fl.mlp_flops(3, [4, 8, 2]) == 2 * 3 * 4 * 8 + 2 * 3 * 8 * 2
     # 6 x 6 patches, 2 x 2 merge -> 3 x 3 merged tokens, windows of 2 x 2 merged: sizes 2x2, 2x1, 1x2, 1x1
-    assert fl.window_pairs(6, 6, window=2, merge=2) == 16 ** 2 + 8 ** 2 + 8 ** 2 + 4 ** 2
+    assert fl.window_pairs(6, 6, window=2, merge=2) == 16**2 + 8**2 + 8**2 + 4**2
 
 
 def test_model_flops_of_tiny_llava_by_hand(tiny):
@@ -76,8 +75,9 @@ def test_model_flops_of_tiny_llava_by_hand(tiny):
     assert f["llm_prefill"] == 2 * 4 * fl.layer_flops(shape, n)["total"]
     assert f["prefill_total"] == tower + projector + f["llm_prefill"] + 2 * 2 * 64 * 128
     # full depth: the last layer's length carries on
-    g = B.model_flops(model, inputs, prompt_len=n, seq_lens=[n, n, 10, 10], kv_lens=None, projector_rows=None,
-                      full_layers=6)
+    g = B.model_flops(
+        model, inputs, prompt_len=n, seq_lens=[n, n, 10, 10], kv_lens=None, projector_rows=None, full_layers=6
+    )
     assert g["seq_len_per_layer"] == [n, n, 10, 10, 10, 10]
 
 
@@ -159,14 +159,55 @@ def test_oracle_gives_the_same_logits_and_lengths_as_vtc(tiny, config):
 
 
 # ---- end to end ----------------------------------------------------------------------------------------------------
-RESULT_KEYS = {"arch", "config", "config_name", "stages", "methods", "batch", "prompt_len", "visual_tokens",
-               "llm_layers", "vision_layers", "full_llm_layers", "dtype", "repeats", "warmup", "decode_tokens",
-               "variants", "summary", "vtc_stats", "environment", "raw"}
-VARIANT_KEYS = {"prefill_s", "decode_s_per_token", "vtc_time_s", "peak_memory_bytes", "peak_memory_delta_bytes",
-                "prompt_len", "seq_len_per_layer", "kv_cache_len", "kv_cache_bytes", "flops", "flops_full_depth"}
-SUMMARY_KEYS = {"speedup", "oracle_speedup", "efficiency", "overhead_pct", "decode_speedup", "kv_ratio",
-                "flops_ratio", "flops_ratio_full_depth", "vision_share", "oracle_matches_vtc", "speedup_gap_pct",
-                "overhead_pct_full_depth_est"}
+RESULT_KEYS = {
+    "arch",
+    "config",
+    "config_name",
+    "stages",
+    "methods",
+    "batch",
+    "prompt_len",
+    "visual_tokens",
+    "llm_layers",
+    "vision_layers",
+    "full_llm_layers",
+    "dtype",
+    "repeats",
+    "warmup",
+    "decode_tokens",
+    "variants",
+    "summary",
+    "vtc_stats",
+    "environment",
+    "raw",
+}
+VARIANT_KEYS = {
+    "prefill_s",
+    "decode_s_per_token",
+    "vtc_time_s",
+    "peak_memory_bytes",
+    "peak_memory_delta_bytes",
+    "prompt_len",
+    "seq_len_per_layer",
+    "kv_cache_len",
+    "kv_cache_bytes",
+    "flops",
+    "flops_full_depth",
+}
+SUMMARY_KEYS = {
+    "speedup",
+    "oracle_speedup",
+    "efficiency",
+    "overhead_pct",
+    "decode_speedup",
+    "kv_ratio",
+    "flops_ratio",
+    "flops_ratio_full_depth",
+    "vision_share",
+    "oracle_matches_vtc",
+    "speedup_gap_pct",
+    "overhead_pct_full_depth_est",
+}
 
 
 @pytest.fixture(scope="module")
@@ -180,8 +221,28 @@ def cli_run(tmp_path_factory):
 
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
-        rc = B.main(["--config", str(cfg), "--arch", "tiny", "--batch", "2", "--text-tokens", "12", "--repeats", "2",
-                     "--warmup", "0", "--decode-tokens", "2", "--device", "cpu", "--out", str(tmp / "out")])
+        rc = B.main(
+            [
+                "--config",
+                str(cfg),
+                "--arch",
+                "tiny",
+                "--batch",
+                "2",
+                "--text-tokens",
+                "12",
+                "--repeats",
+                "2",
+                "--warmup",
+                "0",
+                "--decode-tokens",
+                "2",
+                "--device",
+                "cpu",
+                "--out",
+                str(tmp / "out"),
+            ]
+        )
     return rc, buf.getvalue(), tmp / "out"
 
 
@@ -220,12 +281,21 @@ def test_bench_cli_end_to_end_writes_json_and_png(cli_run):
 
 def test_summary_is_computed_from_the_medians():
     def var(prefill, decode, vtc_t=None, kv=100, flops=1000):
-        return {"prefill_s": {"median": prefill}, "decode_s_per_token": {"median": decode},
-                "vtc_time_s": {"median": vtc_t}, "kv_cache_bytes": kv, "flops": {"prefill_total": flops},
-                "flops_full_depth": {"prefill_total": 2 * flops}}
+        return {
+            "prefill_s": {"median": prefill},
+            "decode_s_per_token": {"median": decode},
+            "vtc_time_s": {"median": vtc_t},
+            "kv_cache_bytes": kv,
+            "flops": {"prefill_total": flops},
+            "flops_full_depth": {"prefill_total": 2 * flops},
+        }
 
-    variants = {"baseline": var(2.0, 0.10), "vtc": var(1.0, 0.08, 0.05, kv=50, flops=400),
-                "oracle": var(0.9, 0.075, 0.01, kv=50, flops=400), "vision": var(0.2, None)}
+    variants = {
+        "baseline": var(2.0, 0.10),
+        "vtc": var(1.0, 0.08, 0.05, kv=50, flops=400),
+        "oracle": var(0.9, 0.075, 0.01, kv=50, flops=400),
+        "vision": var(0.2, None),
+    }
     s = B.summarize(variants)
     assert s["speedup"] == pytest.approx(2.0)
     assert s["oracle_speedup"] == pytest.approx(2.0 / 0.9)
@@ -240,10 +310,13 @@ def test_summary_is_computed_from_the_medians():
     assert s["overhead_pct_full_depth_est"] == pytest.approx(2.5)
 
 
-@pytest.mark.parametrize("arch,config", [
-    ("tiny-next", {"name": "vz", "stages": [{"method": "random", "budget": 8}]}),
-    ("tiny-qwen2.5-vl", FASTV),
-])
+@pytest.mark.parametrize(
+    "arch,config",
+    [
+        ("tiny-next", {"name": "vz", "stages": [{"method": "random", "budget": 8}]}),
+        ("tiny-qwen2.5-vl", FASTV),
+    ],
+)
 def test_bench_runs_on_other_families(arch, config):
     model = B.build_model(arch)
     inputs = B.synthetic_inputs(model, arch, batch=1, text_tokens=10)
