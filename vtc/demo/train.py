@@ -513,7 +513,8 @@ def _train_vlm(
     The extra QA branches are drawn from ``qtypes`` (``own_first=False``: all of them, not the sample's own QA
     first; a type listed twice is drawn twice as often). Images are train samples
     ``first_sample + step * images ...`` (default ``hp["stage2_images"]``); ``n_image_tokens`` overrides the number
-    of image tokens per image (``features`` must return that many).
+    of image tokens per image (``features`` must return that many). ``frozen`` parameters neither train nor get
+    gradients during the stage; their ``requires_grad`` is restored afterwards.
     """
     from tqdm.auto import tqdm
 
@@ -525,6 +526,9 @@ def _train_vlm(
     if tower is not None:
         tower.requires_grad_(tower_scale > 0)
     frozen_ids = {id(p) for p in frozen} | {id(p) for p in tower_params}
+    was_trainable = [p.requires_grad for p in frozen]
+    for p in frozen:  # no gradients computed for them during this stage
+        p.requires_grad_(False)
     train = [p for p in model.parameters() if id(p) not in frozen_ids] + list(extra_params)
     groups = [
         {"params": [p for p in train if p.ndim >= 2], "weight_decay": hp["weight_decay"], "lr_scale": 1.0},
@@ -600,6 +604,8 @@ def _train_vlm(
             r = evaluate(model, processor, split="val", n=300, batch_size=50, mode="first_token")
             log(f"stage2 step {step + 1} val_first_token_acc {r['accuracy']:.4f} per_type {json.dumps(r['per_type'])}")
             _save(model, processor, out, log)  # checkpoint (overwritten by the final model)
+    for p, flag in zip(frozen, was_trainable):
+        p.requires_grad_(flag)
     if tower is not None:
         tower.requires_grad_(False)
     model.eval()
@@ -922,8 +928,6 @@ def train_1d(
         out=out,
         nested=model.config.n_latents,
     )
-    for p in lm:
-        p.requires_grad_(False)
     _train_vlm(
         **vqa,
         frozen=list(clip.parameters()) + lm,
@@ -932,8 +936,6 @@ def train_1d(
         steps=hp["bridge_steps"],
         first_sample=30_000_000,
     )
-    for p in lm:
-        p.requires_grad_(True)
     _train_vlm(**vqa, frozen=[], seed=seed + 1, desc="1d", tower=clip)
     train_time = time.time() - t0
     log(f"training wall time {train_time:.0f}s")
