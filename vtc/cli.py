@@ -33,6 +33,12 @@ def _load_model(path: str | None, kind: str = "grid"):
         if not (p / "model.safetensors").exists():
             return _untrained_demo_model(kind, p)
         path = str(p)
+    from .model_names import resolve_model
+
+    try:
+        path = resolve_model(path)  # a folder, a bundled name (vtc-tiny-llava, vtc-tiny-1d) or a cached hub id
+    except ValueError as err:
+        raise SystemExit(f"vtc: {err}") from None
     model = AutoModelForImageTextToText.from_pretrained(path, attn_implementation="sdpa", dtype=torch.float32)
     processor = AutoProcessor.from_pretrained(path)
     processor.tokenizer.padding_side = "left"
@@ -190,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_demo)
 
     g = sub.add_parser("generate", help="answer a prompt about an image, optionally compressed")
-    g.add_argument("--model", required=True)
+    g.add_argument("--model", required=True, help="VLM folder, cached hub id, or vtc-tiny-llava / vtc-tiny-1d")
     g.add_argument("--image", required=True)
     g.add_argument("--prompt", required=True)
     g.add_argument("--config", default=None)
@@ -198,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=cmd_generate)
 
     s = sub.add_parser("show", help="draw the kept / merged tokens of a config over the image")
-    s.add_argument("--model", required=True)
+    s.add_argument("--model", required=True, help="VLM folder, cached hub id, or vtc-tiny-llava / vtc-tiny-1d")
     s.add_argument("--image", required=True)
     s.add_argument("--prompt", required=True)
     s.add_argument("--config", required=True)

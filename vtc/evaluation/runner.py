@@ -21,6 +21,7 @@ from __future__ import annotations
 import re
 import sys
 import time
+import uuid
 from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -254,7 +255,7 @@ def run_eval(opts: EvalOptions) -> dict | None:
     out_dir = Path(opts.out or Path("vtc-eval") / opts.task)
     out_dir.mkdir(parents=True, exist_ok=True)
     dtype_name = str(next(model.parameters()).dtype).replace("torch.", "")
-    run_id = D.broadcast(state, time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()))
+    run_id = D.broadcast(state, time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()) + f" #{uuid.uuid4().hex[:6]}")
     keys = {s.id: sample_key(s) for s in samples}
     fingerprint = model_fingerprint(model_path)
     caches = []
