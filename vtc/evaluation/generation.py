@@ -46,10 +46,12 @@ def load_vlm(path: str | os.PathLike, *, device: str = "cpu", dtype: str | torch
     """
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
-    import vtc  # noqa: F401  (registers the demo model classes with the Auto API)
+    from vtc.demo.ordered_vlm import register
     from vtc.errors import ConfigError
     from vtc.model_names import resolve_model
     from vtc.models import get_adapter, supported_models
+
+    register()  # the demo 1D model's classes, for AutoConfig / AutoModel
 
     try:
         path = resolve_model(path)
