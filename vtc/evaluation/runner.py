@@ -295,7 +295,10 @@ def run_eval(opts: EvalOptions) -> dict | None:
                "relative": None, "relative_lo": None, "relative_hi": None, "agreement": None,
                "per_category": res.get("per_category"), "neither_yes_nor_no": res.get("neither_yes_nor_no"),
                **summarize(ordered)}
-        notes = [n for n in (res.get("warning"), res.get("note"), _timing_note(ordered, run_id)) if n]
+        unclear = res.get("neither_yes_nor_no")
+        counted = (f"{unclear} of {res['n_scored']} answers were neither yes nor no (counted as 'yes')"
+                   if unclear and not res.get("warning") else None)
+        notes = [n for n in (res.get("warning"), counted, res.get("note"), _timing_note(ordered, run_id)) if n]
         if notes:
             row["notes"] = notes
         if res.get("warning"):
