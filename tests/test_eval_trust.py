@@ -312,3 +312,6 @@ def test_generate_and_show_take_bundled_names(tmp_path, capsys):
     assert capsys.readouterr().out.strip()
     with pytest.raises(SystemExit, match="not a local folder, not a bundled model"):
         main(["generate", "--model", "vtc-tiny", "--image", str(img), "--prompt", "q"])
+    from vtc.cli import build_parser
+
+    assert build_parser().parse_args(["demo", "--model", "vtc-tiny-1d"]).model == "vtc-tiny-1d"

@@ -192,6 +192,7 @@ def cmd_demo(args) -> int:
     from .demo import task
 
     torch.manual_seed(0)
+    args.model = {"vtc-tiny-llava": "grid", "vtc-tiny-1d": "1d"}.get(args.model, args.model)
     model, processor, path = _load_model(None, args.model)
     config = args.config or DEFAULT_DEMO_CONFIGS[args.model]
     sample = task.get_sample("test", args.index)
@@ -261,7 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("demo", help="run the bundled tiny VLM uncompressed and compressed (offline)")
-    d.add_argument("--model", choices=["grid", "1d"], default="grid")
+    d.add_argument("--model", choices=["grid", "1d", "vtc-tiny-llava", "vtc-tiny-1d"], default="grid",
+                   help="bundled model: grid (= vtc-tiny-llava) or 1d (= vtc-tiny-1d)")
     d.add_argument("--config", default=None, help="config (YAML path or bundled name); default: a demo config")
     d.add_argument("--index", type=int, default=3, help="which test sample of the synthetic task to use")
     d.add_argument("--out", default="vtc-demo-kept.png",
