@@ -48,6 +48,15 @@ class _Generation:
     def needs_mask(self) -> bool:
         return self.use_bias or not self.identity and bool((~self.slot_valid).any())
 
+    def select_rows(self, rows: torch.Tensor) -> _Generation:
+        """The same slot set for batch rows ``rows`` (beam search reordering); memoised masks are dropped."""
+        def pick(t):
+            return t.index_select(0, rows.to(t.device))
+
+        return _Generation(self.start_layer, pick(self.slots), pick(self.slot_valid), pick(self.sizes),
+                           pick(self.is_visual), pick(self.image_id), pick(self.protected), pick(self.user_valid),
+                           identity=self.identity, use_bias=self.use_bias)
+
 
 class LLMRuntime:
     def __init__(self, adapter: ModelAdapter, stages: list[tuple[int, Method]], stats: Any, generator_seed: int):
@@ -102,6 +111,13 @@ class LLMRuntime:
         elif self.active:
             self.phase = "decode"
             self.total_len += seq_len
+
+    def reorder_rows(self, rows: torch.Tensor) -> None:
+        """Row i of the batch continues what row ``rows[i]`` held (beam search's ``beam_idx``)."""
+        if not self.active:
+            return
+        self.generations = [g.select_rows(rows) for g in self.generations]
+        self.user_mask = self.user_mask.index_select(0, rows.to(self.user_mask.device))
 
     def end_prefill(self) -> None:
         if self.phase == "prefill":
