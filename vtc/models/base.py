@@ -248,7 +248,7 @@ class ModelAdapter:
         return input_ids == self.placeholder_token_id()
 
     # ---- vision side (overridden per family) --------------------------------------------------------------------
-    def encode_images(self, kwargs: dict, needs: set[str]) -> list[VisualGroup]:  # pragma: no cover
+    def encode_images(self, kwargs: dict) -> list[VisualGroup]:  # pragma: no cover
         raise NotImplementedError(f"{self.family}: vision-side stages are not supported by this adapter yet")
 
     def project(self, features: torch.Tensor) -> torch.Tensor:  # pragma: no cover

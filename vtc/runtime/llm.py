@@ -24,6 +24,7 @@ import torch
 from ..errors import ConfigError
 from ..methods.base import LLMContext, Method
 from ..models.base import ModelAdapter, TokenMap
+from ..reduction import compact
 
 __all__ = ["LLMRuntime"]
 
@@ -59,11 +60,11 @@ class _Generation:
 
 
 class LLMRuntime:
-    def __init__(self, adapter: ModelAdapter, stages: list[tuple[int, Method]], stats: Any, generator_seed: int):
+    def __init__(self, adapter: ModelAdapter, stages: list[tuple[int, Method]], stats: Any, seed: int):
         self.adapter = adapter
         self.stages = stages  # (stage index, method) LLM-side, in layer order
         self.stats = stats
-        self.seed = generator_seed
+        self.seed = seed
         self.by_layer: dict[int, tuple[int, Method]] = {}
         for idx, m in stages:
             for layer in m.llm_layers():
@@ -107,7 +108,6 @@ class LLMRuntime:
                               else torch.ones(batch, seq_len, dtype=torch.bool, device=device))
             if self.user_mask.shape[1] != seq_len:
                 self.user_mask = self.user_mask[:, -seq_len:]
-            self.generator = torch.Generator(device=device).manual_seed(self.seed)
         elif self.active:
             self.phase = "decode"
             self.total_len += seq_len
@@ -210,14 +210,9 @@ class LLMRuntime:
 
     def _context(self, layer_idx, hidden, gen: _Generation, kwargs, stage_idx) -> LLMContext:
         cand_mask = gen.is_visual & ~gen.protected & gen.slot_valid
-        B, M = cand_mask.shape
-        counts = cand_mask.sum(-1)
-        n = max(int(counts.max()), 1) if B else 1
-        idx = torch.arange(M, device=hidden.device).expand(B, M)
-        order = torch.where(cand_mask, idx, idx + M).argsort(-1)[:, :n]
-        cand_valid = torch.gather(cand_mask, 1, order)
-        candidates = torch.where(cand_valid, order, torch.zeros_like(order))
-        image_id = torch.where(cand_valid, torch.gather(gen.image_id, 1, candidates), torch.full_like(order, -1))
+        B = cand_mask.shape[0]
+        candidates, cand_valid = compact(cand_mask)
+        image_id = torch.where(cand_valid, torch.gather(gen.image_id, 1, candidates), torch.full_like(candidates, -1))
         # per-image candidate counts (B, G): G = number of images in the batch
         G = int(self.token_map.image_id.max()) + 1 if self.token_map.image_id.numel() else 0
         G = max(G, 1)
@@ -229,7 +224,7 @@ class LLMRuntime:
             image_id=image_id, slot_positions=gen.slots, slot_valid=gen.slot_valid,
             token_valid=gen.slot_valid & gen.user_valid, is_visual=gen.is_visual, sizes=gen.sizes,
             position_embeddings=kwargs.get("position_embeddings"), attention_mask=kwargs.get("attention_mask"),
-            adapter=self.adapter, captured=captured, generator=self.generator, stage_index=stage_idx,
+            adapter=self.adapter, captured=captured,
             image_counts=counts_img, seed=self.seed,
         )
 
@@ -268,11 +263,8 @@ class LLMRuntime:
             sbuf = sbuf.scatter(1, anchor_tgt, red.sizes.to(sizes.dtype))
             sizes = sbuf[:, :M]
         # compact: survivors keep original order; rows with fewer survivors are left-padded
-        counts = keep.sum(-1)
-        M2 = int(counts.max())
-        idx = torch.arange(M, device=dev).expand(B, M)
-        order = torch.where(keep, idx + M, idx).argsort(-1)[:, M - M2:]
-        valid = torch.gather(keep, 1, order)
+        order, valid = compact(keep, align="right", fill=None)
+        M2 = order.shape[1]
 
         def g(t):
             return torch.gather(t, 1, order)
