@@ -16,11 +16,15 @@ of one sample's beams hold equal state, so the matrix alone cannot see a missing
 from __future__ import annotations
 
 import functools
+import os
+import sys
 
 import pytest
 import torch
 from matrix import discover
 from replay import replay_config
+from tiny_models import llava_inputs, tiny_llava
+from torch.overrides import TorchFunctionMode
 
 import vtc
 from vtc.models.base import cache_kwarg_name
@@ -212,3 +216,41 @@ def test_prompt_given_twice_is_an_error():
     with vtc.compress(model, {"stages": [VISION]}):
         with pytest.raises(ValueError, match="inputs"):
             model.generate(ids, input_ids=ids, **inputs, **BASE)
+
+
+# ---- host syncs: per stage, never per decoder layer (issue 18 §5) ------------------------------------------------
+_SYNCS = {"tolist", "item", "__bool__", "__int__", "__float__", "__index__", "nonzero", "cpu", "numpy"}
+_VTC_DIR = os.path.dirname(vtc.__file__)
+
+
+class _CountSyncs(TorchFunctionMode):
+    """CPU stand-in for ``torch.cuda.set_sync_debug_mode``: counts the tensor -> host reads vtc's own code makes
+    (``tolist``, ``item``, ``bool`` / ``int`` / ``float`` of a tensor, ``nonzero``, boolean-mask indexing)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        bool_index = name in ("__getitem__", "__setitem__") and len(args) > 1 and any(
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool
+            for i in (args[1] if isinstance(args[1], tuple) else (args[1],)))
+        if (name in _SYNCS or bool_index) and sys._getframe(1).f_code.co_filename.startswith(_VTC_DIR):
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_host_syncs_do_not_grow_with_depth():
+    """The same prompt through a 4-layer and an 8-layer model: vtc's host syncs during prefill and decoding are the
+    same (one set per stage / per step, none per decoder layer); reading the stats afterwards may sync."""
+    counts = []
+    for layers in (4, 8):
+        model = tiny_llava(layers=layers)
+        inputs = llava_inputs(model, batch=2)
+        with vtc.compress(model, {"stages": [VISION, {"method": "fastv", "layer": 2, "budget": 0.5}]}) as run:
+            with _CountSyncs() as mode:
+                model.generate(**inputs, **BASE)
+            counts.append(mode.count)
+            assert len(run.stats.tokens_per_layer) == layers - 1
+    assert counts[0] == counts[1], counts

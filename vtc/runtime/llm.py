@@ -205,7 +205,9 @@ class LLMRuntime:
             self.captured.setdefault(layer_idx, {})
             for idx in self.capture_at[layer_idx]:
                 self.captured[layer_idx][idx] = ctx
-        self.stats.record_layer(layer_idx, gen.slot_valid.shape[1], (gen.slot_valid & gen.user_valid).sum(-1))
+        if "real" not in gen.memo:  # once per slot set: stats convert it when read
+            gen.memo["real"] = (gen.slot_valid & gen.user_valid).sum(-1)
+        self.stats.record_layer(layer_idx, gen.slot_valid.shape[1], gen.memo["real"])
         return args, kwargs
 
     def _context(self, layer_idx, hidden, gen: _Generation, kwargs, stage_idx) -> LLMContext:
