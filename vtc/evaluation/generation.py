@@ -215,14 +215,15 @@ class BatchAnswerer:
         llm_in = self._prefill_lens if self._prefill_lens is not None else real
         stats = self.run.stats if self.run is not None else None
         L = self.shape.layers
+        per_layer = stats.tokens_per_layer if stats is not None else {}  # converted once (one host sync)
         out = []
         for i in range(len(vis_in)):
             text = int(real[i]) - int(vis_in[i])
             cur = int(llm_in[i])
             seq = []
             for layer in range(L):
-                if stats is not None and layer in stats.tokens_per_layer:
-                    cur = int(stats.tokens_per_layer[layer][i])
+                if layer in per_layer:
+                    cur = int(per_layer[layer][i])
                 seq.append(cur)
             out.append({
                 "visual_tokens_in": int(vis_in[i]),
