@@ -76,7 +76,7 @@ def _run_stages(x: torch.Tensor, layout: Layout, cfg: Config, extras: VisionExtr
     for i, stage in enumerate(stages):
         stage.check_layout(layout)
         ctx = VisionContext(features=x, layout=layout, extras=extras, generator=gen, space=stage.space, seed=seed,
-                            unit_image=unit_image)
+                            unit_image=unit_image, state=stage.new_state())
         red = stage.reduce_vision(ctx)
         if i + 1 < len(stages) and not bool(red.valid.all()):
             raise ConfigError(f"stage {stage.method} delivers different token counts per unit (e.g. a per-image "
@@ -172,7 +172,7 @@ def reduce_embeddings(
         y = y[valid].view(U, -1, y.shape[-1])  # each image's parts' tokens, padding of uneven units dropped
         per_part = [[_rows(r, slice(p, None, P)) for r in reductions] for p in range(P)]
     else:
-        if any(getattr(s, "per", "crop") == "image" for s in cfg.vision_stages):
+        if any(s.per == "image" for s in cfg.vision_stages):
             raise ConfigError("per: image needs the parts of a MultiCrop layout to share one grid; these differ: "
                               f"{[repr(p) for p in parts]}")
         outs, per_part = [], []

@@ -62,7 +62,7 @@ from ..errors import ConfigError
 from ..reduction import Reduction, resolve_budget, topk_per_group
 from ..scoring import attention_probs
 from . import register_method
-from .base import LLMContext, Method
+from .base import LLMContext, ScorerMethod
 
 __all__ = [
     "PACT",
@@ -242,7 +242,7 @@ def _take_rows(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 
 # ---- the method ------------------------------------------------------------------------------------------------
 @register_method("pact")
-class PACT(Method):
+class PACT(ScorerMethod):
     """PACT: EUTI pruning + DBDPC clustering + merging with proportional attention (LLM side, one layer)."""
 
     sides = ("llm",)
@@ -288,7 +288,7 @@ class PACT(Method):
             raise ValueError(f"coef_pruned must be a finite number >= 0, got {v!r}")
         return float(v)
 
-    def attach(self, run) -> list:
+    def attach(self, run, state) -> list:
         impl = run.adapter.attn_implementation()
         if self.proportional and self.mode != "euti" and "flash" in str(impl):
             raise ConfigError(
@@ -329,23 +329,34 @@ class PACT(Method):
         kr = ctx.adapter.rope_rows(kr, ctx.position_embeddings, slots)
         return kr.transpose(1, 2).reshape(B, slots.shape[1], hkv * d)
 
-    def reduce_llm(self, ctx: LLMContext) -> Reduction:
+    def score(self, ctx: LLMContext) -> torch.Tensor:
+        """(B, n) EUTI scores of the candidates (``mode: euti`` is this score with the base class's top-k)."""
+        q_mean, keys, prefix = self._project(ctx, with_query=True)
+        return self.euti(ctx, q_mean, keys, prefix)
+
+    def keep_per_image(self, ctx: LLMContext) -> torch.Tensor:
+        return ctx.budget_per_image(self.keep, what="keep")
+
+    def keep_mask(self, ctx: LLMContext, scores: torch.Tensor) -> torch.Tensor:
+        if self.scope == "image":
+            return super().keep_mask(ctx, scores)
         valid = ctx.candidate_valid
+        counts = valid.sum(-1).tolist()  # one host sync
+        ks = [resolve_budget(self.keep, c, what="keep") for c in counts]
+        group = torch.where(valid, 0, -1)
+        return topk_per_group(scores, group, torch.tensor(ks, device=valid.device)[:, None])
+
+    def reduce_llm(self, ctx: LLMContext) -> Reduction:
+        if self.mode == "euti":
+            return super().reduce_llm(ctx)
         q_mean, keys, prefix = self._project(ctx, with_query=self.mode != "dbdpc")
         if self.mode == "dbdpc":
-            kept = valid
+            kept = ctx.candidate_valid
         else:
-            scores = self.euti(ctx, q_mean, keys, prefix)
-            if self.scope == "image":
-                kept = ctx.keep_top_per_image(scores, self.keep, what="keep").source >= 0
-            else:
-                counts = valid.sum(-1).tolist()  # one host sync
-                ks = [resolve_budget(self.keep, c, what="keep") for c in counts]
-                group = torch.where(valid, 0, -1)
-                kept = topk_per_group(scores, group, torch.tensor(ks, device=valid.device)[:, None])
-            if self.mode == "euti":
-                return Reduction.from_mask(kept)
-        return self._cluster(ctx, keys, kept)
+            kept = self.keep_mask(ctx, self.euti(ctx, q_mean, keys, prefix))
+        red = self._cluster(ctx, keys, kept)
+        red.proportional = self.proportional
+        return red
 
     def _cluster(self, ctx: LLMContext, keys: torch.Tensor, kept: torch.Tensor) -> Reduction:
         """DBDPC on the kept candidates (B, n) bool, retrieval of the pruned ones, merge."""

@@ -67,6 +67,8 @@ class LLMRuntime:
         self.hook_layers = sorted(set(range(self.first_layer, adapter.num_layers())) | set(self.capture_at)) \
             if self.first_layer is not None else []
         self.attn_impl = adapter.attn_implementation()
+        #: per-run state of each stage (stage index -> ``Method.new_state()``), owned by the Run
+        self.states: dict[int, Any] = {}
         self.reset()
 
     # ---- per forward -------------------------------------------------------------------------------------------
@@ -214,7 +216,7 @@ class LLMRuntime:
             token_valid=gen.slot_valid & gen.user_valid, is_visual=gen.is_visual, sizes=gen.sizes,
             position_embeddings=kwargs.get("position_embeddings"), attention_mask=kwargs.get("attention_mask"),
             adapter=self.adapter, captured=captured, generator=self.generator, stage_index=stage_idx,
-            image_counts=counts_img, seed=self.seed,
+            image_counts=counts_img, seed=self.seed, state=self.states.get(stage_idx),
         )
 
     def _apply(self, layer_idx, gen: _Generation, hidden, ctx: LLMContext, red, method: Method):
@@ -266,7 +268,7 @@ class LLMRuntime:
             start_layer=layer_idx, slots=g(gen.slots), slot_valid=valid, sizes=torch.where(valid, g(sizes), 1.0),
             is_visual=g(gen.is_visual) & valid, image_id=g(gen.image_id), protected=g(gen.protected),
             user_valid=g(gen.user_valid), identity=False,
-            use_bias=gen.use_bias or (red.sizes is not None and getattr(method, "proportional", False)),
+            use_bias=gen.use_bias or (red.sizes is not None and red.proportional),
         )
         new_gen.identity = bool(M2 == M and bool(valid.all()))
         return new_gen, out_hidden

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -100,9 +101,11 @@ class VisionRuntime:
         self.stages = stages
         self.stats = stats
         self.seed = seed
+        #: per-run state of each stage (stage index -> ``Method.new_state()``), owned by the Run
+        self.states: dict[int, Any] = {}
         self.needs: set[str] = set()
         for _, m in stages:
-            self.needs |= set(getattr(m, "needs", ()))
+            self.needs |= set(m.needs)
 
     def reduce_images(self, kwargs: dict) -> list[ImageFeatures]:
         groups = self.adapter.encode_images(kwargs, self.needs)
@@ -121,7 +124,8 @@ class VisionRuntime:
                 m.check_layout(layout)
                 ctx = VisionContext(features=feats, layout=layout, extras=extras, generator=generator,
                                     space="llm" if projected else "vision", seed=self.seed,
-                                    unit_image=torch.as_tensor(group.unit_image, device=feats.device))
+                                    unit_image=torch.as_tensor(group.unit_image, device=feats.device),
+                                    state=self.states.get(stage_idx))
                 n_in = feats.shape[1]
                 t0 = time.perf_counter()
                 red = m.reduce_vision(ctx)
