@@ -8,7 +8,7 @@ At decoder layer L (``layer``, default 4) during prefill, from the hidden states
    q̄_h = mean_{i∈P} Q_{i,h} (computed as q_proj(mean_{i∈P} norm(H_i)): q_proj is affine, so this is exact),
    g_j = mean_h softmax_{j∈P}(q̄_h · K_{j,h} · scale) in fp32 (GQA keys shared), and the score of visual token j
    is s_j = g_j · ‖H_j‖₂ (raw hidden state). The top ⌊keep · n⌋ visual tokens of every image (``scope: sample``: of
-   the sample) are kept, ties by lower index (:meth:`LLMContext.keep_top_per_image`).
+   the sample) are kept, ties by lower index (:meth:`ScorerMethod.keep_mask`).
 2. **DBDPC** (Distance Bounded Density Peak Clustering) on the kept tokens. Features: layer-L keys **after**
    the model's RoPE (M-RoPE for Qwen2-VL, via the adapter), flattened over KV heads, L2-normalised; distance
    D_ij = max(0, 1 - ẑ_i · ẑ_j). Density ρ_i = Σ_j exp(-(D_ij / 2)²), replaced by its rank (only the order
