@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .reduction import compact
+
 if TYPE_CHECKING:
     from .methods.base import LLMContext
 
@@ -81,10 +83,8 @@ def query_attention(src: LLMContext, layer: int, query: str = "last") -> torch.T
         inst = src.instruction_mask()
         has = inst.any(-1)
         inst = torch.where(has[:, None], inst, slots[None] == last[:, None])  # fallback: last token
-        R = int(inst.sum(-1).max())
-        rows = torch.where(inst, slots.expand(B, M), slots.expand(B, M) + M).sort(-1).values[:, :R]
-        row_ok = rows < M
-        rows = torch.where(row_ok, rows, last[:, None].expand(-1, R))
+        rows, row_ok = compact(inst)
+        rows = torch.where(row_ok, rows, last[:, None].expand_as(rows))
     else:
         rows = last[:, None]
         row_ok = torch.ones_like(rows, dtype=torch.bool)
