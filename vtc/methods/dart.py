@@ -2,10 +2,10 @@
 Matters More", 2025, arXiv:2502.11494). LLM side, one cut entering decoder layer L (default 2).
 
 Pivots, then duplication: at the cut,
-1. a_i = ||k_i||_1, the L1 norm of token i's post-RoPE keys of layer L-1 (all KV heads; re-projected from
-   the captured input of layer L-1, no attention needed; positions relative to the row's first real token). Image pivots: the top ``pivots_image`` visual tokens
-   of every image by a; text pivots: the top ``pivots_text`` of the instruction tokens (real text after the last
-   visual token) by a.
+1. a_i = ||k_i||_1, the L1 norm of token i's post-RoPE keys of layer L-1 (all KV heads; re-projected from the
+   captured input of layer L-1, no attention needed; positions relative to the row's first real token). Image
+   pivots: the top ``pivots_image`` visual tokens of every image by a; text pivots: the top ``pivots_text`` of the
+   instruction tokens (real text after the last visual token) by a.
 2. x_i = FinalNorm(h_i): the hidden states entering layer L through the LM's *final* norm.
 3. Visiting the pivots of an image in ascending position order (its image pivots, then the sample's text
    pivots), each pivot p claims the m remaining visual tokens of that image least similar to it (smallest
@@ -163,5 +163,6 @@ class DART(Method):
         key_l1 = key_norms(ctx.captured[self.layer - 1], self.layer - 1)
         hidden = ctx.adapter.final_norm(ctx.hidden_states)
         kept = dart_select(key_l1, hidden, ctx.candidates, ctx.candidate_valid, ctx.image_id,
-                           ctx.instruction_mask(), ctx.budget_per_image(self.budget), self.pivots_image, self.pivots_text)
+                           ctx.instruction_mask(), ctx.budget_per_image(self.budget), self.pivots_image,
+                           self.pivots_text)
         return Reduction.from_mask(kept)

@@ -13,13 +13,16 @@ Vision-Language Model Inference", ICML 2025, arXiv:2410.04417). LLM side, progre
    ``floor(keep[j] * n0)`` of every image. ``budget: 192 | 128 | 96 | 64`` selects the official v2 schedule
    (576 -> 300 / 200 / 118, 238 / 108 / 60, 246 / 54 / 28, 66 / 34 / 20 tokens, ``keep`` = count / 576); the
    budget names the *layer average* the official code prints, not a count per layer. Or give ``layers`` / ``keep``.
-Defaults: ``budget: 192``, ``heads: 14``. Survivors keep their original positions (as v2 does). v1 / v1.5
-(rank-adaptive counts, recycling by DPC-kNN, renumbered positions) are not implemented. Quirks: docs/methods/sparsevlm.md.
+Defaults: the 192 schedule, ``heads: 14``. Survivors keep their original positions (as v2 does). v1 / v1.5
+(rank-adaptive counts, recycling by DPC-kNN, renumbered positions) are not implemented.
+Quirks: docs/methods/sparsevlm.md.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Literal
 
 import torch
@@ -34,8 +37,8 @@ from .schedule import ScheduledScorer, ScheduleState
 __all__ = ["SparseVLM", "SCHEDULES", "rater_mask", "gravity"]
 
 #: SparseVLM+ (v2.0) top-k per cut for 576 visual tokens, by RETAIN_TOKN (official ``score.py``)
-SCHEDULES: dict[int, tuple[int, int, int]] = {192: (300, 200, 118), 128: (238, 108, 60), 96: (246, 54, 28),
-                                              64: (66, 34, 20)}
+SCHEDULES: Mapping[int, tuple[int, int, int]] = MappingProxyType(
+    {192: (300, 200, 118), 128: (238, 108, 60), 96: (246, 54, 28), 64: (66, 34, 20)})
 #: the official cuts: after (0-indexed) layers 2, 6, 15 = entering 3, 7, 16
 PAPER_LAYERS: tuple[int, ...] = (3, 7, 16)
 PAPER_TOKENS = 576
