@@ -117,3 +117,14 @@ def test_bench_command_uses_the_package_not_the_working_directory(tmp_path):
     assert "--arch" in res.stdout and "tiny-qwen2-vl" in res.stdout
     offenders = [str(p.relative_to(ROOT)) for p in (ROOT / "vtc").rglob("*.py") if "sys.path" in p.read_text()]
     assert offenders == []
+
+
+def test_training_and_probe_code_are_not_package_code(wheel):
+    """The demo models' training recipe lives in eval/demo_training/ (run from a checkout), not in the wheel; no
+    Python file lives under eval/results/."""
+    with zipfile.ZipFile(wheel) as zf:
+        shipped = [n for n in zf.namelist() if n.endswith(".py")]
+    assert "vtc/demo/ordered_vlm.py" in shipped and "vtc/demo/task.py" in shipped
+    assert not [n for n in shipped if "train" in n.rsplit("/", 1)[-1]]
+    assert (ROOT / "eval" / "demo_training" / "train.py").is_file()
+    assert sorted(str(p.relative_to(ROOT)) for p in (ROOT / "eval" / "results").rglob("*.py")) == []

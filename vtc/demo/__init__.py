@@ -5,7 +5,6 @@ Submodules (imported lazily, nothing heavy here):
 - ``vtc.demo.task``: seeded procedural shapes-VQA generator (``get_sample``, ``get_samples``).
 - ``vtc.demo.ordered_vlm``: the ordered-1D-token VLM as transformers classes (``register()``).
 - ``vtc.demo.build``: configs, tokenizer and processors of both demo models.
-- ``vtc.demo.train``: reproducible training (``train_grid``, ``train_1d``, ``main``).
 - ``vtc.demo.evaluate``: batched greedy-generation accuracy (``evaluate``).
 """
 
