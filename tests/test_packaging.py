@@ -128,3 +128,12 @@ def test_training_and_probe_code_are_not_package_code(wheel):
     assert not [n for n in shipped if "train" in n.rsplit("/", 1)[-1]]
     assert (ROOT / "eval" / "demo_training" / "train.py").is_file()
     assert sorted(str(p.relative_to(ROOT)) for p in (ROOT / "eval" / "results").rglob("*.py")) == []
+
+
+def test_no_reference_to_a_design_document_that_is_not_shipped():
+    """Docstrings and docs cite the README, not a design.md that is not in the repository."""
+    files = [*ROOT.glob("*.md"), *(ROOT / "vtc").rglob("*.py"), *(ROOT / "tests").rglob("*.py"),
+             *(p for p in (ROOT / "eval").rglob("*") if p.suffix in (".py", ".md") and "results" not in p.parts)]
+    name = "design" + ".md"
+    assert not (ROOT / name).exists()
+    assert sorted(str(p.relative_to(ROOT)) for p in files if name in p.read_text(encoding="utf-8")) == []
