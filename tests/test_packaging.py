@@ -131,7 +131,7 @@ def test_training_and_probe_code_are_not_package_code(wheel):
 
 
 def test_no_reference_to_a_design_document_that_is_not_shipped():
-    """Docstrings and docs cite the README, not a design.md that is not in the repository."""
+    """Docstrings and docs cite the README, not a design document that is not in the repository."""
     files = [*ROOT.glob("*.md"), *(ROOT / "vtc").rglob("*.py"), *(ROOT / "tests").rglob("*.py"),
              *(p for p in (ROOT / "eval").rglob("*") if p.suffix in (".py", ".md") and "results" not in p.parts)]
     name = "design" + ".md"
