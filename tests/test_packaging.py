@@ -1,4 +1,5 @@
-"""Packaging: what a non-editable install of the wheel holds and does, away from the checkout."""
+"""Packaging and package layout: what a non-editable install of the wheel holds and does, away from the checkout;
+registries found by rule."""
 
 import os
 import shutil
@@ -137,3 +138,23 @@ def test_no_reference_to_a_design_document_that_is_not_shipped():
     name = "design" + ".md"
     assert not (ROOT / name).exists()
     assert sorted(str(p.relative_to(ROOT)) for p in files if name in p.read_text(encoding="utf-8")) == []
+
+
+def test_adapters_are_found_by_the_same_rule_as_methods():
+    """Every adapter class of a ``vtc/models`` module is registered with ``@register_adapter`` in its own file and
+    found by importing the package's modules (no hard-coded list; the demo adapter is not special)."""
+    import importlib
+    import pkgutil
+
+    import vtc.models as M
+
+    assert "OrderedVLMForConditionalGeneration" in M.supported_models()
+    defined = set()
+    for info in pkgutil.iter_modules(M.__path__):
+        mod = importlib.import_module(f"vtc.models.{info.name}")
+        defined |= {c for c in vars(mod).values() if isinstance(c, type) and issubclass(c, M.ModelAdapter)
+                    and c.__module__ == mod.__name__ and c.model_class_names}
+    registered = {a for a in M._ADAPTERS if a.__module__.startswith("vtc.models.")}
+    assert defined == registered and len(registered) >= 5
+    for info in pkgutil.iter_modules(M.__path__):
+        assert f'"{info.name}"' not in Path(M.__file__).read_text() or info.name in M._HELPERS

@@ -9,12 +9,14 @@ from __future__ import annotations
 import torch
 
 from ..layout import Grid, Sequence
+from . import register_adapter
 from .base import ModelAdapter, VisualGroup, precomputed_counts
 from .vision_towers import TowerScorer
 
 __all__ = ["LlavaAdapter"]
 
 
+@register_adapter
 class LlavaAdapter(ModelAdapter):
     family = "llava"
     model_class_names = ("LlavaForConditionalGeneration",)

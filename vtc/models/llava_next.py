@@ -57,6 +57,7 @@ import torch
 from ..errors import ConfigError
 from ..layout import Grid, Layout, MultiCrop
 from . import llava as _llava
+from . import register_adapter
 from .base import ImageFeatures, TokenMap, VisualGroup, precomputed_counts
 
 __all__ = ["LlavaNextAdapter", "AnyresGeometry", "anyres_geometry", "unpad_box", "pack_grid", "pack_sequence"]
@@ -185,6 +186,7 @@ def pack_sequence(base: torch.Tensor, crops: list[torch.Tensor], geom: AnyresGeo
     return torch.cat(parts, dim=0), torch.cat(flags, dim=0)
 
 
+@register_adapter
 class LlavaNextAdapter(_llava.LlavaAdapter):
     """Adapter for ``LlavaNextForConditionalGeneration`` (see the module docstring for the packing scheme)."""
 

@@ -8,11 +8,13 @@ layout is ``Sequence(n_latents, is_ordered=True)``: prefix truncation is valid. 
 from __future__ import annotations
 
 from ..layout import Sequence
+from . import register_adapter
 from .base import ModelAdapter, VisualGroup, precomputed_counts
 
 __all__ = ["OrderedVLMAdapter"]
 
 
+@register_adapter
 class OrderedVLMAdapter(ModelAdapter):
     family = "vtc-ordered"
     model_class_names = ("OrderedVLMForConditionalGeneration",)

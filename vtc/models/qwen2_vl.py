@@ -55,6 +55,7 @@ from ..errors import ConfigError
 from ..layout import Grid, Layout, Video
 from ..methods.base import VisionExtras
 from ..scoring import rotate_half
+from . import register_adapter
 from .base import ImageFeatures, ModelAdapter, TokenMap, VisualGroup
 
 __all__ = ["Qwen2VLAdapter", "Qwen2_5_VLAdapter", "compose_mrope", "segment_received_attention"]
@@ -157,6 +158,7 @@ class _TowerScores:
 
 
 # ---------------------------------------------------------------------------------------------- adapter
+@register_adapter
 class Qwen2VLAdapter(ModelAdapter):
     family = "qwen2_vl"
     model_class_names = ("Qwen2VLForConditionalGeneration",)
@@ -509,6 +511,7 @@ class _CombinedScores:
         return self._keys
 
 
+@register_adapter
 class Qwen2_5_VLAdapter(Qwen2VLAdapter):
     """Qwen2.5-VL: same LLM side; the tower runs window attention in most blocks and full attention in
     ``fullatt_block_indexes``, on tokens permuted window by window (undone after the merger)."""
