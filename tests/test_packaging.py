@@ -158,3 +158,15 @@ def test_adapters_are_found_by_the_same_rule_as_methods():
     assert defined == registered and len(registered) >= 5
     for info in pkgutil.iter_modules(M.__path__):
         assert f'"{info.name}"' not in Path(M.__file__).read_text() or info.name in M._HELPERS
+
+
+def test_one_model_loader(monkeypatch):
+    """The CLI loads every model (bundled demo or ``--model PATH``) through :func:`vtc.demo.load`."""
+    import vtc.demo
+    from vtc import cli
+
+    calls = []
+    monkeypatch.setattr(vtc.demo, "load", lambda kind="grid", path=None, **kw: calls.append(str(path)) or ("m", "p"))
+    assert cli._load_model("some/vlm") == ("m", "p", "some/vlm")
+    assert cli._load_model(None, "1d")[:2] == ("m", "p")
+    assert calls == ["some/vlm", str(vtc.demo.ORDERED_MODEL_PATH)]

@@ -19,24 +19,17 @@ DEFAULT_DEMO_CONFIGS = {
 
 
 def _load_model(path: str | None, kind: str = "grid"):
-    """(model, processor, description). ``path=None``: the bundled demo model of ``kind``."""
-    import torch
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    """(model, processor, description) through :func:`vtc.demo.load`. ``path=None``: the bundled demo model of
+    ``kind`` (its architecture with random weights if the trained weights are not installed)."""
+    from . import demo
 
-    from .demo.ordered_vlm import register
-
-    register()  # the demo 1D model's classes, for AutoModel
     if path is None:
-        from .demo import GRID_MODEL_PATH, ORDERED_MODEL_PATH
-
-        p = GRID_MODEL_PATH if kind == "grid" else ORDERED_MODEL_PATH
+        p = demo.GRID_MODEL_PATH if kind == "grid" else demo.ORDERED_MODEL_PATH
         if not (p / "model.safetensors").exists():
             return _untrained_demo_model(kind, p)
         path = str(p)
-    model = AutoModelForImageTextToText.from_pretrained(path, attn_implementation="sdpa", dtype=torch.float32)
-    processor = AutoProcessor.from_pretrained(path)
-    processor.tokenizer.padding_side = "left"
-    return model.eval(), processor, path
+    model, processor = demo.load(path=path)
+    return model, processor, path
 
 
 def _untrained_demo_model(kind: str, missing):
