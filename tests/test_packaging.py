@@ -170,3 +170,31 @@ def test_one_model_loader(monkeypatch):
     assert cli._load_model("some/vlm") == ("m", "p", "some/vlm")
     assert cli._load_model(None, "1d")[:2] == ("m", "p")
     assert calls == ["some/vlm", str(vtc.demo.ORDERED_MODEL_PATH)]
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_next", "qwen2_vl", "qwen2_5_vl"])
+def test_dummy_inputs_come_from_the_adapter(family):
+    """Family-specific synthetic inputs live behind the adapter (``adapter.dummy_inputs``, used by ``vtc bench``
+    and the tests' builders): the model accepts them, and the placeholder counts match the tests' own geometry."""
+    import torch
+    from tiny_models import tiny_llava
+    from tiny_models_next import num_image_tokens, tiny_llava_next
+    from tiny_models_qwen import merged_tokens, tiny_qwen2_5_vl, tiny_qwen2_vl
+
+    from vtc.models import get_adapter
+
+    model, size, expected = {
+        "llava": lambda: (tiny_llava(), None, 36),
+        "llava_next": lambda: (tiny_llava_next(), (40, 72), num_image_tokens((40, 72))),
+        "qwen2_vl": lambda: (tiny_qwen2_vl(), (24, 40), merged_tokens((1, 6, 10))),
+        "qwen2_5_vl": lambda: (tiny_qwen2_5_vl(), (32, 32), merged_tokens((1, 8, 8))),
+    }[family]()
+    adapter = get_adapter(model)
+    inputs = adapter.dummy_inputs([([3, 4], [5, 6, 7]), ([8], [9])], image_size=size,
+                                  generator=torch.Generator().manual_seed(0))
+    assert inputs["attention_mask"][1, 0] == 0 and bool(inputs["attention_mask"][0].all())  # left-padded
+    n_vis = (inputs["input_ids"] == model.config.image_token_id).sum(1).tolist()
+    assert n_vis == [expected, expected]
+    with torch.no_grad():
+        out = model(**inputs)
+    assert out.logits.shape[:2] == inputs["input_ids"].shape

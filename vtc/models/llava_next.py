@@ -203,6 +203,20 @@ class LlavaNextAdapter(_llava.LlavaAdapter):
         side = vcfg.image_size // vcfg.patch_size
         return side, side
 
+    def dummy_images(self, n, image_size, generator):
+        """Random ``image_size`` images (default: one crop's size) as anyres crops: base + the best-fit grid."""
+        cfg = self.model.config
+        crop = cfg.vision_config.image_size
+        H, W = image_size or (crop, crop)
+        geom = anyres_geometry((H, W), cfg.image_grid_pinpoints, crop)
+        side = crop // cfg.vision_config.patch_size
+        _, strategy = self._feature_settings({})
+        k = geom.num_tokens(side, side, 1 if strategy == "full" else 0)
+        pixel_values = torch.randn(n, geom.num_units, 3, crop, crop, generator=generator)
+        return [[self.placeholder_token_id()] * k] * n, {"pixel_values": pixel_values,
+                                                          "image_sizes": torch.tensor([[H, W]] * n)}
+
+
     def _base_extra(self, kwargs: dict) -> int:
         _, strategy = self._feature_settings(kwargs)
         return 1 if strategy == "full" else 0
