@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from ..errors import ConfigError
 from ..layout import Layout
 from ..methods.base import VisionExtras
 from ..scoring import apply_rope
@@ -60,6 +61,8 @@ class VisualGroup:
     drops it). unit_image: (U,) which image each unit belongs to. unit_part: (U,) index of the unit inside
     its image (crop index / 0). out_layout: set by the vision runtime after the stages ran: the layout of the
     reduced units (e.g. ``Grid(h', w')`` after pooling, ``Sequence(k)`` after pruning), for ``pack_images``.
+    space: ``"vision"`` (features before the projector; the runtime projects them) or ``"llm"`` (already in the
+    LLM's embedding space, e.g. OneVision's pooled video frames: ``project`` is not applied to them).
     """
 
     features: torch.Tensor
@@ -68,6 +71,7 @@ class VisualGroup:
     unit_part: list[int]
     extras: VisionExtras = field(default_factory=VisionExtras)
     out_layout: Layout | None = None
+    space: str = "vision"
 
 
 @dataclass
@@ -235,6 +239,23 @@ class ModelAdapter:
         return input_ids == self.placeholder_token_id()
 
     # ---- vision side (overridden per family) --------------------------------------------------------------------
+    def vision_extras_available(self) -> frozenset[str] | None:
+        """Names of the :class:`VisionExtras` entries this model's tower provides (None: not known in advance)."""
+        return None
+
+    def check_stage(self, stage) -> None:
+        """Refuse, when attached, a stage this family cannot run (ConfigError saying why). Default: a vision-side
+        stage whose ``needs`` (alternatives) are all missing from :meth:`vision_extras_available`."""
+        have = self.vision_extras_available()
+        needs = set(getattr(stage, "needs", ()) or ())
+        if stage.side == "vision" and have is not None and needs and not needs & have:
+            why = " (the vision tower has no CLS token)" if needs <= {"cls_attention", "cls_token",
+                                                                      "hidden_with_cls"} else ""
+            raise ConfigError(
+                f"{self.family} cannot provide {', '.join(sorted(needs))}{why}; it provides "
+                f"{', '.join(sorted(have)) or 'nothing'}"
+            )
+
     def encode_images(self, kwargs: dict, needs: set[str]) -> list[VisualGroup]:  # pragma: no cover
         raise NotImplementedError(f"{self.family}: vision-side stages are not supported by this adapter yet")
 

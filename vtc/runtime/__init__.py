@@ -38,6 +38,7 @@ class Run:
         for i, stage in enumerate(config.stages):
             try:
                 stage.validate_for_model(num_layers)
+                self.adapter.check_stage(stage)
             except ConfigError as err:
                 raise ConfigError(f"stages[{i}] ({stage.method}): {err}") from None
         self.stats = Stats()

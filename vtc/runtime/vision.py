@@ -111,7 +111,7 @@ class VisionRuntime:
             feats = group.features
             layout = group.layout
             extras = group.extras
-            projected = False
+            projected = group.space == "llm"
             generator = torch.Generator(device=feats.device).manual_seed(self.seed)
             reductions = []
             for pos, (stage_idx, m) in enumerate(self.stages):
