@@ -25,6 +25,11 @@ def model(aspect: str = "anyres_max_1", attn: str = "sdpa"):
     return tiny_onevision(attn, aspect=aspect)
 
 
+@functools.cache
+def deep_model():
+    return tiny_onevision("sdpa", layers=6)  # room for the configs' layer-4 stages
+
+
 @torch.no_grad()
 def logits(m, inputs, **kw):
     return m(**inputs, **kw).logits
@@ -222,3 +227,17 @@ def test_from_pretrained_roundtrip_and_cli(tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "visionzip" in res.stderr
+
+
+CONFIGS = sorted((__import__("pathlib").Path(__file__).resolve().parents[1] / "configs" / "llava-onevision").glob("*.yaml"))
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_shipped_configs_run_on_images_and_video(path):
+    m = deep_model()
+    inputs = onevision_inputs(m, batch=2, videos=[2, 2])
+    with vtc.compress(m, path) as run:
+        out = m.generate(**inputs, **GEN)
+    assert out.shape[1] == inputs["input_ids"].shape[1] + GEN["max_new_tokens"]
+    assert all(o <= i for st in run.stats.stages for i, o in zip(st.tokens_in, st.tokens_out))
