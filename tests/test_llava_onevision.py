@@ -241,3 +241,26 @@ def test_shipped_configs_run_on_images_and_video(path):
         out = m.generate(**inputs, **GEN)
     assert out.shape[1] == inputs["input_ids"].shape[1] + GEN["max_new_tokens"]
     assert all(o <= i for st in run.stats.stages for i, o in zip(st.tokens_in, st.tokens_out))
+
+
+def test_show_pictures_the_shrunk_crop_map_by_pixels():
+    """LLM side: the base grid, then the 3 x 10 crop map (after the anyres_max shrink) over the image: dropped
+    cells dark, kept cells the image's grey."""
+    from PIL import Image
+
+    from vtc.viz import _fit, draw_kept, token_groups
+
+    m = model()
+    inputs = onevision_inputs(m, sizes=[(30, 90)])
+    llm = LlavaOnevisionAdapter(m).picture_layouts(inputs, 0, "llm")
+    with vtc.compress(m, {"stages": [{"method": "random", "layer": 1, "budget": 20}]}) as run:
+        logits(m, inputs)
+    groups = token_groups(run.stats, 0, num_tokens=[lay.num_tokens for lay in llm])
+    crop_map = groups[1].view(3, 10)
+    assert 0 < int((crop_map >= 0).sum()) < 30
+    out = draw_kept(Image.new("RGB", (90, 30), (200, 200, 200)), groups, llm, size=120)
+    pw, ph = _fit(3, 10, 120)
+    for r in range(3):
+        for c in range(10):
+            px = out.getpixel((124 + int((c + 0.5) * pw / 10), int((r + 0.5) * ph / 3)))
+            assert (max(px) < 80) == bool(crop_map[r, c] < 0), (r, c, px)
