@@ -11,7 +11,7 @@ import sys
 
 import pytest
 import torch
-from models_onevision import CROP, IMAGE, PINPOINTS, VIDEO, num_image_tokens, onevision_inputs, tiny_onevision
+from tiny_models_onevision import CROP, IMAGE, PINPOINTS, VIDEO, num_image_tokens, onevision_inputs, tiny_onevision
 
 import vtc
 from vtc.layout import Grid, MultiCrop
@@ -229,7 +229,7 @@ def test_from_pretrained_roundtrip_and_cli(tmp_path):
     assert "visionzip" in res.stderr
 
 
-CONFIGS = sorted((__import__("pathlib").Path(__file__).resolve().parents[1] / "configs" / "llava-onevision").glob("*.yaml"))
+CONFIGS = sorted((__import__("pathlib").Path(__file__).resolve().parents[1] / "vtc" / "configs" / "llava-onevision").glob("*.yaml"))
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")

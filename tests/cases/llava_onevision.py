@@ -4,7 +4,7 @@ crop grids, left-padded. Every case of every other file runs on it (CLS-only cas
 families); budgets count tokens per crop. Video and multi-image rows: tests/test_llava_onevision.py."""
 
 from matrix import Family
-from models_onevision import onevision_inputs, tiny_onevision
+from tiny_models_onevision import onevision_inputs, tiny_onevision
 
 FAMILIES = [
     Family("llava_onevision", build=lambda attn: tiny_onevision(attn),

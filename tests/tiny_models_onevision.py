@@ -12,8 +12,8 @@ from __future__ import annotations
 import math
 
 import torch
-from models import PAD, VOCAB, left_pad
-from models_next import _best_resolution
+from tiny_models import PAD, VOCAB, left_pad
+from tiny_models_next import _best_resolution
 
 IMAGE = 120
 VIDEO = 121
