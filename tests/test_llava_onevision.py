@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -229,7 +230,7 @@ def test_from_pretrained_roundtrip_and_cli(tmp_path):
     assert "visionzip" in res.stderr
 
 
-CONFIGS = sorted((__import__("pathlib").Path(__file__).resolve().parents[1] / "vtc" / "configs" / "llava-onevision").glob("*.yaml"))
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "vtc" / "configs" / "llava-onevision").glob("*.yaml"))
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
