@@ -176,10 +176,8 @@ class Pool(Method):
     feature_space: Literal["vision", "llm"] = "vision"
 
     @property
-    def needs(self) -> tuple[str, ...]:
-        if self.mode == "cluster" and self.weights != "uniform":
-            return ("cls_attention",) if self.weights == "cls" else ("received_attention",)
-        return ()
+    def requires_extras(self) -> tuple[str, ...]:
+        return {"cls": ("cls_attention",), "received": ("received_attention",)}.get(self.weights, ())
 
     @model_validator(mode="after")
     def _check(self) -> Pool:

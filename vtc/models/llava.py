@@ -54,7 +54,7 @@ class LlavaAdapter(ModelAdapter):
         _, strategy = self._feature_settings(kwargs)
         return strategy == "full" and self._tower_has_cls()
 
-    def encode_images(self, kwargs: dict, needs: set[str]) -> list[VisualGroup]:
+    def encode_images(self, kwargs: dict) -> list[VisualGroup]:
         feats, scorer = self._run_tower(kwargs["pixel_values"], kwargs)
         n = feats.shape[1]
         vcfg = self.model.config.vision_config

@@ -203,8 +203,8 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         return super().picture_layouts(kwargs, image, side)
 
     # ---- vision side --------------------------------------------------------------------------------------------
-    def encode_images(self, kwargs: dict, needs: set[str]) -> list[VisualGroup]:
-        groups = super().encode_images(kwargs, needs) if kwargs.get("pixel_values") is not None else []
+    def encode_images(self, kwargs: dict) -> list[VisualGroup]:
+        groups = super().encode_images(kwargs) if kwargs.get("pixel_values") is not None else []
         pv = kwargs.get("pixel_values_videos")
         if pv is None:
             return groups
