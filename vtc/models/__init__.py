@@ -29,7 +29,7 @@ def _load_builtin() -> None:
     _load_builtin.done = True  # type: ignore[attr-defined]
     import importlib
 
-    for name in ("qwen2_vl", "llava_onevision", "llava_next", "llava", "ordered_vlm"):
+    for name in ("qwen2_vl", "gemma3", "llava_onevision", "llava_next", "llava", "ordered_vlm"):
         try:
             mod = importlib.import_module(f"{__name__}.{name}")
         except ModuleNotFoundError as err:  # family module not written yet / transformers lacks the model

@@ -125,6 +125,9 @@ class ModelAdapter:
     visual_input_keys: ClassVar[tuple[str, ...]] = ("pixel_values",)
     #: kwargs only the vision path reads (dropped together with the visual inputs)
     vision_only_keys: ClassVar[tuple[str, ...]] = ()
+    #: LLM-side decoding builds the masks of pruned layers from positions (causal, padding, sliding window) instead
+    #: of re-indexing the model's (for models whose decode masks are sized against one cache layer per layer type)
+    decode_masks_from_positions: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -207,6 +210,18 @@ class ModelAdapter:
             if query_rows is not None:
                 q = self.rope_rows(q, position_embeddings, query_rows)
         return q, k
+
+    def sliding_window(self, layer_idx: int) -> int | None:
+        """The sliding window of decoder layer ``layer_idx`` (a key at position p is visible from q when
+        ``q - p < window``), None for full attention."""
+        return None
+
+    def prompt_kwargs(self, prompt, kwargs: dict) -> dict:
+        """Extra forward kwargs for a prompt rebuilt by vision-side reduction (``prompt``: a
+        :class:`vtc.runtime.vision.RebuiltPrompt`; ``kwargs``: the original call's), e.g. Gemma 3's token_type_ids.
+        Returning ``input_ids`` feeds the rebuilt ids (and whatever else is returned, e.g. the features as
+        ``mm_encoder_outputs``) instead of ``inputs_embeds``. Default: none."""
+        return {}
 
     def input_norm(self, layer_idx: int, hidden_states: torch.Tensor) -> torch.Tensor:
         """Decoder layer ``layer_idx``'s own input norm applied to ``hidden_states`` (B, M, D) (the space q / k
