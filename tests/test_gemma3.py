@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -170,3 +171,22 @@ def test_boi_eoi_are_text():
     ids = inputs["input_ids"]
     assert not tm.is_visual[(ids == BOI) | (ids == EOI)].any()
     assert int(tm.is_visual.sum()) == 32 and tm.image_id.max() == 1
+
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "vtc" / "configs" / "gemma3").glob("*.yaml"))
+
+
+@functools.cache
+def deep_model():
+    return tiny_gemma3("sdpa", layers=6)  # room for the configs' layer-4 stages
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_shipped_configs_run(path):
+    m = deep_model()
+    inputs = gemma3_inputs(m, batch=2)
+    with vtc.compress(m, path) as run:
+        out = m.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert out.shape[1] == inputs["input_ids"].shape[1] + 3
+    assert all(o <= i for st in run.stats.stages for i, o in zip(st.tokens_in, st.tokens_out))

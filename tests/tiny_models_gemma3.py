@@ -23,18 +23,18 @@ TOKENS = 16
 WINDOW = 8
 
 
-def tiny_gemma3(attn: str = "sdpa", seed: int = 0, window: int = WINDOW):
+def tiny_gemma3(attn: str = "sdpa", seed: int = 0, window: int = WINDOW, layers: int = 4):
     from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3TextConfig, SiglipVisionConfig
 
     torch.manual_seed(seed)
     vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                                 image_size=SIZE, patch_size=PATCH, vision_use_head=False)
-    text = Gemma3TextConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+    text = Gemma3TextConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
                             num_attention_heads=4, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16,
                             sliding_window=window, max_position_embeddings=512, pad_token_id=PAD, eos_token_id=EOS,
                             bos_token_id=1, rms_norm_eps=1e-6,
-                            layer_types=["sliding_attention", "sliding_attention", "full_attention",
-                                         "sliding_attention"])
+                            layer_types=[("full_attention" if i % 3 == 2 else "sliding_attention")
+                                         for i in range(layers)])
     cfg = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=TOKENS, image_token_index=IMAGE,
                        boi_token_index=BOI, eoi_token_index=EOI)
     cfg._attn_implementation = attn
