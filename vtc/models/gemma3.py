@@ -34,6 +34,7 @@ from torch.nn import functional as F
 from ..errors import ConfigError
 from ..layout import Grid
 from ..methods.base import VisionExtras
+from . import register_adapter
 from .base import TokenMap, VisualGroup, precomputed_counts
 from .llava import LlavaAdapter
 from .vision_towers import TowerScorer
@@ -50,6 +51,7 @@ def pool_patches(x: torch.Tensor, side: int, kernel: int) -> torch.Tensor:
     return y[..., 0] if squeeze else y
 
 
+@register_adapter
 class Gemma3Adapter(LlavaAdapter):
     family = "gemma3"
     model_class_names = ("Gemma3ForConditionalGeneration",)

@@ -34,6 +34,7 @@ from torch.nn import functional as F
 from ..errors import ConfigError
 from ..layout import Grid, Layout
 from ..methods.base import VisionExtras
+from . import register_adapter
 from .base import ImageFeatures, TokenMap, VisualGroup
 from .llava_next import AnyresGeometry, LlavaNextAdapter, anyres_geometry
 
@@ -51,6 +52,7 @@ def pool_scores(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
     return y[..., 0] if squeeze else y
 
 
+@register_adapter
 class LlavaOnevisionAdapter(LlavaNextAdapter):
     """Adapter for ``LlavaOnevisionForConditionalGeneration`` (see the module docstring)."""
 
