@@ -8,18 +8,20 @@ it implements one job: ``reduce_vision(VisionContext) -> Reduction`` (before the
 from __future__ import annotations
 
 import math
+import types
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Annotated, Any, ClassVar, Literal
 
 import torch
-from pydantic import BaseModel, BeforeValidator, ConfigDict
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator
 
 from ..errors import ConfigError
 from ..layout import Layout
 from ..reduction import Reduction, resolve_budget, topk_per_group
 
-__all__ = ["Budget", "Method", "VisionContext", "VisionExtras", "LLMContext", "Side"]
+__all__ = ["Budget", "MAX_SEED", "Seed", "Method", "VisionContext", "VisionExtras", "LLMContext", "Side"]
 
 Side = Literal["vision", "llm"]
 
@@ -42,6 +44,29 @@ def _check_budget(value: Any) -> int | float:
 
 
 Budget = Annotated[int | float, BeforeValidator(_check_budget)]
+
+#: the largest seed a ``torch.Generator`` takes without wrapping around (seeds are validated against it at load)
+MAX_SEED = 2**63 - 1
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
+
+
+def _describe(annotation: Any) -> str:
+    """A short human name of a field annotation: ``Literal[1, 2]`` -> ``one of 1, 2``."""
+    if typing.get_origin(annotation) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(annotation))
+    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+
+
+def _accepts(annotation: Any, kind: type) -> bool:
+    """Whether a field annotation takes a ``kind`` (tuple / bool) value: ``tuple[int, int] | None`` takes a
+    tuple, ``Literal[1, 2]`` no bool."""
+    if annotation is kind or typing.get_origin(annotation) is kind or annotation is Any:
+        return True
+    if typing.get_origin(annotation) is Literal:
+        return any(isinstance(a, kind) for a in typing.get_args(annotation))
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType, Annotated):
+        return any(_accepts(a, kind) for a in typing.get_args(annotation))
+    return False
 
 
 @dataclass
@@ -204,12 +229,27 @@ class Method(BaseModel):
     - ``paper``: citation shown in docs and errors.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+    # strict: ``layer: true``, ``layer: "2"`` or ``iters: 2.0`` are refused instead of coerced (ints accept ints
+    # only, floats ints or floats, bools bools); YAML lists are accepted for tuple fields (below)
+    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True, strict=True)
 
     sides: ClassVar[tuple[Side, ...]] = ("vision",)
     paper: ClassVar[str] = ""
 
     method: str
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _strict_input(cls, value: Any, info: ValidationInfo) -> Any:
+        """YAML has no tuples: a list given for a tuple field is read as one (its items stay strictly typed).
+        A bool is refused where the field takes none (``Literal[1, 2]`` would otherwise take ``True`` as 1)."""
+        annotation = cls.model_fields[info.field_name].annotation if info.field_name else Any
+        if isinstance(value, list) and _accepts(annotation, tuple):
+            return tuple(value)
+        literal = typing.get_origin(annotation) is Literal  # strict mode refuses bools everywhere else already
+        if isinstance(value, bool) and literal and not _accepts(annotation, bool):
+            raise ValueError(f"must not be a bool (expected {_describe(annotation)})")
+        return value
 
     # ---- placement -------------------------------------------------------------------------------------------
     @property

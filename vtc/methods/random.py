@@ -14,7 +14,7 @@ import torch
 
 from ..reduction import Reduction, resolve_budget
 from . import register_method
-from .base import Budget, LLMContext, Method, VisionContext
+from .base import Budget, LLMContext, Method, Seed, VisionContext
 
 
 @register_method("random")
@@ -25,7 +25,7 @@ class RandomPrune(Method):
     method: Literal["random"] = "random"
     budget: Budget
     layer: int | None = None
-    seed: int | None = None
+    seed: Seed | None = None
 
     def _scores(self, n: int, default_seed: int, device) -> torch.Tensor:
         """(n,) random scores for token ranks 0..n-1, from the seed alone."""
