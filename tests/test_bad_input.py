@@ -142,3 +142,79 @@ def test_missing_file_is_not_read_as_yaml(tmp_path):
         vtc.load_config(str(tmp_path / "nope.yaml"))
     with pytest.raises(vtc.ConfigError, match="config file not found"):
         vtc.load_config("llava-1.5/nope")
+
+
+# ---- placeholder counts, vision side -------------------------------------------------------------------------
+def _families():
+    from matrix import discover
+
+    return [f for f in discover()[0] if "vision" in f.sides]
+
+
+def _placeholders(model, ids):
+    cfg = model.config
+    return ids == cfg.image_token_id
+
+
+def _short(model, inputs, drop):
+    """Row b loses its last ``drop[b]`` image placeholders (turned into a text token): same shapes, wrong counts."""
+    ids = inputs["input_ids"].clone()
+    for b, d in enumerate(drop):
+        pos = _placeholders(model, ids[b]).nonzero().flatten()
+        if d:
+            ids[b, pos[-d:]] = 5
+    return dict(inputs, input_ids=ids)
+
+
+def _shifted(model, inputs):
+    """Row 0 loses 4 placeholders and row 1 gains 4 (the text after its image): the total still matches."""
+    ids = inputs["input_ids"].clone()
+    pos0 = _placeholders(model, ids[0]).nonzero().flatten()
+    pos1 = _placeholders(model, ids[1]).nonzero().flatten()
+    ids[0, pos0[-4:]] = 5
+    ids[1, pos1[-1] + 1: pos1[-1] + 5] = model.config.image_token_id
+    return dict(inputs, input_ids=ids)
+
+
+def _untouched(model):
+    assert not model._forward_pre_hooks and not model._forward_hooks
+    assert "_vtc_run" not in model.__dict__ and "generate" not in model.__dict__
+
+
+@pytest.fixture(scope="module", params=_families(), ids=lambda f: f.name)
+def family_model(request):
+    fam = request.param
+    return fam, fam.build("sdpa")
+
+
+@pytest.mark.parametrize("drop", [(6, 6), (4, 8), (0, 6), (1, 0)], ids=str)
+@pytest.mark.parametrize("call", ["forward", "generate"])
+def test_placeholder_count_checked_like_the_model(family_model, drop, call):
+    """Too few placeholders in some rows (each row differently): the model's own error wording (its total check)
+    plus vtc's context, as a ConfigError (a ValueError), before any stage runs; the model is left untouched."""
+    import torch
+
+    fam, model = family_model
+    inputs = _short(model, fam.inputs(model, 2, 1), drop)
+    with pytest.raises(ValueError, match="do not match") as model_err:  # what the model itself says
+        with torch.no_grad():
+            model(**inputs)
+    tokens = int(_placeholders(model, inputs["input_ids"]).sum())
+    with pytest.raises(vtc.ConfigError, match=rf"^Image features and image tokens do not match, tokens: {tokens}, "
+                                              r"features: \d+ \(vtc, \w+: the prompt rows hold \[\d+, \d+\] image") as err:
+        with torch.no_grad(), vtc.compress(model, {"stages": [{"method": "random", "budget": 4}]}):
+            model(**inputs) if call == "forward" else model.generate(**inputs, max_new_tokens=1, do_sample=False)
+    assert str(err.value).startswith(str(model_err.value).split(", features")[0])
+    _untouched(model)
+
+
+def test_placeholders_split_between_rows(family_model):
+    """The total matches but an image's placeholders are split between rows: refused, naming the row."""
+    import torch
+
+    fam, model = family_model
+    inputs = _shifted(model, fam.inputs(model, 2, 1))
+    with pytest.raises(vtc.ConfigError, match=r"image tokens do not match in row 0: a run of image placeholder"):
+        with torch.no_grad(), vtc.compress(model, {"stages": [{"method": "random", "budget": 4}]}):
+            model(**inputs)
+    _untouched(model)

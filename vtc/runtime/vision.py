@@ -105,6 +105,8 @@ class VisionRuntime:
             self.needs |= set(getattr(m, "needs", ()))
 
     def reduce_images(self, kwargs: dict) -> list[ImageFeatures]:
+        if kwargs.get("input_ids") is not None:
+            self.adapter.check_placeholders(kwargs["input_ids"], kwargs)
         groups = self.adapter.encode_images(kwargs, self.needs)
         outputs = []
         for group in groups:
