@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -139,13 +140,13 @@ def _looks_like_yaml(text: str) -> bool:
     return "\n" in text or ": " in text or text.lstrip().startswith(("{", "[", "stages:"))
 
 
-def _read_path(config: str | os.PathLike) -> tuple[Path | None, str | None]:
-    """(path of the config file, None) for a path or bundled name that exists, else (None, why)."""
+def _read_path(config: str | os.PathLike) -> tuple[Any, str | None]:
+    """(the config file: a Path or a package resource, None) for a path or bundled name, else (None, why)."""
     path = Path(config)
     if not path.exists():
         # maybe a bundled config name like "llava-1.5/fastv-50"
-        bundled = Path(__file__).resolve().parent.parent / "configs" / f"{config}"
-        for cand in (bundled, bundled.with_suffix(".yaml")):
+        bundled = resources.files("vtc") / "configs"
+        for cand in (bundled / str(config), bundled / f"{config}.yaml"):
             if cand.is_file():
                 return cand, None
         return None, f"config file not found: {config}"
