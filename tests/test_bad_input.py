@@ -14,12 +14,14 @@ from vtc.methods.base import MAX_SEED
 
 
 def _base_stage(name: str) -> dict:
-    """The smallest valid stage of method ``name`` (a budget where the method has one)."""
-    stage = {"method": name}
-    if "budget" in get_method_class(name).model_fields:
-        stage["budget"] = 4
-    vtc.load_config([stage])  # valid as it stands
-    return stage
+    """The smallest valid stage of method ``name`` (with a budget where it needs one)."""
+    for stage in ({"method": name}, {"method": name, "budget": 4}):
+        try:
+            vtc.load_config([stage])
+            return stage
+        except vtc.ConfigError:
+            continue
+    raise AssertionError(f"{name}: no minimal valid stage")
 
 
 def _core(annotation):
@@ -37,15 +39,21 @@ def _core(annotation):
     return None
 
 
+def _fields(name: str) -> dict:
+    """The config keys method ``name`` accepts, with their pydantic field info."""
+    cls = get_method_class(name)
+    return {f: cls.model_fields[f] for f in cls.parameters()}
+
+
 def _int_fields() -> list[tuple[str, str]]:
     return [(name, f) for name in vtc.available_methods()
-            for f, info in get_method_class(name).model_fields.items() if _core(info.annotation) is int]
+            for f, info in _fields(name).items() if _core(info.annotation) is int]
 
 
 def _int_tuple_fields() -> list[tuple[str, str, tuple]]:
     out = []
     for name in vtc.available_methods():
-        for f, info in get_method_class(name).model_fields.items():
+        for f, info in _fields(name).items():
             args = typing.get_args(info.annotation)
             if _core(info.annotation) is tuple and int in {a for t in (info.annotation, *args)
                                                           for a in typing.get_args(t)}:
