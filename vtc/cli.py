@@ -1,6 +1,10 @@
 """The ``vtc`` command: demo, generate, show, bench, eval.
 
 ``vtc demo`` runs offline with no arguments on the bundled tiny VLM trained by the project.
+
+Errors: a problem with the input (a config, an ``--image``, an ``--out``, an option's value) is one line on stderr
+naming the file or option and the problem, exit status 2, found before the model is loaded wherever it can be
+checked first. Anything else is one line plus a hint to run again with ``--debug`` (which shows the traceback).
 """
 
 from __future__ import annotations
@@ -9,6 +13,7 @@ import argparse
 import statistics
 import sys
 import time
+from pathlib import Path
 
 __all__ = ["main"]
 
@@ -16,6 +21,59 @@ DEFAULT_DEMO_CONFIGS = {
     "grid": {"name": "demo: fastv 25% from layer 2", "stages": [{"method": "fastv", "layer": 2, "budget": 0.25}]},
     "1d": {"name": "demo: prefix 8 of 32 latents", "stages": [{"method": "prefix", "budget": 8}]},
 }
+
+
+class CLIError(ValueError):
+    """A usage or input problem, reported as one line with exit status 2."""
+
+
+def _read_image(path: str, flag: str = "--image"):
+    """The RGB image at ``path``, fully decoded (so a truncated file fails here, before any model is loaded)."""
+    from PIL import Image, UnidentifiedImageError
+
+    p = Path(path)
+    if not p.exists():
+        raise CLIError(f"{flag} {path}: file not found")
+    if not p.is_file():
+        raise CLIError(f"{flag} {path}: not a file")
+    try:
+        with Image.open(p) as im:
+            im.load()
+            return im.convert("RGB")
+    except UnidentifiedImageError:
+        raise CLIError(f"{flag} {path}: not a readable image (corrupt, or not an image at all: no image "
+                       "format recognises the file)") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise CLIError(f"{flag} {path}: corrupt or truncated image ({err})") from None
+
+
+def _check_out(path: str, flag: str = "--out") -> None:
+    """Raise CLIError unless a picture can be written at ``path`` (format known, folder exists, writable)."""
+    from PIL import Image
+
+    p = Path(path)
+    if p.is_dir():
+        raise CLIError(f"{flag} {path}: is a folder; give a file name such as {p / 'kept.png'}")
+    ext = p.suffix.lower()
+    if ext not in Image.registered_extensions():
+        raise CLIError(f"{flag} {path}: unknown picture format {ext or '(no extension)'!r}; use a .png file name")
+    if not p.parent.is_dir():
+        raise CLIError(f"{flag} {path}: {p.parent} is not an existing folder")
+    existed = p.exists()
+    try:
+        with open(p, "ab"):
+            pass
+    except OSError as err:
+        raise CLIError(f"{flag} {path}: cannot write there ({err.strerror or err})") from None
+    if not existed:
+        p.unlink()
+
+
+def _config(config):
+    """The validated config (``vtc.load_config``: a path, bundled name, inline YAML or dict), before any model."""
+    import vtc
+
+    return vtc.load_config(config)
 
 
 def _load_model(path: str | None, kind: str = "grid"):
@@ -99,7 +157,7 @@ def _compressed(model, processor, image, inputs, config, stage: int | None = Non
         try:
             chosen = select_stages(stats, stage)
         except ValueError as err:
-            raise SystemExit(f"vtc: --stage: {err}") from None
+            raise CLIError(f"--stage: {err}") from None
         side = "vision" if any(s.side == "vision" for s in chosen) else "llm"
         layouts = run.adapter.picture_layouts(inputs, 0, side)
     n_visual = int((inputs["input_ids"] == model.config.image_token_id).sum())
@@ -184,17 +242,18 @@ def cmd_demo(args) -> int:
 
     from .demo import task
 
-    torch.manual_seed(0)
+    if args.index < 0:
+        raise CLIError(f"--index {args.index}: must be >= 0 (a sample of the synthetic task's test split)")
     args.model = {"vtc-tiny-llava": "grid", "vtc-tiny-1d": "1d"}.get(args.model, args.model)
+    cfg = _config(args.config or DEFAULT_DEMO_CONFIGS[args.model])
+    if args.out:
+        _check_out(args.out)
+    torch.manual_seed(0)
     model, processor, path = _load_model(None, args.model)
-    config = args.config or DEFAULT_DEMO_CONFIGS[args.model]
     sample = task.get_sample("test", args.index)
     prompt = task.format_prompt(sample.question)
     t0 = time.perf_counter()
-    res = _run_pair(model, processor, sample.image, prompt, config, None)
-    import vtc
-
-    cfg = vtc.load_config(config)
+    res = _run_pair(model, processor, sample.image, prompt, cfg, None)
     print(f"vtc demo — model: {path} ({'ordered 1D latents' if args.model == '1d' else 'LLaVA grid'})")
     print(f"config:   {cfg.name or args.config}")
     print(f"question: {sample.question}   (expected: {sample.answer})")
@@ -206,7 +265,7 @@ def cmd_demo(args) -> int:
     print(f"KV cache per layer after prefill (compressed): {res['kv_cache_len']}")
     print(res["stats"])
     if args.out:
-        panels = [(cfg.name or "your config", config)] if args.config else DEMO_PICTURE[args.model]
+        panels = [(cfg.name or "your config", cfg)] if args.config else DEMO_PICTURE[args.model]
         picture, rows = demo_picture(model, processor, sample.image, prompt, panels)
         picture.save(args.out)
         print(f"side by side in {args.out}: " + "; ".join(f"{r['title']}: {r['answer']} ({r['tokens']} tokens, "
@@ -218,15 +277,14 @@ def cmd_demo(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from PIL import Image
-
     import vtc
 
+    image = _read_image(args.image)
+    cfg = _config(args.config) if args.config else None
     model, processor, _ = _load_model(args.model)
-    image = Image.open(args.image).convert("RGB")
     inputs = processor(images=image, text=_prompt(processor, args.prompt), return_tensors="pt")
-    if args.config:
-        with vtc.compress(model, args.config) as run:
+    if cfg is not None:
+        with vtc.compress(model, cfg) as run:
             text = _answer(model, processor, inputs, args.max_new_tokens)
         print(text)
         print(run.stats, file=sys.stderr)
@@ -237,11 +295,12 @@ def cmd_generate(args) -> int:
 
 def cmd_show(args) -> int:
     import torch
-    from PIL import Image
 
+    image = _read_image(args.image)
+    cfg = _config(args.config)
+    _check_out(args.out)
     model, processor, _ = _load_model(args.model)
-    image = Image.open(args.image).convert("RGB")
-    res = _run_pair(model, processor, image, _prompt(processor, args.prompt), args.config, args.out, args.stage)
+    res = _run_pair(model, processor, image, _prompt(processor, args.prompt), cfg, args.out, args.stage)
     which = "final survivors" if args.stage is None else f"after stage {args.stage}"
     ids = torch.cat([g.flatten() for g in res["groups"]]) if res["groups"] else torch.zeros(0, dtype=torch.long)
     merged = int((torch.unique(ids[ids >= 0], return_counts=True)[1] > 1).sum()) if ids.numel() else 0
@@ -252,6 +311,8 @@ def cmd_show(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vtc", description="Visual token compression for Hugging Face VLMs.")
+    p.add_argument("--debug", action="store_true",
+                   help="show the Python traceback of an unexpected error (accepted anywhere on the command line)")
     sub = p.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("demo", help="run the bundled tiny VLM uncompressed and compressed (offline)")
@@ -289,8 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+def _dispatch(argv: list[str]) -> int:
     if argv[:1] == ["eval"]:
         from .evaluation.cli import main as eval_main
 
@@ -300,15 +360,37 @@ def main(argv: list[str] | None = None) -> int:
 
         return bench_main(argv[1:])
     args = build_parser().parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except Exception as err:  # clear one-line errors for config problems
-        from .errors import ConfigError
+    return int(args.func(args) or 0)
 
-        if isinstance(err, ConfigError):
-            print(f"vtc: config error: {err}", file=sys.stderr)
-            return 2
-        raise
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``vtc`` command; returns the exit status (see the module docstring for errors)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    try:
+        return _dispatch(argv)
+    except Exception as err:
+        if debug:
+            raise
+        return _report(err)
+
+
+def _report(err: Exception) -> int:
+    """One line on stderr for ``err``; exit status 2 for input problems, 1 for anything else."""
+    from .errors import ConfigError
+    from .evaluation.datasets import DatasetError
+
+    msg = "; ".join(line.strip() for line in str(err).splitlines() if line.strip())
+    if isinstance(err, ConfigError):
+        print(f"vtc: config error: {msg}", file=sys.stderr)
+        return 2
+    if isinstance(err, CLIError | DatasetError):
+        print(f"vtc: error: {msg}", file=sys.stderr)
+        return 2
+    print(f"vtc: error: {type(err).__name__}: {msg or 'no message'} (run with `--debug` for the traceback)",
+          file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

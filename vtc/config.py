@@ -23,6 +23,7 @@ from pydantic import ValidationError
 
 from .errors import ConfigError
 from .methods import Method, available_methods, get_method_class
+from .methods.base import MAX_SEED
 
 __all__ = ["Config", "load_config"]
 
@@ -71,10 +72,13 @@ def _format_validation_error(idx: int, method: str, err: ValidationError, raw: d
                 f"(allowed: {', '.join(a for a in allowed if a != 'method')})"
             )
             continue
-        value = raw.get(field_name, "<missing>")
         msg = e["msg"]
         if msg.startswith("Value error, "):
             msg = msg[len("Value error, "):]
+        if not e["loc"]:  # a check across fields (the message names them)
+            lines.append(f"stages[{idx}] ({method}): {msg}")
+            continue
+        value = raw.get(field_name, "<missing>")
         lines.append(f"stages[{idx}] ({method}).{loc}: {msg} (got {value!r})")
     return "\n".join(lines)
 
@@ -131,8 +135,29 @@ def _check_composition(stages: tuple[Method, ...]) -> None:
         )
 
 
+def _looks_like_yaml(text: str) -> bool:
+    """An inline config (``"stages: [{method: fastv, layer: 2}]"``) rather than a path or a bundled name."""
+    return "\n" in text or ": " in text or text.lstrip().startswith(("{", "[", "stages:"))
+
+
+def _read_path(config: str | os.PathLike) -> tuple[Any, str | None]:
+    """(the config file: a Path or a package resource, None) for a path or bundled name, else (None, why)."""
+    path = Path(config)
+    if not path.exists():
+        # maybe a bundled config name like "llava-1.5/fastv-50"
+        bundled = resources.files("vtc") / "configs"
+        for cand in (bundled / str(config), bundled / f"{config}.yaml"):
+            if cand.is_file():
+                return cand, None
+        return None, f"config file not found: {config}"
+    if path.is_dir():
+        return None, f"config path {config} is a directory; give a YAML file (e.g. {Path(config) / 'name.yaml'})"
+    return path, None
+
+
 def load_config(config: str | os.PathLike | dict | Config | list) -> Config:
-    """Load and validate a config from a YAML path, a YAML string, a dict, a list of stages or a Config.
+    """Load and validate a config from a YAML path, a bundled name, inline YAML, a dict, a list of stages or a
+    Config. Every caller (the Python API and every ``vtc`` command) goes through this one loader.
 
     Raises :class:`vtc.ConfigError` naming the stage, field, value and allowed values on any problem.
     """
@@ -140,21 +165,18 @@ def load_config(config: str | os.PathLike | dict | Config | list) -> Config:
         return config
     source = ""
     if isinstance(config, str | os.PathLike) and not (isinstance(config, str) and "\n" in config):
-        path = Path(config)
-        if not path.exists():
-            # maybe a bundled config name like "llava-1.5/fastv-50"
-            bundled = resources.files("vtc") / "configs"
-            for cand in (bundled / str(config), bundled / f"{config}.yaml"):
-                if cand.is_file():
-                    path = cand
-                    break
-            else:
-                raise ConfigError(f"config file not found: {config}")
+        path, why = _read_path(config)
+        if path is None and isinstance(config, str) and _looks_like_yaml(config):
+            return load_config(config + "\n")  # inline YAML on one line (e.g. a --config argument)
+        if path is None:
+            raise ConfigError(why)
         source = str(path)
         try:
-            data = yaml.safe_load(path.read_text())
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
         except yaml.YAMLError as err:
             raise ConfigError(f"{path}: invalid YAML: {err}") from None
+        except (OSError, UnicodeDecodeError) as err:
+            raise ConfigError(f"{path}: cannot read the config: {err}") from None
     elif isinstance(config, str):
         try:
             data = yaml.safe_load(config)
@@ -180,8 +202,8 @@ def load_config(config: str | os.PathLike | dict | Config | list) -> Config:
     stages = tuple(_parse_stage(i, s) for i, s in enumerate(raw_stages))
     _check_composition(stages)
     seed = data.get("seed", 0)
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ConfigError(f"seed: must be an int, got {seed!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise ConfigError(f"seed: must be an int in 0..2**63-1 (a torch.Generator seed), got {seed!r}")
     return Config(
         stages=stages,
         name=str(data.get("name", "") or (Path(source).stem if source else "")),

@@ -119,6 +119,25 @@ def launch(argv: list[str], n: int) -> int:
     return next((c for c in codes if c), 0)
 
 
+def _check_out_dir(out: str) -> None:
+    """Raise EvalError unless the output folder ``out`` can be created / written (checked before any model loads,
+    creating nothing)."""
+    import tempfile
+    from pathlib import Path
+
+    from .runner import EvalError
+
+    p = Path(out).absolute()
+    existing = next(a for a in (p, *p.parents) if a.exists())
+    if not existing.is_dir():
+        raise EvalError(f"--out {out}: {existing} is a file, not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        raise EvalError(f"--out {out}: cannot write results in {existing} ({err.strerror or err})") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``vtc eval`` (``argv`` without the ``eval`` word)."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -141,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
                        plot=args.plot, device=args.device, dtype=args.dtype, attn=args.attn,
                        overwrite=args.overwrite, progress=not args.no_progress)
     try:
+        _check_out_dir(args.out or os.path.join("vtc-eval", args.task))
         run_eval(opts)
     except (DatasetError, EvalError) as err:
         print(f"vtc eval: error: {err}", file=sys.stderr)

@@ -70,21 +70,31 @@ class EvalSample:
 
 
 # ---- helpers ------------------------------------------------------------------------------------------------------
-def _read_json(path: Path) -> Any:
+def _read_text(path: Path) -> str:
+    """The UTF-8 text of a benchmark file (JSON is UTF-8 by definition, RFC 8259); a clear error otherwise."""
     if not path.is_file():
         raise DatasetError(f"{path}: file not found")
+    raw = path.read_bytes()
+    # a UTF-16 / UTF-32 file starts with a byte-order mark or has NUL bytes next to its ASCII characters
+    if raw[:2] in (b"\xff\xfe", b"\xfe\xff") or b"\x00" in raw[:4]:
+        raise DatasetError(f"{path}: not UTF-8 text (it looks like UTF-16 or UTF-32); save the file as UTF-8")
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise DatasetError(f"{path}: not UTF-8 text (byte {err.start}); save the file as UTF-8") from None
+
+
+def _read_json(path: Path) -> Any:
+    text = _read_text(path)
+    try:
+        return json.loads(text)
     except json.JSONDecodeError as err:
         raise DatasetError(f"{path}: not valid JSON ({err})") from None
 
 
 def _read_json_or_lines(path: Path) -> list:
     """A JSON list, or one JSON object per line (POPE's published files use .json for JSON lines)."""
-    if not path.is_file():
-        raise DatasetError(f"{path}: file not found")
-    text = path.read_text(encoding="utf-8")
+    text = _read_text(path)
     stripped = text.lstrip()
     if stripped.startswith("["):
         try:
@@ -205,6 +215,9 @@ def read_vqav2(data: str | Path | None = None, *, questions: str | Path | None =
     for i, q in enumerate(qs):
         qid = _field(q, "question_id", qpath, f"questions[{i}]")
         image_id = _field(q, "image_id", qpath, f"questions[{i}]")
+        if isinstance(image_id, bool) or not (isinstance(image_id, int) or str(image_id).isdigit()):
+            raise DatasetError(f"{qpath}: questions[{i}].image_id must be an integer (a COCO image id), "
+                               f"got {image_id!r}")
         text = _field(q, "question", qpath, f"questions[{i}]")
         ann = answers.get(qid)
         if apath is not None and ann is None:

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import inspect
 import math
+import types
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
@@ -31,7 +33,8 @@ from ..reduction import Reduction, resolve_budget, topk_per_group
 if TYPE_CHECKING:
     from ..runtime.view import RunView
 
-__all__ = ["Budget", "Method", "ScorerMethod", "VisionContext", "VisionExtras", "LLMContext", "Side"]
+__all__ = ["Budget", "MAX_SEED", "Seed", "Method", "ScorerMethod", "VisionContext", "VisionExtras", "LLMContext",
+           "Side"]
 
 Side = Literal["vision", "llm"]
 
@@ -54,6 +57,29 @@ def _check_budget(value: Any) -> int | float:
 
 
 Budget = Annotated[int | float, BeforeValidator(_check_budget)]
+
+#: the largest seed a ``torch.Generator`` takes without wrapping around (seeds are validated against it at load)
+MAX_SEED = 2**63 - 1
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
+
+
+def _describe(annotation: Any) -> str:
+    """A short human name of a field annotation: ``Literal[1, 2]`` -> ``one of 1, 2``."""
+    if typing.get_origin(annotation) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(annotation))
+    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+
+
+def _accepts(annotation: Any, kind: type) -> bool:
+    """Whether a field annotation takes a ``kind`` (tuple / bool) value: ``tuple[int, int] | None`` takes a
+    tuple, ``Literal[1, 2]`` no bool."""
+    if annotation is kind or typing.get_origin(annotation) is kind or annotation is Any:
+        return True
+    if typing.get_origin(annotation) is Literal:
+        return any(isinstance(a, kind) for a in typing.get_args(annotation))
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType, Annotated):
+        return any(_accepts(a, kind) for a in typing.get_args(annotation))
+    return False
 
 
 @dataclass
@@ -221,7 +247,9 @@ class Method(BaseModel):
     ``crop`` or per ``image``).
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+    # strict: ``layer: true``, ``layer: "2"`` or ``iters: 2.0`` are refused instead of coerced (ints accept ints
+    # only, floats ints or floats, bools bools); YAML lists are accepted for tuple fields (below)
+    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True, strict=True)
 
     sides: ClassVar[tuple[Side, ...]] = ("vision",)
     paper: ClassVar[str] = ""
@@ -246,6 +274,19 @@ class Method(BaseModel):
         own = cls.__mro__[:cls.__mro__.index(Method)]
         return tuple(name for name in cls.model_fields
                      if name not in _COMMON_FIELDS or any(name in inspect.get_annotations(c) for c in own))
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _strict_input(cls, value: Any, info: ValidationInfo) -> Any:
+        """YAML has no tuples: a list given for a tuple field is read as one (its items stay strictly typed).
+        A bool is refused where the field takes none (``Literal[1, 2]`` would otherwise take ``True`` as 1)."""
+        annotation = cls.model_fields[info.field_name].annotation if info.field_name else Any
+        if isinstance(value, list) and _accepts(annotation, tuple):
+            return tuple(value)
+        literal = typing.get_origin(annotation) is Literal  # strict mode refuses bools everywhere else already
+        if isinstance(value, bool) and literal and not _accepts(annotation, bool):
+            raise ValueError(f"must not be a bool (expected {_describe(annotation)})")
+        return value
 
     # ---- placement -------------------------------------------------------------------------------------------
     @property

@@ -1,7 +1,8 @@
 """``downsample``: bilinear resize of the feature grid from (h, w) to (h', w') with h' * w' = k.
 
 A strong baseline in VTC-Bench (Liao et al., 2025): it matches many published pruning methods at equal budget.
-(h', w') is the factor pair of k closest to the grid's aspect ratio, or ``grid: [h', w']``. Video: per frame.
+(h', w') is the factor pair of k closest to the grid's aspect ratio, or ``grid: [h', w']`` (then ``budget`` may
+be left out; given too, it must name the same count). Video: per frame.
 By default it acts on the tower features before the projector (``feature_space: vision``), like pooling
 projectors; ``feature_space: llm`` resizes the projected embeddings. Every output token takes the grid cell of
 the input token nearest its centre (its anchor) for positions and drawing.
@@ -14,6 +15,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import model_validator
 
 from ..errors import ConfigError
 from ..layout import Grid, Layout, Video
@@ -59,9 +61,22 @@ class Downsample(Method):
     paper = "baseline (VTC-Bench, Liao et al., 2025)"
 
     method: Literal["downsample"] = "downsample"
-    budget: Budget
+    budget: Budget | None = None
     grid: tuple[int, int] | None = None
     feature_space: Literal["vision", "llm"] = "vision"
+
+    @model_validator(mode="after")
+    def _check(self) -> Downsample:
+        if self.budget is None and self.grid is None:
+            raise ValueError("give 'budget' (tokens per grid / frame, or a keep fraction) or 'grid: [h, w]'")
+        if self.grid is not None:
+            h, w = self.grid
+            if h < 1 or w < 1:
+                raise ValueError(f"grid sides must be >= 1, got {list(self.grid)}")
+            if isinstance(self.budget, int) and self.budget != h * w:
+                raise ValueError(f"budget={self.budget} disagrees with grid={list(self.grid)} ({h * w} tokens); "
+                                 "give one of them")
+        return self
 
     def check_layout(self, layout: Layout) -> None:
         if not isinstance(layout, Grid | Video):
@@ -72,8 +87,13 @@ class Downsample(Method):
     def _target(self, h: int, w: int) -> tuple[int, int]:
         if self.grid is not None:
             h2, w2 = self.grid
-            if h2 < 1 or w2 < 1 or h2 > h or w2 > w:
+            if h2 > h or w2 > w:
                 raise ConfigError(f"downsample: grid={list(self.grid)} must fit inside the {h}x{w} feature grid")
+            if isinstance(self.budget, float) and resolve_budget(self.budget, h * w) != h2 * w2:
+                raise ConfigError(
+                    f"downsample: budget={self.budget} keeps {resolve_budget(self.budget, h * w)} of the {h}x{w} "
+                    f"grid's tokens but grid={list(self.grid)} gives {h2 * w2}; give one of them"
+                )
             return h2, w2
         k = resolve_budget(self.budget, h * w)
         return closest_factor_pair(k, h, w)

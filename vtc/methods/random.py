@@ -13,7 +13,7 @@ from typing import Literal
 import torch
 
 from . import register_method
-from .base import Budget, LLMContext, ScorerMethod, VisionContext
+from .base import Budget, LLMContext, ScorerMethod, Seed, VisionContext
 
 
 @register_method("random")
@@ -24,7 +24,7 @@ class RandomPrune(ScorerMethod):
     method: Literal["random"] = "random"
     budget: Budget
     layer: int | None = None
-    seed: int | None = None
+    seed: Seed | None = None
 
     def _scores(self, n: int, default_seed: int, device) -> torch.Tensor:
         """(n,) random scores for token ranks 0..n-1, from the seed alone."""

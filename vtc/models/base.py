@@ -271,6 +271,39 @@ class ModelAdapter:
         """(B, N) bool: visual placeholder tokens (families with several kinds, e.g. image + video, override)."""
         return input_ids == self.placeholder_token_id()
 
+    def placeholder_groups(self, input_ids: torch.Tensor, kwargs: dict) -> list[tuple[str, torch.Tensor, list[int]]]:
+        """Per kind of visual input in the prompt: (kind, (B, N) bool placeholder mask, placeholder count each item
+        of that kind needs, in prompt order). Default: images, counted by :meth:`tokens_per_image`."""
+        counts = self.tokens_per_image(kwargs)
+        return [] if counts is None else [("image", input_ids == self.placeholder_token_id(), counts)]
+
+    def check_placeholders(self, input_ids: torch.Tensor, kwargs: dict) -> None:
+        """Raise :class:`vtc.ConfigError` (a ``ValueError``) when the prompt's placeholders do not match the visual
+        inputs, before any vision-side stage runs: the model's own check (total count, in its wording), and vtc's
+        per-item check (every run of placeholders in a row holds whole images / videos; a reduction per image
+        needs to know where each one sits)."""
+        for kind, mask, counts in self.placeholder_groups(input_ids, kwargs):
+            rows = [int(c) for c in mask.sum(-1).tolist()]
+            need = torch.tensor(counts, dtype=torch.long, device=mask.device)
+            each = f"{len(counts)} x {counts[0]}" if len(set(counts)) == 1 else str(counts)
+            context = (f"vtc, {self.family}: the prompt rows hold {rows} {kind} placeholder tokens, the {len(counts)} "
+                       f"{kind}(s) given need {each}; build the prompt with the model's processor")
+            if sum(rows) != int(need.sum()):
+                raise ConfigError(f"{kind.capitalize()} features and {kind} tokens do not match, tokens: {sum(rows)}, "
+                                  f"features: {int(need.sum())} ({context})")
+            # the running placeholder count at the end of every run (runs never cross rows) must fall on an item
+            # boundary; otherwise an item is split between runs or rows
+            nxt = torch.zeros_like(mask)
+            nxt[:, :-1] = mask[:, 1:]
+            ends = (mask & ~nxt).flatten()
+            running = mask.flatten().long().cumsum(0)[ends]
+            whole = torch.isin(running, need.cumsum(0))
+            if not bool(whole.all()):
+                bad = int((~whole).long().argmax())
+                row = int(ends.nonzero()[bad, 0]) // mask.shape[1]
+                raise ConfigError(f"{kind.capitalize()} features and {kind} tokens do not match in row {row}: a run "
+                                  f"of {kind} placeholder tokens ends inside a {kind} ({context})")
+
     # ---- vision side (overridden per family) --------------------------------------------------------------------
     def vision_extras_available(self) -> frozenset[str] | None:
         """Names of the :class:`VisionExtras` entries this model's tower provides (None: not known in advance)."""

@@ -236,6 +236,17 @@ class Qwen2VLAdapter(ModelAdapter):
         cfg = self.model.config
         return (input_ids == cfg.image_token_id) | (input_ids == cfg.video_token_id)
 
+    def placeholder_groups(self, input_ids: torch.Tensor, kwargs: dict) -> list[tuple[str, torch.Tensor, list[int]]]:
+        """Images and videos, each item needing ``t * h * w / merge_size**2`` placeholders (from ``*_grid_thw``)."""
+        cfg = self.model.config
+        out = []
+        for kind, key, tok in (("image", "image_grid_thw", cfg.image_token_id),
+                               ("video", "video_grid_thw", cfg.video_token_id)):
+            grid = kwargs.get(key)
+            if grid is not None:
+                out.append((kind, input_ids == tok, [int(n) for n in (grid.prod(-1) // self.merge_size ** 2).tolist()]))
+        return out
+
     @property
     def merge_size(self) -> int:
         return int(self.model.config.vision_config.spatial_merge_size)

@@ -98,6 +98,8 @@ class VisionRuntime:
         self.states: dict[int, Any] = {}
 
     def reduce_images(self, kwargs: dict) -> list[ImageFeatures]:
+        if kwargs.get("input_ids") is not None:
+            self.adapter.check_placeholders(kwargs["input_ids"], kwargs)
         outputs = []
         for group in self.adapter.encode_images(kwargs):
             def on_stage(index, method, n_in, reduction, seconds, group=group):
