@@ -108,14 +108,10 @@ DEMO_CONFIGS = {
 }
 
 
-@pytest.mark.parametrize("name", list(DEMO_CONFIGS))
-def test_demo_model_matches_transformers(demo, name):
-    model, processor = demo
-    config = DEMO_CONFIGS[name]
-    prompts = [format_prompt(s.question) for s in SAMPLES]
-    images = [s.image for s in SAMPLES]
+def check_matches(model, processor, path, config, prompts, images) -> list[tuple[list[int], list[int]]]:
+    """vLLM (one batch) vs vtc in transformers (per request): equal prompt ids and greedy tokens."""
     want = hf_reference(model, processor, config, prompts, images)
-    llm = vllm_llm(GRID_MODEL_PATH, config)
+    llm = vllm_llm(path, config)
     try:
         got = vllm_generate(llm, prompts, images)
     finally:
@@ -124,8 +120,83 @@ def test_demo_model_matches_transformers(demo, name):
     for (wp, wg), (gp, gg) in zip(want, got):
         assert gp == wp  # the prompt vLLM expanded has exactly the tokens vtc fed the LLM
         assert until_eos(gg, eos) == until_eos(wg, eos)
+    return got
+
+
+@pytest.mark.parametrize("name", list(DEMO_CONFIGS))
+def test_demo_model_matches_transformers(demo, name):
+    model, processor = demo
+    prompts = [format_prompt(s.question) for s in SAMPLES]
+    got = check_matches(model, processor, GRID_MODEL_PATH, DEMO_CONFIGS[name], prompts, [s.image for s in SAMPLES])
     n_stock = (model.config.vision_config.image_size // model.config.vision_config.patch_size) ** 2
     assert all(gp.count(model.config.image_token_id) < n_stock for gp, _ in got)
+
+
+# ---- LLaVA-NeXT: a tiny random-weight checkpoint (tests/tiny_models_next.py) saved with a processor ----------------
+
+@pytest.fixture(scope="module")
+def next_model(tmp_path_factory):
+    from tiny_models_next import CROP, PATCH, PINPOINTS
+    from transformers import (
+        AutoTokenizer,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        LlavaNextImageProcessor,
+        LlavaNextProcessor,
+    )
+
+    tok = AutoTokenizer.from_pretrained(GRID_MODEL_PATH)  # the demo's tokenizer: "<image>" and a small vocabulary
+    torch.manual_seed(0)
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                              image_size=CROP, patch_size=PATCH, projection_dim=32)
+    # head_dim 64: vLLM's CPU attention kernels take 32 / 64 / 80 / 96 / 112 / 128 ... (not the suite's 16)
+    text = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
+                       num_key_value_heads=1, vocab_size=len(tok), max_position_embeddings=1024,
+                       pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, rms_norm_eps=1e-6)
+    cfg = LlavaNextConfig(vision_config=vision, text_config=text, image_token_id=tok.convert_tokens_to_ids("<image>"),
+                          vision_feature_layer=-2, vision_feature_select_strategy="default",
+                          image_grid_pinpoints=PINPOINTS)
+    model = LlavaNextForConditionalGeneration(cfg).eval()
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
+    S = model.config.vision_config.image_size
+    image_processor = LlavaNextImageProcessor(size={"shortest_edge": S}, crop_size={"height": S, "width": S},
+                                              image_grid_pinpoints=PINPOINTS)
+    processor = LlavaNextProcessor(image_processor=image_processor, tokenizer=tok,
+                                   patch_size=model.config.vision_config.patch_size,
+                                   vision_feature_select_strategy="default", image_token="<image>",
+                                   num_additional_image_tokens=1)
+    path = tmp_path_factory.mktemp("tiny-llava-next")
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return model, processor, path
+
+
+def _next_images():
+    from PIL import Image
+    from tiny_models_next import MATRIX_SIZES
+
+    g = torch.Generator().manual_seed(0)
+    return [Image.fromarray((torch.rand(h, w, 3, generator=g) * 255).to(torch.uint8).numpy()) for h, w in MATRIX_SIZES]
+
+
+NEXT_CONFIGS = {
+    "keep-all": {"stages": [{"method": "pool", "budget": 1.0}]},
+    "visionzip-16": {"stages": [{"method": "visionzip", "budget": 16}]},
+    "pool-3x3": {"stages": [{"method": "pool", "budget": 9}]},
+    "random-0.5": {"stages": [{"method": "random", "budget": 0.5}]},
+    "visionzip-per-image": {"stages": [{"method": "visionzip", "budget": 30, "per": "image"}]},
+}
+
+
+@pytest.mark.parametrize("name", list(NEXT_CONFIGS))
+def test_llava_next_matches_transformers(next_model, name):
+    model, processor, path = next_model
+    images = _next_images()
+    prompts = [f"USER: <image>\nWhat is shown {i}? ASSISTANT:" for i in range(len(images))]
+    check_matches(model, processor, path, NEXT_CONFIGS[name], prompts, images)
 
 
 def test_keep_all_equals_stock_vllm(demo):

@@ -37,6 +37,7 @@ __all__ = ["register", "SUPPORTED_ARCHITECTURES", "config_from_hf", "reduced_cou
 #: architecture name (config.json ``architectures``) -> "module:Class" of vtc's subclass of vLLM's class
 SUPPORTED_ARCHITECTURES: dict[str, str] = {
     "LlavaForConditionalGeneration": "vtc.serving.vllm_llava:VtcLlavaForConditionalGeneration",
+    "LlavaNextForConditionalGeneration": "vtc.serving.vllm_llava:VtcLlavaNextForConditionalGeneration",
 }
 
 
