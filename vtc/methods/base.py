@@ -93,7 +93,6 @@ class VisionContext:
     features: torch.Tensor
     layout: Layout
     extras: VisionExtras = field(default_factory=VisionExtras)
-    generator: torch.Generator | None = None
     space: Side = "llm"
     seed: int = 0
     #: (U,) long: which image each unit belongs to (LLaVA-NeXT crops of one image share it); None: one image per
@@ -143,8 +142,6 @@ class LLMContext:
     attention_mask: torch.Tensor | None
     adapter: Any
     captured: dict[int, LLMContext] = field(default_factory=dict)
-    generator: torch.Generator | None = None
-    stage_index: int = 0
     # (B, max images) number of candidates of each image (for per-image budgets)
     image_counts: torch.Tensor | None = None
     seed: int = 0
