@@ -145,7 +145,7 @@ class LlavaVisionSide(ModelAdapter):
 
     family = "llava (vLLM)"
 
-    def encode_images(self, kwargs: dict, needs: set[str]) -> list[VisualGroup]:
+    def encode_images(self, kwargs: dict) -> list[VisualGroup]:
         feats, scorer = run_tower(self.model.vision_tower, kwargs["pixel_values"], self.model.config)
         layout = llava_layout(self.model.config)
         U = feats.shape[0]
