@@ -136,41 +136,10 @@ def test_demo_model_matches_transformers(demo, name):
 
 @pytest.fixture(scope="module")
 def next_model(tmp_path_factory):
-    from tiny_models_next import CROP, PATCH, PINPOINTS
-    from transformers import (
-        AutoTokenizer,
-        CLIPVisionConfig,
-        LlamaConfig,
-        LlavaNextConfig,
-        LlavaNextForConditionalGeneration,
-        LlavaNextImageProcessor,
-        LlavaNextProcessor,
-    )
+    from eval.serving.checkpoints import save_tiny_llava_next
 
-    tok = AutoTokenizer.from_pretrained(GRID_MODEL_PATH)  # the demo's tokenizer: "<image>" and a small vocabulary
-    torch.manual_seed(0)
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-                              image_size=CROP, patch_size=PATCH, projection_dim=32)
-    # head_dim 64: vLLM's CPU attention kernels take 32 / 64 / 80 / 96 / 112 / 128 ... (not the suite's 16)
-    text = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
-                       num_key_value_heads=1, vocab_size=len(tok), max_position_embeddings=1024,
-                       pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, rms_norm_eps=1e-6)
-    cfg = LlavaNextConfig(vision_config=vision, text_config=text, image_token_id=tok.convert_tokens_to_ids("<image>"),
-                          vision_feature_layer=-2, vision_feature_select_strategy="default",
-                          image_grid_pinpoints=PINPOINTS)
-    model = LlavaNextForConditionalGeneration(cfg).eval()
-    model.generation_config.eos_token_id = tok.eos_token_id
-    model.generation_config.pad_token_id = tok.pad_token_id
-    S = model.config.vision_config.image_size
-    image_processor = LlavaNextImageProcessor(size={"shortest_edge": S}, crop_size={"height": S, "width": S},
-                                              image_grid_pinpoints=PINPOINTS)
-    processor = LlavaNextProcessor(image_processor=image_processor, tokenizer=tok,
-                                   patch_size=model.config.vision_config.patch_size,
-                                   vision_feature_select_strategy="default", image_token="<image>",
-                                   num_additional_image_tokens=1)
     path = tmp_path_factory.mktemp("tiny-llava-next")
-    model.save_pretrained(path)
-    processor.save_pretrained(path)
+    model, processor = save_tiny_llava_next(path)
     return model, processor, path
 
 
