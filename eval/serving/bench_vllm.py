@@ -36,9 +36,9 @@ TABLE_START = "<!-- serving-table:start -->"
 TABLE_END = "<!-- serving-table:end -->"
 
 FAMILIES = {
-    # family: (default config, image size (H, W))
-    "llava": ("llava-1.5/visionzip-64", (112, 112)),
-    "llava-next": ({"stages": [{"method": "visionzip", "budget": 64}]}, (224, 224)),
+    # family: (default config, image size (H, W), max_model_len)
+    "llava": ("llava-1.5/visionzip-64", (112, 112), 512),
+    "llava-next": ({"stages": [{"method": "visionzip", "budget": 64}]}, (224, 224), 2048),
 }
 
 
@@ -63,10 +63,10 @@ def _requests(n: int, size: tuple[int, int], seed: int = 0):
             for i in range(n)]
 
 
-def _engine(path: Path, config):
+def _engine(path: Path, config, max_len: int):
     from vllm import LLM
 
-    return LLM(model=str(path), dtype="float32", max_model_len=2048, enforce_eager=True, seed=0,
+    return LLM(model=str(path), dtype="float32", max_model_len=max_len, enforce_eager=True, seed=0,
                gpu_memory_utilization=0.05, kv_cache_memory_bytes=256 << 20, limit_mm_per_prompt={"image": 1},
                hf_overrides={"vtc_config": config} if config is not None else None)
 
@@ -98,14 +98,14 @@ def run_family(family: str, config, requests: int, max_tokens: int, ttft_request
     import torch
     import vllm
 
-    default_config, size = FAMILIES[family]
+    default_config, size, max_len = FAMILIES[family]
     config = default_config if config is None else config
     with tempfile.TemporaryDirectory() as tmp:
         path = _checkpoint(family, Path(tmp))
         reqs = _requests(requests + 2, size)
         rows = {}
         for variant, cfg in (("baseline", None), ("vtc", config)):
-            llm = _engine(path, cfg)
+            llm = _engine(path, cfg, max_len)
             rows[variant] = _measure(llm, reqs, max_tokens, ttft_requests)
             del llm
             gc.collect()
