@@ -132,6 +132,24 @@ def test_demo_model_matches_transformers(demo, name):
     assert all(gp.count(model.config.image_token_id) < n_stock for gp, _ in got)
 
 
+def test_checkpoint_with_vision_model_level_loads(demo, tmp_path):
+    """transformers 5.x saves the CLIP tower without the ``vision_model.`` level (the bundled model); older
+    checkpoints have it: both load."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(GRID_MODEL_PATH, tmp_path / "m")
+    weights = load_file(tmp_path / "m" / "model.safetensors")
+    prefix = "model.vision_tower."
+    assert not any(k.startswith(prefix + "vision_model.") for k in weights)
+    renamed = {(prefix + "vision_model." + k[len(prefix):] if k.startswith(prefix) else k): v for k, v in weights.items()}
+    save_file(renamed, tmp_path / "m" / "model.safetensors", metadata={"format": "pt"})
+    model, processor = demo
+    prompts = [format_prompt(s.question) for s in SAMPLES]
+    check_matches(model, processor, tmp_path / "m", "llava-1.5/visionzip-64", prompts, [s.image for s in SAMPLES])
+
+
 # ---- LLaVA-NeXT: a tiny random-weight checkpoint (tests/tiny_models_next.py) saved with a processor ----------------
 
 @pytest.fixture(scope="module")
