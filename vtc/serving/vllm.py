@@ -30,7 +30,7 @@ import torch
 from ..config import Config, load_config
 from ..errors import ConfigError
 from ..functional import reduce_embeddings
-from ..layout import Layout, MultiCrop
+from ..layout import Layout
 
 __all__ = ["register", "SUPPORTED_ARCHITECTURES", "config_from_hf", "reduced_count", "add_vision_model_level"]
 
@@ -39,6 +39,7 @@ SUPPORTED_ARCHITECTURES: dict[str, str] = {
     "LlavaForConditionalGeneration": "vtc.serving.vllm_llava:VtcLlavaForConditionalGeneration",
     "LlavaNextForConditionalGeneration": "vtc.serving.vllm_llava:VtcLlavaNextForConditionalGeneration",
 }
+# Not yet: Qwen2-VL / Qwen2.5-VL (survivors' M-RoPE positions through vLLM's SupportsMultiModalPruning interface).
 
 
 def register() -> None:
@@ -90,18 +91,13 @@ def config_from_hf(hf_config) -> Config | None:
 def _dummy_extras(U: int, layout: Layout, dim: int, gen: torch.Generator) -> dict:
     """Random stand-ins for every extra a scoring method may ask for (shapes as the adapters give them)."""
     n = layout.num_tokens
-    extras = {
+    return {
         "cls_attention": torch.rand(U, n, generator=gen),
         "received_attention": torch.rand(U, n, generator=gen),
         "keys": torch.randn(U, n, 4, generator=gen),
+        "cls_token": torch.randn(U, dim, generator=gen),
+        "hidden_with_cls": torch.randn(U, 1 + n, dim, generator=gen),
     }
-    if isinstance(layout, MultiCrop):
-        P = len(layout.parts)
-        extras["cls_token"] = torch.randn(U, P, dim, generator=gen)
-    else:
-        extras["cls_token"] = torch.randn(U, dim, generator=gen)
-        extras["hidden_with_cls"] = torch.randn(U, 1 + n, dim, generator=gen)
-    return extras
 
 
 @lru_cache(maxsize=256)
@@ -123,7 +119,8 @@ def _count(cfg: Config, layout: Layout) -> int:
 
 
 def reduced_count(cfg: Config | None, layout: Layout) -> int:
-    """Tokens the vision-side stages of ``cfg`` deliver for one image of ``layout`` (its own count when ``cfg`` has
+    """Tokens the vision-side stages of ``cfg`` deliver for one single-unit image of ``layout`` (LLaVA-NeXT's crops
+    and newlines: :func:`vtc.serving.vllm_llava.next_count`) (its own count when ``cfg`` has
     no vision-side stage): a dry run of the real stages on random features, done twice to refuse counts that depend
     on the content. Cached per (config, layout)."""
     if cfg is None or not cfg.vision_stages:
