@@ -74,6 +74,7 @@ def run_vision_stages(x: torch.Tensor, layout: Layout, stages: list[tuple[int, M
                       seed: int, *, unit_image: torch.Tensor | None = None,
                       project: Callable[[torch.Tensor], torch.Tensor] | None = None,
                       on_stage: Callable[..., None] | None = None, states: dict[int, Any] | None = None,
+                      projected: bool = False,
                       ) -> tuple[torch.Tensor, Layout, list[Reduction], bool]:
     """Run vision-side ``stages`` ((config index, method) pairs, in order) on features ``x`` (U, n, D).
 
@@ -81,10 +82,11 @@ def run_vision_stages(x: torch.Tensor, layout: Layout, stages: list[tuple[int, M
     applied before the first stage that works after it (``feature_space: llm``); without it the features are
     taken to be in each stage's own space. ``on_stage(index, method, n_in, reduction, seconds)`` is called after
     every stage (seconds: time in the method). ``states``: each stage's per-run state by config index (the model
-    runtime's; None: a fresh ``new_state()`` per call). Returns (features, layout, reductions, projected).
+    runtime's; None: a fresh ``new_state()`` per call). ``projected``: ``x`` is already in
+    the LLM space (e.g. OneVision's pooled video frames; ``project`` is then never applied). Returns (features,
+    layout, reductions, projected).
     """
     reductions: list[Reduction] = []
-    projected = False
     for pos, (index, stage) in enumerate(stages):
         if project is not None and stage.space == "llm" and not projected:
             x = project(x)

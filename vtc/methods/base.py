@@ -255,6 +255,12 @@ class Method(BaseModel):
         return "vision"
 
     @property
+    def requires_extras(self) -> tuple[str, ...]:
+        """Vision-side: tower extras this stage cannot run without (it needs one of them); adapters that know what
+        their tower provides refuse the stage when attached otherwise. Default: none."""
+        return ()
+
+    @property
     def space(self) -> Side:
         """Vision-side only: 'vision' reduces the tower features before the projector, 'llm' after."""
         return self.feature_space

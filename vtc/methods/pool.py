@@ -175,6 +175,10 @@ class Pool(Method):
     iters: int = 5
     feature_space: Literal["vision", "llm"] = "vision"
 
+    @property
+    def requires_extras(self) -> tuple[str, ...]:
+        return {"cls": ("cls_attention",), "received": ("received_attention",)}.get(self.weights, ())
+
     @model_validator(mode="after")
     def _check(self) -> Pool:
         if self.budget is None and self.grid is None:

@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from ..errors import ConfigError
 from ..layout import Layout
 from ..methods.base import VisionExtras
 from ..scoring import apply_rope
@@ -73,6 +74,8 @@ class VisualGroup:
     drops it). unit_image: (U,) which image each unit belongs to. unit_part: (U,) index of the unit inside
     its image (crop index / 0). out_layout: set by the vision runtime after the stages ran: the layout of the
     reduced units (e.g. ``Grid(h', w')`` after pooling, ``Sequence(k)`` after pruning), for ``pack_images``.
+    space: ``"vision"`` (features before the projector; the runtime projects them) or ``"llm"`` (already in the
+    LLM's embedding space, e.g. OneVision's pooled video frames: ``project`` is not applied to them).
     """
 
     features: torch.Tensor
@@ -81,6 +84,7 @@ class VisualGroup:
     unit_part: list[int]
     extras: VisionExtras = field(default_factory=VisionExtras)
     out_layout: Layout | None = None
+    space: str = "vision"
 
 
 @dataclass
@@ -121,6 +125,9 @@ class ModelAdapter:
     visual_input_keys: ClassVar[tuple[str, ...]] = ("pixel_values",)
     #: kwargs only the vision path reads (dropped together with the visual inputs)
     vision_only_keys: ClassVar[tuple[str, ...]] = ()
+    #: LLM-side decoding builds the masks of pruned layers from positions (causal, padding, sliding window) instead
+    #: of re-indexing the model's (for models whose decode masks are sized against one cache layer per layer type)
+    decode_masks_from_positions: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -204,6 +211,18 @@ class ModelAdapter:
                 q = self.rope_rows(q, position_embeddings, query_rows)
         return q, k
 
+    def sliding_window(self, layer_idx: int) -> int | None:
+        """The sliding window of decoder layer ``layer_idx`` (a key at position p is visible from q when
+        ``q - p < window``), None for full attention."""
+        return None
+
+    def prompt_kwargs(self, prompt, kwargs: dict) -> dict:
+        """Extra forward kwargs for a prompt rebuilt by vision-side reduction (``prompt``: a
+        :class:`vtc.runtime.vision.RebuiltPrompt`; ``kwargs``: the original call's), e.g. Gemma 3's token_type_ids.
+        Returning ``input_ids`` feeds the rebuilt ids (and whatever else is returned, e.g. the features as
+        ``mm_encoder_outputs``) instead of ``inputs_embeds``. Default: none."""
+        return {}
+
     def input_norm(self, layer_idx: int, hidden_states: torch.Tensor) -> torch.Tensor:
         """Decoder layer ``layer_idx``'s own input norm applied to ``hidden_states`` (B, M, D) (the space q / k
         are projected from; e.g. PACT's mean query is averaged here)."""
@@ -253,6 +272,23 @@ class ModelAdapter:
         return input_ids == self.placeholder_token_id()
 
     # ---- vision side (overridden per family) --------------------------------------------------------------------
+    def vision_extras_available(self) -> frozenset[str] | None:
+        """Names of the :class:`VisionExtras` entries this model's tower provides (None: not known in advance)."""
+        return None
+
+    def check_stage(self, stage) -> None:
+        """Refuse, when attached, a stage this family cannot run (ConfigError saying why). Default: a vision-side
+        stage whose ``requires_extras`` (alternatives) are all missing from :meth:`vision_extras_available`."""
+        have = self.vision_extras_available()
+        needs = set(getattr(stage, "requires_extras", ()) or ())
+        if stage.side == "vision" and have is not None and needs and not needs & have:
+            why = " (the vision tower has no CLS token)" if needs <= {"cls_attention", "cls_token",
+                                                                      "hidden_with_cls"} else ""
+            raise ConfigError(
+                f"{self.family} cannot provide {', '.join(sorted(needs))}{why}; it provides "
+                f"{', '.join(sorted(have)) or 'nothing'}"
+            )
+
     def encode_images(self, kwargs: dict) -> list[VisualGroup]:  # pragma: no cover
         raise NotImplementedError(f"{self.family}: vision-side stages are not supported by this adapter yet")
 

@@ -55,8 +55,13 @@ class LlavaAdapter(ModelAdapter):
     def _tokens_per_image(self) -> int:
         vcfg = self.model.config.vision_config
         side = vcfg.image_size // vcfg.patch_size
-        _, strategy = self._feature_settings({})
-        return side * side + (1 if strategy == "full" else 0)
+        return side * side + (1 if self._cls_in_features({}) else 0)
+
+    def _cls_in_features(self, kwargs: dict) -> bool:
+        """Whether the fed features start with a CLS token (a CLS tower with the ``full`` strategy; SigLIP
+        towers have none, so ``full`` is their patches only)."""
+        _, strategy = self._feature_settings(kwargs)
+        return strategy == "full" and self._tower_has_cls()
 
     def encode_images(self, kwargs: dict) -> list[VisualGroup]:
         feats, scorer = self._run_tower(kwargs["pixel_values"], kwargs)
@@ -83,6 +88,11 @@ class LlavaAdapter(ModelAdapter):
         if strategy == "default":
             feats = feats[:, 1:]
         return feats, scorer
+
+    def vision_extras_available(self) -> frozenset[str]:
+        if self._tower_has_cls():
+            return frozenset({"cls_attention", "received_attention", "keys", "cls_token", "hidden_with_cls"})
+        return frozenset({"received_attention", "keys"})
 
     def _tower_has_cls(self) -> bool:
         """CLIP-style towers prepend a CLS token; SigLIP-style towers do not."""

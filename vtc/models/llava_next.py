@@ -49,6 +49,7 @@ plus the newlines (sequence scheme), or minus the unpadded-away tokens plus the 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -87,11 +88,14 @@ def _best_resolution(size: tuple[int, int], pinpoints: list) -> tuple[int, int]:
 
 @dataclass(frozen=True)
 class AnyresGeometry:
-    """Where one image's crops sit. ``size``: original (H, W); ``rows x cols``: the crop arrangement."""
+    """Where one image's crops sit. ``size``: original (H, W); ``rows x cols``: the crop arrangement (0 x 0: the
+    image is fed as its base crop only). ``max_patches``: LLaVA-OneVision's ``anyres_max_N`` rule (the unpadded
+    crop map is bilinearly shrunk when it holds more than 1.1^2 N crops' worth of tokens); None: LLaVA-NeXT."""
 
     size: tuple[int, int]
     rows: int
     cols: int
+    max_patches: int | None = None
 
     @property
     def num_crops(self) -> int:
@@ -106,20 +110,31 @@ class AnyresGeometry:
         """(top, bottom, left, right) of the kept part of the ``(rows * h) x (cols * w)`` crop map."""
         return unpad_box(self.rows * h, self.cols * w, *self.size)
 
+    def packed(self, h: int, w: int) -> tuple[int, int]:
+        """(R, C) of the crop map as packed at per-crop grid ``h x w``: unpadded, then (``max_patches``) shrunk by
+        ``ratio = sqrt(R C / (N h w))`` to ``(R // ratio, C // ratio)`` when ratio > 1.1 (the model's rule)."""
+        top, bottom, left, right = self.unpadded(h, w)
+        R, C = bottom - top, right - left
+        if self.max_patches is not None:
+            ratio = math.sqrt(R * C / (self.max_patches * h * w))
+            if ratio > 1.1:
+                return int(R // ratio), int(C // ratio)
+        return R, C
+
     def num_tokens(self, h: int, w: int, base_extra: int = 0) -> int:
         """Placeholders of this image at per-crop grid ``h x w`` (the processor's count)."""
         if self.num_crops == 0:
             return h * w + base_extra + 1
-        top, bottom, left, right = self.unpadded(h, w)
-        return h * w + base_extra + (bottom - top) * (right - left + 1)
+        R, C = self.packed(h, w)
+        return h * w + base_extra + R * (C + 1)
 
     def newline_mask(self, h: int, w: int, base_extra: int = 0, device=None) -> torch.Tensor:
         """(num_tokens,) bool: True at this image's ``image_newline`` positions."""
         base = torch.zeros(h * w + base_extra, dtype=torch.bool, device=device)
         if self.num_crops == 0:
             return torch.cat([base, torch.ones(1, dtype=torch.bool, device=device)])
-        top, bottom, left, right = self.unpadded(h, w)
-        rows = torch.zeros(bottom - top, right - left + 1, dtype=torch.bool, device=device)
+        R, C = self.packed(h, w)
+        rows = torch.zeros(R, C + 1, dtype=torch.bool, device=device)
         rows[:, -1] = True
         return torch.cat([base, rows.flatten()])
 
@@ -161,6 +176,10 @@ def pack_grid(base: torch.Tensor, crops: torch.Tensor, geom: AnyresGeometry, h: 
     tiled = crops.reshape(geom.rows, geom.cols, h, w, D).permute(0, 2, 1, 3, 4).reshape(geom.rows * h, geom.cols * w, D)
     top, bottom, left, right = geom.unpadded(h, w)
     tiled = tiled[top:bottom, left:right]
+    R, C = geom.packed(h, w)
+    if (R, C) != tiled.shape[:2]:  # OneVision's anyres_max: bilinear shrink, as the model does it
+        tiled = torch.nn.functional.interpolate(tiled.permute(2, 0, 1)[None], [R, C], mode="bilinear")[0]
+        tiled = tiled.permute(1, 2, 0)
     rows = torch.cat([tiled, newline.expand(tiled.shape[0], 1, D)], dim=1)
     row_flags = torch.zeros(rows.shape[:2], dtype=torch.bool, device=dev)
     row_flags[:, -1] = True
@@ -218,8 +237,7 @@ class LlavaNextAdapter(_llava.LlavaAdapter):
 
 
     def _base_extra(self, kwargs: dict) -> int:
-        _, strategy = self._feature_settings(kwargs)
-        return 1 if strategy == "full" else 0
+        return 1 if self._cls_in_features(kwargs) else 0
 
     def geometries(self, kwargs: dict) -> list[AnyresGeometry] | None:
         """Crop arrangement of every image of the call, from ``image_sizes`` (None when absent)."""
@@ -253,8 +271,7 @@ class LlavaNextAdapter(_llava.LlavaAdapter):
             return [Grid(h, w)] * g.num_units
         if g.num_crops == 0:
             return [Grid(h, w)]
-        top, bottom, left, right = g.unpadded(h, w)
-        return [Grid(h, w), Grid(bottom - top, right - left)]
+        return [Grid(h, w), Grid(*g.packed(h, w))]
 
     def picture_layouts(self, kwargs: dict, image: int, side: str = "vision") -> list[Layout]:
         """Vision side: one :class:`MultiCrop` (base, then every crop in place over the padded image); LLM side:
@@ -266,6 +283,8 @@ class LlavaNextAdapter(_llava.LlavaAdapter):
             raise NotImplementedError(f"{self.family}: picture_layouts needs image_sizes")
         g = geoms[image]
         grid = Grid(*self.crop_grid)
+        if g.num_crops == 0:
+            return [grid]
         return [MultiCrop(grid, (grid,) * g.num_crops, g.rows, g.cols, g.unpadded(grid.h, grid.w))]
 
     # ---- LLM side ----------------------------------------------------------------------------------------------
@@ -322,11 +341,10 @@ class LlavaNextAdapter(_llava.LlavaAdapter):
         geoms = self.geometries(kwargs)
         if geoms is None:
             raise ConfigError("llava_next: vision-side stages need image_sizes (the processor returns them)")
-        _, strategy = self._feature_settings(kwargs)
-        if strategy != "default":
+        if self._cls_in_features(kwargs):
             raise ConfigError(
-                f"llava_next: vision_feature_select_strategy={strategy!r} is not supported with anyres crops "
-                "(allowed: 'default'); the model cannot pack CLS tokens of crops either"
+                f"{self.family}: vision_feature_select_strategy='full' on a tower with a CLS token is not supported "
+                "with anyres crops (allowed: 'default'); the model cannot pack CLS tokens of crops either"
             )
         pv = kwargs["pixel_values"]
         n_units = [g.num_units for g in geoms]

@@ -133,7 +133,7 @@ class TowerScorer(QKRowScorer):
         self.feature_index = self.feature_layers[-1]
         self.has_cls = has_cls
         self.drop_cls = drop_cls
-        self.fed = slice(1, None) if (has_cls and drop_cls) else slice(None)
+        self.fed = slice(1, None) if drop_cls else slice(None)  # the model drops token 0 even without CLS
 
     @cached_property
     def _attn(self) -> tuple[nn.Module, nn.Module]:

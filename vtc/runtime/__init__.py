@@ -50,6 +50,7 @@ class Run:
         for i, stage in enumerate(config.stages):
             try:
                 stage.validate_for_model(num_layers)
+                self.adapter.check_stage(stage)
             except ConfigError as err:
                 raise ConfigError(f"stages[{i}] ({stage.method}): {err}") from None
         self.stats = Stats()
@@ -208,6 +209,10 @@ class Run:
                   and k not in self.adapter.vision_only_keys and k != "input_ids"}
         kwargs["inputs_embeds"] = prompt.inputs_embeds
         kwargs["attention_mask"] = prompt.attention_mask
+        extra = self.adapter.prompt_kwargs(prompt, kwargs)
+        if "input_ids" in extra:
+            kwargs.pop("inputs_embeds")
+        kwargs.update(extra)
         if prompt.position_ids is not None:
             kwargs["position_ids"] = prompt.position_ids
         elif kwargs.get("position_ids") is not None:
@@ -236,7 +241,8 @@ class Run:
                 out = original(**new_kwargs)
             finally:
                 run._pending_token_map = None
-            return _prepend_prompt(out, input_ids)
+            fed = new_kwargs.get("input_ids")  # adapters that feed the rebuilt ids get them back: strip them
+            return _prepend_prompt(out, input_ids, 0 if fed is None else fed.shape[1])
 
         return generate
 
@@ -275,10 +281,12 @@ def _bind_generate(signature: inspect.Signature, args: tuple, kwargs: dict) -> d
     return call
 
 
-def _prepend_prompt(out, input_ids: torch.Tensor):
-    """generate() on inputs_embeds returns only new tokens; give back [original prompt ids, new tokens], the
-    prompt repeated for each sequence of a sample (``num_return_sequences``)."""
+def _prepend_prompt(out, input_ids: torch.Tensor, strip: int = 0):
+    """generate() on inputs_embeds returns only new tokens (on rebuilt ids: those ids, then the new tokens: ``strip``
+    drops them); give back [original prompt ids, new tokens], the prompt repeated for each sequence of a sample
+    (``num_return_sequences``)."""
     seqs = out if isinstance(out, torch.Tensor) else out.sequences
+    seqs = seqs[:, strip:]
     prompt = input_ids.to(seqs.device)
     if seqs.shape[0] != prompt.shape[0]:
         prompt = prompt.repeat_interleave(seqs.shape[0] // prompt.shape[0], dim=0)

@@ -25,7 +25,7 @@ from ..errors import ConfigError
 from ..methods.base import LLMContext, Method
 from ..models.base import ModelAdapter, TokenMap
 from ..reduction import compact
-from .masks import decode_mask, gather_seq, prefill_mask
+from .masks import decode_mask, gather_seq, position_decode_mask, prefill_mask
 
 __all__ = ["LLMRuntime"]
 
@@ -341,16 +341,23 @@ class LLMRuntime:
         mask = kwargs.get("attention_mask")
         hidden = self._hidden(args, kwargs)
         T = hidden.shape[1]
-        key = ("decode", id(mask), self.total_len)
+        window = self.adapter.sliding_window(layer_idx)
+        key = ("decode", id(mask), self.total_len, window)
         if key in ss.memo:
             kwargs["attention_mask"] = ss.memo[key]
             return args, kwargs
         if mask is not None and mask.dim() == 2 and ss.use_bias:
             raise ConfigError("proportional attention is not available with flash_attention_2 (use sdpa)")
-        out = decode_mask(mask, ss.slots, ss.slot_valid, ss.sizes if ss.use_bias else None,
-                          prefill_len=self.prefill_len, total_len=self.total_len, new_tokens=T,
-                          float_out=self._float_out(mask, ss), dtype=self._float_dtype())
-        ss.memo = {k: v for k, v in ss.memo.items() if not (isinstance(k, tuple) and k[0] == "decode")}
+        if self.adapter.decode_masks_from_positions and (mask is None or mask.dim() == 4):
+            out = position_decode_mask(ss.slots, ss.slot_valid & ss.user_valid, ss.sizes if ss.use_bias else None,
+                                       prefill_len=self.prefill_len, total_len=self.total_len, new_tokens=T,
+                                       window=window, float_out=self._float_out(None, ss), dtype=self._float_dtype())
+        else:
+            out = decode_mask(mask, ss.slots, ss.slot_valid, ss.sizes if ss.use_bias else None,
+                              prefill_len=self.prefill_len, total_len=self.total_len, new_tokens=T,
+                              float_out=self._float_out(mask, ss), dtype=self._float_dtype())
+        ss.memo = {k: v for k, v in ss.memo.items()
+                   if not (isinstance(k, tuple) and k[0] == "decode" and k[2] != self.total_len)}
         ss.memo[key] = out
         kwargs["attention_mask"] = out
         return args, kwargs

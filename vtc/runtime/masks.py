@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["gather_seq", "prefill_mask", "decode_mask", "finish_mask"]
+__all__ = ["gather_seq", "prefill_mask", "decode_mask", "position_decode_mask", "finish_mask"]
 
 
 def gather_seq(t: torch.Tensor, slots: torch.Tensor, dim: int) -> torch.Tensor:
@@ -87,3 +87,28 @@ def decode_mask(mask: torch.Tensor | None, slots: torch.Tensor, slot_valid: torc
     if sizes is not None:
         sizes = torch.cat([sizes, torch.ones_like(new_pos, dtype=sizes.dtype)], dim=1)
     return finish_mask(allowed, key_valid, None, sizes, float_out=float_out, dtype=dtype)
+
+
+def position_decode_mask(slots: torch.Tensor, key_valid: torch.Tensor, sizes: torch.Tensor | None, *,
+                         prefill_len: int, total_len: int, new_tokens: int, window: int | None, float_out: bool,
+                         dtype: torch.dtype) -> torch.Tensor:
+    """A decoding step's mask built from positions alone (for models whose own decode masks are sized against one
+    cache layer per layer type, e.g. Gemma 3): keys = [slots] + [decoded tokens], causal, ``key_valid`` (B, M) for
+    the slots (vtc's and the user's padding). ``window``: a sliding-window layer, whose cache holds only its last
+    ``window - 1`` entries before this step: the key axis is those entries plus this step's, and a key at position
+    p is visible from q when ``q - p < window``. Survivors inside the window are always among those entries."""
+    B = slots.shape[0]
+    new_pos = torch.arange(prefill_len, total_len, device=slots.device).expand(B, total_len - prefill_len)
+    keys = torch.cat([slots, new_pos], dim=1)
+    valid = torch.cat([key_valid, torch.ones_like(new_pos, dtype=torch.bool)], dim=1)
+    if sizes is not None:
+        sizes = torch.cat([sizes, torch.ones_like(new_pos, dtype=sizes.dtype)], dim=1)
+    q_pos = torch.arange(total_len - new_tokens, total_len, device=slots.device)[None, None, :, None]
+    if window is not None:
+        held = min(keys.shape[1] - new_tokens, window - 1) + new_tokens
+        keys, valid = keys[:, -held:], valid[:, -held:]
+        sizes = sizes[:, -held:] if sizes is not None else None
+    allowed = keys[:, None, None, :] <= q_pos
+    if window is not None:
+        allowed = allowed & (keys[:, None, None, :] > q_pos - window)
+    return finish_mask(allowed, valid, None, sizes, float_out=float_out, dtype=dtype)

@@ -107,7 +107,8 @@ class VisionRuntime:
             unit_image = torch.as_tensor(group.unit_image, device=group.features.device)
             feats, layout, reductions, projected = run_vision_stages(
                 group.features, group.layout, self.stages, group.extras, self.seed, unit_image=unit_image,
-                project=self.adapter.project, on_stage=on_stage, states=self.states)
+                project=self.adapter.project, on_stage=on_stage, states=self.states,
+                projected=group.space == "llm")
             if not projected:
                 feats = self.adapter.project(feats)
             group.out_layout = layout
