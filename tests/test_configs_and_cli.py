@@ -36,11 +36,13 @@ def test_draw_kept_pixels():
     img = Image.new("RGB", (40, 40), (200, 200, 200))
     groups = [torch.tensor([0, -1, 1, 1])]  # 2x2 grid: kept, dropped, merged pair
     out = draw_kept(img, groups, [vtc.Grid(2, 2)], size=40)
-    kept = out.getpixel((10, 10))
-    dropped = out.getpixel((30, 10))
-    merged_a, merged_b = out.getpixel((10, 30)), out.getpixel((30, 30))
+    top = 14  # a title line over each row: kept tokens, then (second row) the merged groups
+    kept = out.getpixel((10, top + 10))
+    dropped = out.getpixel((30, top + 10))
     assert sum(dropped) < sum(kept) / 3  # dropped cells are darkened
-    assert merged_a == merged_b != kept  # a merged group shares one colour
+    y2 = top + 40 + 6 + 14
+    merged_a, merged_b = out.getpixel((10, y2 + 30)), out.getpixel((30, y2 + 30))
+    assert merged_a == merged_b != out.getpixel((10, y2 + 10))  # a merged group shares one colour
 
 
 @pytest.mark.parametrize("kind, before, after", [("grid", 196, 49), ("1d", 32, 8)])

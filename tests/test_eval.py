@@ -20,7 +20,7 @@ from PIL import Image
 from vtc.evaluation import metrics as M
 from vtc.evaluation.cli import main as eval_main
 from vtc.evaluation.datasets import DatasetError, load_task
-from vtc.evaluation.runner import Generator
+from vtc.evaluation.generation import BatchAnswerer
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -287,7 +287,7 @@ def test_resume_after_crash_loses_nothing(tiny_vlm, tmp_path, monkeypatch, capsy
     fresh = tmp_path / "fresh"
     assert eval_main(args + ["--out", str(fresh)]) == 0
     calls = []
-    original = Generator.__call__
+    original = BatchAnswerer.__call__
 
     def crashing(self, images, prompts, max_new_tokens=None):
         calls.append(len(prompts))
@@ -295,7 +295,7 @@ def test_resume_after_crash_loses_nothing(tiny_vlm, tmp_path, monkeypatch, capsy
             raise RuntimeError("simulated crash")
         return original(self, images, prompts, max_new_tokens)
 
-    monkeypatch.setattr(Generator, "__call__", crashing)
+    monkeypatch.setattr(BatchAnswerer, "__call__", crashing)
     out = tmp_path / "out"
     with pytest.raises(RuntimeError, match="simulated crash"):
         eval_main(args + ["--out", str(out)])
@@ -303,19 +303,22 @@ def test_resume_after_crash_loses_nothing(tiny_vlm, tmp_path, monkeypatch, capsy
     with open(out / "predictions" / "baseline.jsonl", "a") as f:
         f.write('{"id": "1002", "predic')  # a torn write
     calls.clear()
-    monkeypatch.setattr(Generator, "__call__", lambda self, i, p, m=None: (calls.append(len(p)), original(self, i, p, m))[1])
+    monkeypatch.setattr(BatchAnswerer, "__call__", lambda self, i, p, m=None: (calls.append(len(p)), original(self, i, p, m))[1])
     assert eval_main(args + ["--out", str(out)]) == 0
     assert calls == [2, 2]  # only the two unfinished batches ran
     got, want = _predictions(out, "baseline"), _predictions(fresh, "baseline")
     assert {k: v["prediction"] for k, v in got.items()} == {k: v["prediction"] for k, v in want.items()}
     assert _results(out)["rows"][0]["score"] == _results(fresh)["rows"][0]["score"]
-    # a cache made with other settings is refused, naming the setting
-    assert eval_main(args + ["--max-new-tokens", "3", "--out", str(out)]) == 2
-    assert "different max_new_tokens (2, now 3)" in capsys.readouterr().err
+    # a cache made with other settings starts afresh, with a one-line notice naming the setting
+    capsys.readouterr()
+    calls.clear()
+    assert eval_main(args + ["--max-new-tokens", "3", "--out", str(out)]) == 0
+    assert "different max_new_tokens (2, now 3); starting afresh" in capsys.readouterr().err
+    assert calls == [2, 2, 2]
 
 
 def test_prediction_cache_roundtrip(tmp_path):
-    from vtc.evaluation.runner import EvalError, PredictionCache
+    from vtc.evaluation.cache import PredictionCache
 
     meta = {"task": "gqa", "model": "m", "config": {"stages": [{"method": "transprune", "layers": (7, 9, 12)}]},
             "max_new_tokens": 4, "prompt_suffix": "", "dtype": "float32"}
@@ -328,9 +331,11 @@ def test_prediction_cache_roundtrip(tmp_path):
     assert sorted(PredictionCache(path, meta).load()) == ["1", "2", "3"]  # main + rank files, tuples == lists
     PredictionCache(path, meta).merge()
     assert not list(path.parent.glob("*.rank*")) and sorted(PredictionCache(path, meta).load()) == ["1", "2", "3"]
-    with pytest.raises(EvalError, match="different dtype"):
-        PredictionCache(path, dict(meta, dtype="float16")).load()
-    PredictionCache(path, dict(meta, dtype="float16"), overwrite=True)
+    notices = []
+    PredictionCache(path, dict(meta, dtype="float16"), notice=notices.append)  # other settings: afresh
+    assert not path.exists() and "different dtype ('float32', now 'float16'); starting afresh" in notices[0]
+    PredictionCache(path, meta).append([{"id": "1", "prediction": "a"}])
+    PredictionCache(path, meta, overwrite=True)
     assert not path.exists()
 
 
@@ -344,7 +349,7 @@ def test_bad_input_clear_errors(tiny_vlm, tmp_path, capsys):
     assert eval_main(["--task", "gqa", "--model", str(llm), "--data", str(data)]) == 2
     assert "is not a vision-language model" in capsys.readouterr().err
     assert eval_main(["--task", "gqa", "--model", str(tmp_path / "nope"), "--data", str(data)]) == 2
-    assert "no such local folder" in capsys.readouterr().err
+    assert "not a local folder, not a bundled model (vtc-tiny-llava, vtc-tiny-1d)" in capsys.readouterr().err
     assert eval_main(["--task", "gqa", "--model", tiny_vlm, "--data", str(tmp_path / "missing")]) == 2
     assert "missing: data folder not found" in capsys.readouterr().err
     bad = _yaml(tmp_path / "bad.yaml", "stages:\n  - {method: fastv, layer: 9, budget: 0.5}\n")

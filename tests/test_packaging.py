@@ -167,6 +167,8 @@ def test_one_model_loader(monkeypatch):
 
     calls = []
     monkeypatch.setattr(vtc.demo, "load", lambda kind="grid", path=None, **kw: calls.append(str(path)) or ("m", "p"))
+    # names are resolved first (bundled names, folders, cached hub ids; anything else fails fast): let this one through
+    monkeypatch.setattr("vtc.model_names.resolve_model", lambda path, flag="--model": str(path))
     assert cli._load_model("some/vlm") == ("m", "p", "some/vlm")
     assert cli._load_model(None, "1d")[:2] == ("m", "p")
     assert calls == ["some/vlm", str(vtc.demo.ORDERED_MODEL_PATH)]

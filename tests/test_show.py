@@ -63,8 +63,12 @@ def test_merged_groups_share_one_colour_across_panels():
     img = Image.new("RGB", (40, 40), GREY)
     groups = [torch.tensor([0, 1, 2, 7]), torch.tensor([3, 7, 4, 5])]  # id 7 merges tokens of both units
     out = draw_kept(img, groups, [Grid(2, 2), Grid(2, 2)], size=40)
-    a, b, kept = out.getpixel((30, 30)), out.getpixel((44 + 30, 10)), out.getpixel((10, 10))
-    assert a == b and not _near(a, kept)
+    y = 14 + 40 + 6 + 14  # the second row (merged groups) under the kept row, each with a title line
+    a, b, kept = out.getpixel((30, y + 30)), out.getpixel((44 + 30, y + 10)), out.getpixel((10, y + 10))
+    assert a == b and not _near(a, kept) and _near(kept, GREY)
+    # first row: the kept tokens clear, the merged ones dimmed (not coloured), the same in both panels
+    dim, clear = out.getpixel((30, 14 + 30)), out.getpixel((10, 14 + 10))
+    assert dim == out.getpixel((44 + 30, 14 + 10)) and _near(clear, GREY) and max(dim) < 160 and len(set(dim)) == 1
 
 
 def test_video_frames_panel_per_frame_and_strip_for_sequences():
@@ -110,11 +114,12 @@ def test_llava_next_crops_in_place_and_llm_side():
     assert [int((g >= 0).sum()) for g in groups] == [7, 7, 7]
     image = Image.new("RGB", (30, 90), GREY)
     out = draw_kept(image, groups, [layout], size=120)
-    # crops panel: 12 x 6 cells of 10 px after the 120 px base panel; the padding columns are padding-grey
+    # crops panel: 12 x 6 cells of 10 px after the base panel (the 30 x 90 image at its aspect: 40 px wide); the
+    # padding columns are padding-grey
     tiled = torch.cat([groups[1].view(6, 6), groups[2].view(6, 6)])
     for r in range(12):
         for c in range(6):
-            px = out.getpixel((124 + c * 10 + 5, r * 10 + 5))
+            px = out.getpixel((44 + c * 10 + 5, r * 10 + 5))
             if tiled[r, c] < 0:
                 assert _dark(px)
             else:

@@ -28,6 +28,12 @@ def _load_model(path: str | None, kind: str = "grid"):
         if not (p / "model.safetensors").exists():
             return _untrained_demo_model(kind, p)
         path = str(p)
+    from .model_names import resolve_model
+
+    try:
+        path = resolve_model(path)  # a folder, a bundled name (vtc-tiny-llava, vtc-tiny-1d) or a cached hub id
+    except ValueError as err:
+        raise SystemExit(f"vtc: {err}") from None
     model, processor = demo.load(path=path)
     return model, processor, path
 
@@ -79,16 +85,12 @@ def _prompt(processor, text: str) -> str:
     return text if token in text or "<image>" in text else build_prompt(processor, text)
 
 
-def _run_pair(model, processor, image, prompt, config, out_png: str | None, stage: int | None = None):
-    """Answer uncompressed and compressed; returns a dict of results and writes the kept-token picture of image 0
-    after ``stage`` (index in run order; default: the final survivors)."""
+def _compressed(model, processor, image, inputs, config, stage: int | None = None) -> dict:
+    """Answer, prefill time, stats and the kept-token groups of image 0 with ``config`` attached (after ``stage``,
+    index in run order; default: the final survivors)."""
     import vtc
-    from vtc.viz import draw_kept, select_stages, token_groups
+    from vtc.viz import select_stages, token_groups
 
-    inputs = processor(images=image, text=prompt, return_tensors="pt")
-    base_answer = _answer(model, processor, inputs)
-    base_ms = _prefill_ms(model, inputs)
-    n_visual = int((inputs["input_ids"] == model.config.image_token_id).sum())
     with vtc.compress(model, config) as run:
         answer = _answer(model, processor, inputs)
         stats = run.stats
@@ -100,15 +102,81 @@ def _run_pair(model, processor, image, prompt, config, out_png: str | None, stag
             raise SystemExit(f"vtc: --stage: {err}") from None
         side = "vision" if any(s.side == "vision" for s in chosen) else "llm"
         layouts = run.adapter.picture_layouts(inputs, 0, side)
-    final = stats.stages[-1].tokens_out[0] if stats.stages else n_visual
-    result = {"answer_uncompressed": base_answer, "answer_compressed": answer, "visual_tokens_before": n_visual,
-              "visual_tokens_after": final, "prefill_ms_uncompressed": base_ms, "prefill_ms_compressed": ms,
-              "kv_cache_len": kv, "stats": stats}
+    n_visual = int((inputs["input_ids"] == model.config.image_token_id).sum())
+    groups = token_groups(stats, 0, num_tokens=[lay.num_tokens for lay in layouts], stage=stage)
+    return {"answer": answer, "ms": ms, "kv": kv, "stats": stats, "layouts": layouts, "groups": groups,
+            "tokens": stats.stages[-1].tokens_out[0] if stats.stages else n_visual,
+            "side": "vision" if any(s.side == "vision" for s in stats.stages) else "llm"}
+
+
+def _run_pair(model, processor, image, prompt, config, out_png: str | None, stage: int | None = None):
+    """Answer uncompressed and compressed; returns a dict of results and writes the kept-token picture of image 0
+    after ``stage`` (index in run order; default: the final survivors), at the image's aspect ratio."""
+    from vtc.viz import draw_kept, processor_view
+
+    inputs = processor(images=image, text=prompt, return_tensors="pt")
+    base_answer = _answer(model, processor, inputs)
+    base_ms = _prefill_ms(model, inputs)
+    n_visual = int((inputs["input_ids"] == model.config.image_token_id).sum())
+    c = _compressed(model, processor, image, inputs, config, stage)
+    result = {"answer_uncompressed": base_answer, "answer_compressed": c["answer"], "visual_tokens_before": n_visual,
+              "visual_tokens_after": c["tokens"], "prefill_ms_uncompressed": base_ms, "prefill_ms_compressed": c["ms"],
+              "kv_cache_len": c["kv"], "stats": c["stats"], "groups": c["groups"]}
     if out_png:
-        groups = token_groups(stats, 0, num_tokens=[lay.num_tokens for lay in layouts], stage=stage)
-        draw_kept(image, groups, layouts).save(out_png)
+        draw_kept(image, c["groups"], c["layouts"], view=processor_view(processor, image)).save(out_png)
         result["png"] = out_png
     return result
+
+
+#: the side-by-side picture of ``vtc demo``: a vision-side and an LLM-side method at the same 25% budget
+DEMO_PICTURE = {
+    "grid": [("VisionZip 25% (vision side)", {"name": "visionzip 49", "stages": [{"method": "visionzip", "budget": 49}]}),
+             ("FastV 25% at layer 2 (LLM side)", DEFAULT_DEMO_CONFIGS["grid"])],
+    "1d": [("prefix 8 of 32 latents", DEFAULT_DEMO_CONFIGS["1d"])],
+}
+#: the line under the demo picture when it has an LLM-side method
+LLM_SIDE_NOTE = ("LLM-side cells look arbitrary here: this 4-layer LM has moved what it needs from the image into "
+                 "the text tokens by layer 1, so from layer 2 on any cells can go (random pruning scores the same); "
+                 "on 7B models the choice matters.")
+
+
+def demo_picture(model, processor, image, prompt: str, panels: list[tuple[str, object]], size: int = 224):
+    """(picture, rows): the image uncompressed, then each (title, config) with its kept (outlined) and merged
+    (coloured) tokens, each captioned with its answer, visual tokens and prefill time; the LLM-side note under
+    them when a config prunes inside the LLM. ``rows``: per panel, title / answer / tokens / ms / side."""
+    import textwrap
+
+    from PIL import Image
+
+    from vtc.viz import caption_panel, draw_kept, processor_view
+
+    inputs = processor(images=image, text=prompt, return_tensors="pt")
+    n_visual = int((inputs["input_ids"] == model.config.image_token_id).sum())
+    rows = [{"title": "uncompressed", "answer": _answer(model, processor, inputs), "tokens": n_visual,
+             "ms": _prefill_ms(model, inputs), "side": None}]
+    pictures = [draw_kept(image, [], [], size=size)]
+    view = processor_view(processor, image)
+    for title, config in panels:
+        c = _compressed(model, processor, image, inputs, config)
+        rows.append({"title": title, "answer": c["answer"], "tokens": c["tokens"], "ms": c["ms"], "side": c["side"]})
+        pictures.append(draw_kept(image, c["groups"], c["layouts"], size=size, view=view, style="both"))
+    captioned = [caption_panel(p, [r["title"], f"answer: {r['answer']}",
+                                   f"{r['tokens']} of {n_visual} visual tokens", f"prefill {r['ms']:.1f} ms"])
+                 for p, r in zip(pictures, rows)]
+    W = sum(p.width for p in captioned) + 8 * (len(captioned) - 1)
+    note = textwrap.wrap(LLM_SIDE_NOTE, max(40, W // 6)) if any(r["side"] == "llm" for r in rows) else []
+    H = max(p.height for p in captioned)
+    canvas = Image.new("RGB", (W, H + 13 * len(note) + (6 if note else 0)), (255, 255, 255))
+    x = 0
+    for p in captioned:
+        canvas.paste(p, (x, 0))
+        x += p.width + 8
+    from PIL import ImageDraw
+
+    d = ImageDraw.Draw(canvas)
+    for i, line in enumerate(note):
+        d.text((2, H + 4 + 13 * i), line, fill=(90, 0, 0))
+    return canvas, rows
 
 
 def cmd_demo(args) -> int:
@@ -117,12 +185,13 @@ def cmd_demo(args) -> int:
     from .demo import task
 
     torch.manual_seed(0)
+    args.model = {"vtc-tiny-llava": "grid", "vtc-tiny-1d": "1d"}.get(args.model, args.model)
     model, processor, path = _load_model(None, args.model)
     config = args.config or DEFAULT_DEMO_CONFIGS[args.model]
     sample = task.get_sample("test", args.index)
     prompt = task.format_prompt(sample.question)
     t0 = time.perf_counter()
-    res = _run_pair(model, processor, sample.image, prompt, config, args.out)
+    res = _run_pair(model, processor, sample.image, prompt, config, None)
     import vtc
 
     cfg = vtc.load_config(config)
@@ -137,7 +206,13 @@ def cmd_demo(args) -> int:
     print(f"KV cache per layer after prefill (compressed): {res['kv_cache_len']}")
     print(res["stats"])
     if args.out:
-        print(f"kept tokens drawn to {args.out}")
+        panels = [(cfg.name or "your config", config)] if args.config else DEMO_PICTURE[args.model]
+        picture, rows = demo_picture(model, processor, sample.image, prompt, panels)
+        picture.save(args.out)
+        print(f"side by side in {args.out}: " + "; ".join(f"{r['title']}: {r['answer']} ({r['tokens']} tokens, "
+                                                        f"{r['ms']:.1f} ms)" for r in rows))
+        if any(r["side"] == "llm" for r in rows):
+            print(f"note: {LLM_SIDE_NOTE}")
     print(f"({time.perf_counter() - t0:.1f} s)")
     return 0
 
@@ -161,13 +236,17 @@ def cmd_generate(args) -> int:
 
 
 def cmd_show(args) -> int:
+    import torch
     from PIL import Image
 
     model, processor, _ = _load_model(args.model)
     image = Image.open(args.image).convert("RGB")
     res = _run_pair(model, processor, image, _prompt(processor, args.prompt), args.config, args.out, args.stage)
     which = "final survivors" if args.stage is None else f"after stage {args.stage}"
-    print(f"{res['visual_tokens_before']} -> {res['visual_tokens_after']} visual tokens; {which} drawn to {args.out}")
+    ids = torch.cat([g.flatten() for g in res["groups"]]) if res["groups"] else torch.zeros(0, dtype=torch.long)
+    merged = int((torch.unique(ids[ids >= 0], return_counts=True)[1] > 1).sum()) if ids.numel() else 0
+    print(f"{res['visual_tokens_before']} -> {res['visual_tokens_after']} visual tokens"
+          + (f" ({merged} of them merged groups)" if merged else "") + f"; {which} drawn to {args.out}")
     return 0
 
 
@@ -176,14 +255,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("demo", help="run the bundled tiny VLM uncompressed and compressed (offline)")
-    d.add_argument("--model", choices=["grid", "1d"], default="grid")
+    d.add_argument("--model", choices=["grid", "1d", "vtc-tiny-llava", "vtc-tiny-1d"], default="grid",
+                   help="bundled model: grid (= vtc-tiny-llava) or 1d (= vtc-tiny-1d)")
     d.add_argument("--config", default=None, help="config (YAML path or bundled name); default: a demo config")
     d.add_argument("--index", type=int, default=3, help="which test sample of the synthetic task to use")
-    d.add_argument("--out", default="vtc-demo-kept.png", help="PNG of the kept tokens")
+    d.add_argument("--out", default="vtc-demo-kept.png",
+                   help="PNG: the image, VisionZip's and FastV's kept tokens side by side (or your --config's)")
     d.set_defaults(func=cmd_demo)
 
     g = sub.add_parser("generate", help="answer a prompt about an image, optionally compressed")
-    g.add_argument("--model", required=True)
+    g.add_argument("--model", required=True, help="VLM folder, cached hub id, or vtc-tiny-llava / vtc-tiny-1d")
     g.add_argument("--image", required=True)
     g.add_argument("--prompt", required=True)
     g.add_argument("--config", default=None)
@@ -191,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=cmd_generate)
 
     s = sub.add_parser("show", help="draw the kept / merged tokens of a config over the image")
-    s.add_argument("--model", required=True)
+    s.add_argument("--model", required=True, help="VLM folder, cached hub id, or vtc-tiny-llava / vtc-tiny-1d")
     s.add_argument("--image", required=True)
     s.add_argument("--prompt", required=True)
     s.add_argument("--config", required=True)

@@ -3,6 +3,7 @@
 Examples::
 
     vtc eval --task synthetic --config configs/tiny/fastv-25.yaml --compare --plot
+    vtc eval --task custom --data my.jsonl --model vtc-tiny-llava --metric exact --compare --config ...
     vtc eval --model llava-hf/llava-1.5-7b-hf --task pope --data ~/data/pope --images ~/data/coco/val2014 \\
         --config llava-1.5/visionzip-64 --config llava-1.5/fastv-50 --compare --batch-size 16 --plot
     accelerate launch --multi_gpu --num_processes 4 -m vtc.evaluation.cli --model ... --task vqav2 ...
@@ -25,23 +26,33 @@ __all__ = ["main", "build_parser", "add_arguments"]
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The ``vtc eval`` flags (shared by ``vtc eval`` and ``python -m vtc.evaluation.cli``)."""
     from .datasets import TASKS
+    from .options import METRICS
 
     p.add_argument("--task", required=True, choices=sorted(TASKS), help="benchmark")
     p.add_argument("--model", default=None,
-                   help="VLM folder or hub id (default for --task synthetic: the bundled demo model)")
+                   help="VLM folder, cached hub id, or bundled model vtc-tiny-llava | vtc-tiny-1d "
+                        "(default for --task synthetic: vtc-tiny-llava)")
     p.add_argument("--config", action="append", default=[], metavar="CFG",
                    help="vtc config (YAML path or bundled name); repeat to evaluate several")
     p.add_argument("--compare", action="store_true", help="also evaluate the uncompressed model (the baseline)")
-    p.add_argument("--data", default=None, help="benchmark folder (or file) in its published layout")
+    p.add_argument("--data", default=None,
+                   help="benchmark folder (or file) in its published layout; --task custom: your .jsonl / .csv")
     p.add_argument("--questions", default=None, help="questions file, when not found in --data")
     p.add_argument("--annotations", default=None, help="VQAv2 annotations file, when not found in --data")
     p.add_argument("--images", default=None, help="image folder, when not found in --data")
     p.add_argument("--split", default="test", help="split of --task synthetic (train / val / test)")
-    p.add_argument("--limit", type=int, default=None, help="evaluate the first N questions only")
+    p.add_argument("--limit", type=int, default=None,
+                   help="evaluate a seeded random sample of N questions, stratified by category")
+    p.add_argument("--seed", type=int, default=0, help="seed of --limit's sample and of the bootstrap intervals")
+    p.add_argument("--metric", default=None, choices=METRICS,
+                   help="--task custom: exact (default; after the VQA normalisation) | vqa | contains | yesno")
+    p.add_argument("--blind", action="store_true",
+                   help="also evaluate the uncompressed model on blank images (what the text alone gives)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: the task's (16; POPE 8; synthetic 3)")
     p.add_argument("--prompt-suffix", default=None,
-                   help="text appended to each question (default: LLaVA-1.5's short-answer instruction)")
+                   help="text appended to each question (default: LLaVA-1.5's short-answer instruction; "
+                        "none for the bundled models)")
     p.add_argument("--out", default=None, help="output folder (default: vtc-eval/<task>)")
     p.add_argument("--plot", action="store_true", help="draw accuracy vs visual tokens (PNG)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
@@ -124,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
 
     opts = EvalOptions(task=args.task, model=args.model, configs=args.config, compare=args.compare, data=args.data,
                        questions=args.questions, annotations=args.annotations, images=args.images,
-                       split=args.split, limit=args.limit, batch_size=args.batch_size,
+                       split=args.split, limit=args.limit, seed=args.seed, metric=args.metric, blind=args.blind,
+                       batch_size=args.batch_size,
                        max_new_tokens=args.max_new_tokens, prompt_suffix=args.prompt_suffix, out=args.out,
                        plot=args.plot, device=args.device, dtype=args.dtype, attn=args.attn,
                        overwrite=args.overwrite, progress=not args.no_progress)

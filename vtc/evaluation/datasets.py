@@ -21,19 +21,22 @@ pope       ``coco_pope_{random,popular,adversarial}.json`` (one JSON object per 
            field or the file name's last ``_`` part. Images (COCO val2014 file names) in ``val2014/``,
            ``images/`` or ``data``.
 synthetic  nothing: ``vtc.demo.task.get_samples(split, n)`` (shapes-VQA, one-word answers).
+custom     your own ``.jsonl`` / ``.csv``: ``image`` (relative to the file or ``--images``), ``question``,
+           ``answer`` or ``answers``, optional ``id`` and ``category`` (:func:`read_custom`).
 =========  =====================================================================================================
 """
 
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-__all__ = ["EvalSample", "DatasetError", "TASKS", "load_task", "read_vqav2", "read_textvqa", "read_gqa",
-           "read_pope", "read_synthetic"]
+__all__ = ["EvalSample", "DatasetError", "TASKS", "CUSTOM_METRICS", "load_task", "sample_limit", "read_vqav2",
+           "read_textvqa", "read_gqa", "read_pope", "read_synthetic", "read_custom"]
 
 
 class DatasetError(ValueError):
@@ -137,12 +140,31 @@ def _image_dir(data: Path | None, images: str | Path | None, candidates: Iterabl
     return base
 
 
-def _check_images(samples: list[EvalSample], task: str) -> None:
-    missing = [s for s in samples if isinstance(s.image, Path) and not s.image.is_file()]
-    if missing:
-        few = ", ".join(str(s.image) for s in missing[:3])
-        raise DatasetError(f"{task}: {len(missing)} of {len(samples)} images not found (e.g. {few}); "
-                           "point --images at the image folder")
+_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+def _check_images(samples: list[EvalSample], task: str, pattern: str = "") -> None:
+    """Raise DatasetError when images are missing, saying which names were expected where and whether the folder
+    (no images there) or the name pattern (images there, named otherwise) is wrong."""
+    missing = list(dict.fromkeys(s.image for s in samples if isinstance(s.image, Path) and not s.image.is_file()))
+    if not missing:
+        return
+    n_img = len({s.image for s in samples if isinstance(s.image, Path)})
+    folders = list(dict.fromkeys(p.parent for p in missing))
+    few = ", ".join(p.name for p in missing[:3])
+    msg = (f"{task}: {len(missing)} of {n_img} images not found: looked for {few}{' ...' if len(missing) > 3 else ''}"
+           f" in {', '.join(map(str, folders[:2]))}")
+    if pattern:
+        msg += f" (names {pattern})"
+    present = [p for f in folders[:1] if f.is_dir() for p in sorted(f.iterdir())[:2000]
+               if p.suffix.lower() in _IMAGE_SUFFIXES]
+    if present:
+        msg += (f"; that folder holds {len(present)}{'+' if len(present) == 2000 else ''} other images (e.g. "
+                f"{', '.join(p.name for p in present[:2])}): the file names, not the folder, do not match; rename "
+                "them, or list your files with --task custom")
+    else:
+        msg += "; no images there: point --images at the image folder"
+    raise DatasetError(msg)
 
 
 # ---- VQAv2 --------------------------------------------------------------------------------------------------------
@@ -310,55 +332,112 @@ def read_synthetic(data: str | Path | None = None, *, split: str = "test", limit
                        category=s.qtype) for i, s in enumerate(task.get_samples(split, n))]
 
 
+def read_custom(data: str | Path | None = None, **files: Any) -> list[EvalSample]:
+    """Your own data (``--task custom``): see :func:`vtc.evaluation.custom.read_custom`."""
+    from .custom import read_custom as read
+
+    return read(data, **files)
+
+
 @dataclass(frozen=True)
 class TaskSpec:
     """How a benchmark is read, prompted and scored."""
 
     name: str
     reader: Callable[..., list[EvalSample]]
-    metric: str  # vqav2 | textvqa | exact_match | pope | first_word
+    metric: str  # vqav2 | textvqa | exact_match | pope | first_word | (custom:) exact | vqa | contains | yesno
     prompt_suffix: str
     max_new_tokens: int
     description: str
+    image_pattern: str = ""  # how image file names are made, for the missing-image message
 
 
 #: the LLaVA-1.5 evaluation prompt for short answers
 SHORT_ANSWER = "\nAnswer the question using a single word or phrase."
 
 TASKS: dict[str, TaskSpec] = {
-    "vqav2": TaskSpec("vqav2", read_vqav2, "vqav2", SHORT_ANSWER, 16, "VQAv2 (VQA accuracy)"),
-    "textvqa": TaskSpec("textvqa", read_textvqa, "textvqa", SHORT_ANSWER, 16, "TextVQA (VQA accuracy)"),
-    "gqa": TaskSpec("gqa", read_gqa, "exact_match", SHORT_ANSWER, 16, "GQA balanced testdev (exact match)"),
-    "pope": TaskSpec("pope", read_pope, "pope", SHORT_ANSWER, 8, "POPE (F1, accuracy, precision, recall)"),
+    "vqav2": TaskSpec("vqav2", read_vqav2, "vqav2", SHORT_ANSWER, 16, "VQAv2 (VQA accuracy)",
+                      "COCO_<data_subtype>_<image_id:012d>.jpg, or <image_id:012d>.jpg"),
+    "textvqa": TaskSpec("textvqa", read_textvqa, "textvqa", SHORT_ANSWER, 16, "TextVQA (VQA accuracy)",
+                        "<image_id>.jpg"),
+    "gqa": TaskSpec("gqa", read_gqa, "exact_match", SHORT_ANSWER, 16, "GQA balanced testdev (exact match)",
+                    "<imageId>.jpg"),
+    "pope": TaskSpec("pope", read_pope, "pope", SHORT_ANSWER, 8, "POPE (F1, accuracy, precision, recall)",
+                     "the 'image' field of each line"),
     "synthetic": TaskSpec("synthetic", read_synthetic, "first_word", "", 3,
                           "the project's shapes-VQA task for the bundled tiny model (exact match)"),
+    "custom": TaskSpec("custom", read_custom, "exact", SHORT_ANSWER, 16, "your data",
+                       "the 'image' field of each row, relative to the file or --images"),
 }
 
+#: ``--metric`` values of ``--task custom``
+CUSTOM_METRICS = ("exact", "vqa", "contains", "yesno")
+_CUSTOM_NAMES = {"exact": "exact match", "vqa": "VQA accuracy", "contains": "answer contains a reference",
+                 "yesno": "yes/no accuracy"}
 
-def load_task(name: str, data: str | Path | None = None, *, limit: int | None = None, **files: Any
-              ) -> tuple[TaskSpec, list[EvalSample]]:
+
+def sample_limit(samples: list[EvalSample], limit: int, seed: int = 0) -> list[EvalSample]:
+    """A seeded random sample of ``limit`` questions, stratified by category (each category in proportion to
+    its share, by largest remainders), returned in file order. Nested: the sample for ``limit`` is contained in
+    the sample for any larger ``limit`` with the same seed, so their predictions are shared by the cache."""
+    if limit >= len(samples):
+        return list(samples)
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    cats: dict[str, list[int]] = {}
+    for i, s in enumerate(samples):
+        cats.setdefault(s.category, []).append(i)
+    # each question's position in a seeded order of its category, scaled to [0, 1): taking the lowest keys
+    # takes every category in proportion to its size, and a prefix of this order is a prefix of a longer one
+    keys = np.empty(len(samples))
+    for ix in cats.values():
+        ranks = rng.permutation(len(ix))
+        keys[ix] = (ranks + rng.random(len(ix))) / len(ix)
+    chosen = np.sort(np.argsort(keys, kind="stable")[:limit])
+    return [samples[i] for i in chosen]
+
+
+def load_task(name: str, data: str | Path | None = None, *, limit: int | None = None, seed: int = 0,
+              metric: str | None = None, **files: Any) -> tuple[TaskSpec, list[EvalSample]]:
     """(spec, samples) of task ``name``; ``files``: questions / annotations / images / split overrides.
 
-    ``limit`` keeps the first ``limit`` samples (in file order). Raises :class:`DatasetError` on an unknown
-    task, a missing / malformed file, missing images or an empty dataset.
+    ``limit`` keeps a seeded (``seed``) random sample of ``limit`` questions, stratified by category
+    (:func:`sample_limit`; the synthetic task draws ``limit`` fresh random questions). ``metric`` (``--task custom``
+    only): exact | vqa | contains | yesno. Raises :class:`DatasetError` on an unknown task, a missing / malformed
+    file, missing images or an empty dataset.
     """
     spec = TASKS.get(name)
     if spec is None:
         raise DatasetError(f"unknown task {name!r} (available: {', '.join(TASKS)})")
+    if metric is not None:
+        if name != "custom":
+            raise DatasetError(f"--metric is for --task custom; {name} is scored by its benchmark's metric")
+        if metric not in CUSTOM_METRICS:
+            raise DatasetError(f"--metric {metric!r} is not one of {', '.join(CUSTOM_METRICS)}")
+        spec = replace(spec, metric=metric)
+    if name == "custom":
+        spec = replace(spec, description=f"{data or files.get('questions')} ({_CUSTOM_NAMES[spec.metric]})")
+    if limit is not None and limit < 1:
+        raise DatasetError(f"--limit must be >= 1, got {limit}")
     files = {k: v for k, v in files.items() if v is not None}
     if name == "synthetic":
         samples = spec.reader(data, limit=limit, **files)
     else:
         samples = spec.reader(data, **files)
-    if limit is not None:
-        if limit < 1:
-            raise DatasetError(f"--limit must be >= 1, got {limit}")
-        samples = samples[:limit]
     if not samples:
         where = data if data is not None else files.get("questions", "")
         raise DatasetError(f"{name}: the dataset {where} has no questions")
     ids = [s.id for s in samples]
     if len(set(ids)) != len(ids):
-        raise DatasetError(f"{name}: question ids are not unique in {data}")
-    _check_images(samples, name)
+        dup = next(i for i, c in Counter(ids).items() if c > 1)
+        raise DatasetError(f"{name}: question ids are not unique in {data} (e.g. {dup!r})")
+    if limit is not None:
+        samples = sample_limit(samples, limit, seed)
+    if spec.metric == "yesno":
+        bad = next((s for s in samples if s.answers is not None and s.answers[0].strip().lower() not in ("yes", "no")),
+                   None)
+        if bad is not None:
+            raise DatasetError(f"--metric yesno: question {bad.id} has answer {bad.answers[0]!r}; allowed: yes, no")
+    _check_images(samples, name, spec.image_pattern)
     return spec, samples

@@ -1,7 +1,8 @@
 """Benchmark metrics: VQA accuracy (VQAv2, TextVQA), GQA exact match, POPE yes/no metrics (pure Python).
 
 VQA accuracy (Antol et al. 2015; Goyal et al. 2017): a prediction scores ``min(1, #humans who gave it / 3)``,
-averaged over the 10 leave-one-annotator-out subsets of the 10 human answers (10 choose 9). Normalisation
+averaged over the 10 leave-one-annotator-out subsets of the 10 human answers (10 choose 9); with fewer than 10
+references (a converted third-party set) :func:`vqa_few` scores ``min(1, matches / min(3, n))``. Normalisation
 follows the two reference evaluators exactly, because reported numbers depend on them:
 
 - :func:`normalize_answer` is the EvalAI answer processor that LLaVA-style pipelines apply to every generated
@@ -33,8 +34,12 @@ from collections.abc import Sequence
 __all__ = [
     "normalize_answer",
     "vqa_leave_one_out",
+    "vqa_few",
     "vqav2_accuracy",
     "textvqa_accuracy",
+    "exact_any",
+    "contains_any",
+    "yes_no_unclear",
     "gqa_normalize",
     "exact_match",
     "pope_yes_no",
@@ -125,18 +130,54 @@ def vqa_leave_one_out(prediction: str, answers: Sequence[str]) -> float:
     return total / len(answers)
 
 
+#: the number of human answers per question the VQA evaluators are written for
+VQA_ANSWERS = 10
+
+
+def vqa_few(prediction: str, answers: Sequence[str]) -> float:
+    """VQA accuracy with fewer than 10 references: ``min(1, matches / min(3, n))``.
+
+    The leave-one-out average assumes 10 answers (with one reference every subset is empty and everything
+    scores 0). With ``n < 10`` vtc applies the definition the average smooths, "full credit when 3 humans gave
+    the answer", with the threshold capped at ``n``: one reference is exact match, two give 0.5 per match.
+    """
+    if not answers:
+        raise ValueError("VQA accuracy needs at least one human answer")
+    hits = sum(a == prediction for a in answers)
+    return min(1.0, hits / min(3, len(answers)))
+
+
+def _vqa(prediction: str, answers: Sequence[str]) -> float:
+    return vqa_leave_one_out(prediction, answers) if len(answers) >= VQA_ANSWERS else vqa_few(prediction, answers)
+
+
 def vqav2_accuracy(prediction: str, answers: Sequence[str]) -> float:
-    """Official VQAv2 accuracy in [0, 1] of one generated answer against the human answers (usually 10)."""
+    """Official VQAv2 accuracy in [0, 1] of one generated answer against the human answers (10; with fewer,
+    :func:`vqa_few`)."""
     pred = _official_prediction(normalize_answer(prediction))
     gts = [a.replace("\n", " ").replace("\t", " ").strip() for a in answers]
     if len(set(gts)) > 1:
         gts = [_punctuation(a, _OFFICIAL_PUNCT, _OFFICIAL_COMMA) for a in gts]
-    return vqa_leave_one_out(pred, gts)
+    return _vqa(pred, gts)
 
 
 def textvqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
-    """TextVQA accuracy in [0, 1]: prediction and human answers through :func:`normalize_answer`."""
-    return vqa_leave_one_out(normalize_answer(prediction), [normalize_answer(a) for a in answers])
+    """TextVQA accuracy in [0, 1]: prediction and human answers through :func:`normalize_answer` (10 answers;
+    with fewer, :func:`vqa_few`)."""
+    return _vqa(normalize_answer(prediction), [normalize_answer(a) for a in answers])
+
+
+def exact_any(prediction: str, answers: Sequence[str]) -> float:
+    """1.0 if the prediction equals any reference after :func:`normalize_answer` (``--metric exact``)."""
+    pred = normalize_answer(prediction)
+    return float(any(pred == normalize_answer(a) for a in answers))
+
+
+def contains_any(prediction: str, answers: Sequence[str]) -> float:
+    """1.0 if a reference appears in the prediction as whole words after :func:`normalize_answer`
+    (``--metric contains``: "the car is red" contains "red", not "re")."""
+    pred = f" {normalize_answer(prediction)} "
+    return float(any(f" {normalize_answer(a)} " in pred for a in answers if normalize_answer(a)))
 
 
 def gqa_normalize(text: str) -> str:
@@ -154,6 +195,14 @@ def pope_yes_no(text: str) -> str:
     first = text.split(".")[0] if "." in text else text
     words = first.replace(",", "").split(" ")
     return "no" if ("No" in words or "no" in words or "not" in words) else "yes"
+
+
+def yes_no_unclear(text: str) -> bool:
+    """True when the first sentence has none of the words yes / no / not (any case): :func:`pope_yes_no` counts
+    such an answer as "yes" (the published rule), so many of them inflate the yes-ratio and recall."""
+    first = text.split(".")[0] if "." in text else text
+    words = {w.lower() for w in re.findall(r"[A-Za-z]+", first)}
+    return not words & {"yes", "no", "not"}
 
 
 def pope_metrics(predictions: Sequence[str], labels: Sequence[str]) -> dict[str, float | int]:

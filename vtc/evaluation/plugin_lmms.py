@@ -164,7 +164,7 @@ if _LMMSBase is not None:
 
         # ---- lmms API ----------------------------------------------------------------------------------------
         def generate_until(self, requests) -> list[str]:
-            from .runner import Generator
+            from .generation import BatchAnswerer
 
             results: list[str | None] = [None] * len(requests)
             groups: dict[str, list[int]] = defaultdict(list)
@@ -185,7 +185,7 @@ if _LMMSBase is not None:
                     if (gk.get("temperature") or 0) > 0:
                         log.warning("vtc lmms-eval model: temperature > 0 requested; generating greedily")
                     max_new = int(gk.get("max_new_tokens") or self.max_new_tokens)
-                    with Generator(self._model, self._processor, self._run, max_new_tokens=max_new,
+                    with BatchAnswerer(self._model, self._processor, self._run, max_new_tokens=max_new,
                                    stop=until) as gen:
                         for b in range(0, len(idx), self.batch_size):
                             chunk = idx[b:b + self.batch_size]
