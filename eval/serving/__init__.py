@@ -1,0 +1,1 @@
+"""vtc inside vLLM: environment script, tiny checkpoints and the serving benchmark (see BENCHMARKS.md)."""
