@@ -225,9 +225,10 @@ def test_bad_input_against_tokens():
         vtc.reduce_embeddings(feats, vtc.Grid(3, 3), zip_cfg(dominant=11, contextual=0), extras=ex)
     out, _ = vtc.reduce_embeddings(feats, vtc.Grid(3, 3), zip_cfg(dominant=7, contextual=3), extras=ex)
     assert out.shape == (1, 10, 16)
-    with pytest.warns(UserWarning, match="budget=64 is more than the 10 tokens"):  # bare budgets clamp (library rule)
+    # bare budgets clamp (library rule) to the fed tokens: the output never outgrows the prompt's placeholders
+    with pytest.warns(UserWarning, match="budget=64 is more than the 9 tokens"):
         out, _ = vtc.reduce_embeddings(feats, vtc.Grid(3, 3), zip_cfg(budget=64), extras=ex)
-    assert out.shape == (1, 10, 16)
+    assert out.shape == (1, 9, 16)
     with pytest.raises(ConfigError, match="cls_token"):
         vtc.reduce_embeddings(feats, vtc.Grid(3, 3), zip_cfg(budget=4),
                               extras={"cls_attention": ex["cls_attention"], "keys": ex["keys"]})
@@ -295,7 +296,10 @@ def test_bundled_configs_load():
     for name, total in [("llava-1.5/visionzip-64", (54, 10)), ("llava-1.5/visionzip-128", (108, 20)),
                         ("llava-1.5/visionzip-192", (162, 30))]:
         (stage,) = vtc.load_config(name).stages
-        assert (stage.dominant, stage.contextual) == total
+        assert stage.counts(576, 577) == total  # LLaVA-1.5: 576 patches fed, CLS added
+        # the same config on a smaller image is clamped (with a warning), not refused
+        with pytest.warns(UserWarning, match="more than the 36 tokens"):
+            assert sum(stage.counts(36, 37)) == 36  # never more than the 36 placeholders of the prompt
     for name, per_crop in [("llava-next/visionzip-160", (27, 5)), ("llava-next/visionzip-320", (54, 10)),
                            ("llava-next/visionzip-640", (108, 20))]:
         (stage,) = vtc.load_config(name).stages
@@ -306,3 +310,16 @@ def test_bundled_configs_load():
         assert stage.budget == frac
     cfg = vtc.load_config("llava-1.5/visionzip-192+fastv")
     assert [s.method for s in cfg.stages] == ["visionzip", "fastv"]
+
+
+def test_bundled_config_on_a_smaller_model_clamps_to_the_placeholders(llava):
+    """llava-1.5/visionzip-64 on a 36-patch tower: the bare budget clamps to the 36 fed tokens (with a warning), so
+    the reduced prompt fits its placeholders (it used to clamp to CLS + 36 = 37 and fail in the prompt rebuild)."""
+    from tiny_models import llava_inputs
+
+    inputs = llava_inputs(llava, batch=2, seed=1)
+    with torch.no_grad(), pytest.warns(UserWarning, match="more than the 36 tokens"):
+        with vtc.compress(llava, "llava-1.5/visionzip-64") as run:
+            out = llava(**inputs)
+    assert run.stats.stages[0].tokens_out == [36, 36]
+    assert torch.isfinite(out.logits).all()

@@ -227,8 +227,8 @@ class VisionZip(Method):
                 k = resolve_budget(self.budget, n_fed)
             elif d is not None or c is not None:
                 k = self.budget
-            else:
-                k = resolve_budget(self.budget, available)
+            else:  # clamped to the fed tokens, so the output never outgrows the prompt's placeholders
+                k = resolve_budget(self.budget, n_fed)
             if d is not None:
                 c = k - d
             elif c is not None:
