@@ -136,7 +136,7 @@ _QWEN2_7B = dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, n
 _QWEN_TOP = dict(image_token_id=151655, video_token_id=151656, vision_start_token_id=151652,
                  vision_end_token_id=151653)
 
-#: the tiny shapes of tests/models*.py (for the benchmark's own tests)
+#: the tiny shapes of tests/tiny_models*.py (for the benchmark's own tests)
 _TINY_CLIP = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=48,
                   patch_size=8, projection_dim=32)
 _TINY_LLAMA = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,

@@ -8,7 +8,7 @@ import warnings
 
 import pytest
 import torch
-from models import IMAGE_TOKEN, direct_feed, llava_inputs, tiny_llava
+from tiny_models import IMAGE_TOKEN, direct_feed, llava_inputs, tiny_llava
 
 import vtc
 from vtc.reduction import Reduction, resolve_budget, topk_per_group

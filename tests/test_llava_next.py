@@ -6,8 +6,8 @@ import functools
 
 import pytest
 import torch
-from models import IMAGE_TOKEN
-from models_next import MATRIX_SIZES, next_inputs, num_crops, num_image_tokens, tiny_llava_next
+from tiny_models import IMAGE_TOKEN
+from tiny_models_next import MATRIX_SIZES, next_inputs, num_crops, num_image_tokens, tiny_llava_next
 
 import vtc
 from vtc.layout import Grid, Sequence

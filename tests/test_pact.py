@@ -9,7 +9,7 @@ from typing import ClassVar, Literal
 
 import pytest
 import torch
-from models import IMAGE_TOKEN, llava_inputs, tiny_llava
+from tiny_models import IMAGE_TOKEN, llava_inputs, tiny_llava
 
 import vtc
 from vtc.methods import LLMContext, Method, get_method_class
@@ -754,8 +754,8 @@ def test_qwen2_vl_video_batch_and_decode(scope):
     """Qwen2-VL video (M-RoPE, frames numbered as separate units): a padded batch of 3 equals each sample alone,
     ``scope`` decides whether clusters may span frames, and cached decoding with proportional attention equals
     recomputing every step without a cache over the same kept / merged tokens."""
-    from models_qwen import qwen_video_inputs, split_row, tiny_qwen2_vl
     from replay import replay_config
+    from tiny_models_qwen import qwen_video_inputs, split_row, tiny_qwen2_vl
 
     from vtc.models import get_adapter
 

@@ -203,7 +203,7 @@ def test_bad_input_against_layout():
 
 
 def test_llava_runtime_pools_before_projector():
-    from models import llava_inputs, tiny_llava
+    from tiny_models import llava_inputs, tiny_llava
 
     from vtc.models import get_adapter
 

@@ -9,7 +9,7 @@ import functools
 
 import pytest
 import torch
-from models_qwen import (
+from tiny_models_qwen import (
     IMAGE,
     MERGE,
     SUPPRESS,

@@ -89,13 +89,13 @@ def test_bad_groups_are_errors():
 # ---- the families' picture layouts against real runs ---------------------------------------------------------------
 @functools.cache
 def _next_model():
-    from models_next import tiny_llava_next
+    from tiny_models_next import tiny_llava_next
 
     return tiny_llava_next("sdpa")
 
 
 def test_llava_next_crops_in_place_and_llm_side():
-    from models_next import next_inputs
+    from tiny_models_next import next_inputs
 
     m = _next_model()
     inputs = next_inputs(m, sizes=[(90, 30)])  # (H, W): 2 x 1 crops, padded left and right
@@ -130,7 +130,7 @@ def test_llava_next_crops_in_place_and_llm_side():
 
 @pytest.mark.parametrize("kind", ["image", "video"])
 def test_qwen2_vl_merged_grid_geometry(kind):
-    from models_qwen import build_inputs, tiny_qwen2_vl
+    from tiny_models_qwen import build_inputs, tiny_qwen2_vl
 
     m = tiny_qwen2_vl()
     grid = (1, 8, 12) if kind == "image" else (2, 8, 12)  # patches; 2x2 merge -> 4 x 6 tokens (per frame)

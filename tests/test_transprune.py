@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from models import IMAGE_TOKEN, llava_inputs, tiny_llava
 from replay import replay_config
+from tiny_models import IMAGE_TOKEN, llava_inputs, tiny_llava
 
 import vtc
 from vtc.methods import transprune as tp

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from models import llava_inputs, tiny_llava
+from tiny_models import llava_inputs, tiny_llava
 
 import vtc
 from vtc.layout import Grid, Sequence

@@ -82,7 +82,7 @@ def test_scores_equal_eager_attention(kind, feature_layer):
 
 def test_llava_adapter_extras_match_eager():
     """End to end through the LLaVA adapter: the extras of an sdpa model equal the eager model's attention."""
-    from models import llava_inputs, tiny_llava
+    from tiny_models import llava_inputs, tiny_llava
 
     from vtc.models import get_adapter
 

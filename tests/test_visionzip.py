@@ -251,14 +251,14 @@ def test_unbatched_standalone():
 # ---- through a model ------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def llava():
-    from models import tiny_llava
+    from tiny_models import tiny_llava
 
     return tiny_llava("sdpa")
 
 
 def test_llava_runtime_equals_standalone(llava):
     """vtc.compress on LLaVA-1.5 == reducing the tower's own features with the same extras, fed directly."""
-    from models import direct_feed, llava_inputs
+    from tiny_models import direct_feed, llava_inputs
 
     from vtc.models import get_adapter
 
@@ -281,7 +281,7 @@ def test_llava_runtime_equals_standalone(llava):
 
 
 def test_llava_visionzip_then_fastv(llava):
-    from models import llava_inputs
+    from tiny_models import llava_inputs
 
     inputs = llava_inputs(llava, batch=2, seed=4)
     cfg = {"stages": [{"method": "visionzip", "budget": 16}, {"method": "fastv", "layer": 2, "budget": 0.5}]}

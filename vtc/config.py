@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -142,9 +143,9 @@ def load_config(config: str | os.PathLike | dict | Config | list) -> Config:
         path = Path(config)
         if not path.exists():
             # maybe a bundled config name like "llava-1.5/fastv-50"
-            bundled = Path(__file__).resolve().parent.parent / "configs" / f"{config}"
-            for cand in (bundled, bundled.with_suffix(".yaml")):
-                if cand.exists():
+            bundled = resources.files("vtc") / "configs"
+            for cand in (bundled / str(config), bundled / f"{config}.yaml"):
+                if cand.is_file():
                     path = cand
                     break
             else:

@@ -1,7 +1,7 @@
 """LLaVA-1.5 family and the baseline methods (random, downsample, prefix, fastv)."""
 
 from matrix import Family, MethodCase
-from models import llava_inputs, tiny_llava
+from tiny_models import llava_inputs, tiny_llava
 
 FAMILIES = [
     Family("llava", build=lambda attn: tiny_llava(attn), inputs=lambda m, b, s: llava_inputs(m, batch=b, seed=s),

@@ -2,7 +2,7 @@
 without unpadding, left-padded. Every case of every other file runs on it; budgets count tokens per crop."""
 
 from matrix import Family
-from models_next import next_inputs, tiny_llava_next
+from tiny_models_next import next_inputs, tiny_llava_next
 
 FAMILIES = [
     Family("llava_next", build=lambda attn: tiny_llava_next(attn),

@@ -5,7 +5,7 @@ every other file runs on units of different sizes. Video is covered in tests/tes
 """
 
 from matrix import Family
-from models_qwen import qwen_inputs, split_row, tiny_qwen2_5_vl, tiny_qwen2_vl
+from tiny_models_qwen import qwen_inputs, split_row, tiny_qwen2_5_vl, tiny_qwen2_vl
 
 FAMILIES = [
     Family("qwen2_vl", build=lambda attn: tiny_qwen2_vl(attn), inputs=lambda m, b, s: qwen_inputs(m, batch=b, seed=s),

@@ -8,7 +8,7 @@ formula (``LlavaNextProcessor._get_number_of_features``), re-implemented here in
 from __future__ import annotations
 
 import torch
-from models import IMAGE_TOKEN, PAD, VOCAB, left_pad
+from tiny_models import IMAGE_TOKEN, PAD, VOCAB, left_pad
 
 CROP = 48
 PATCH = 8
