@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from .base import Budget, LLMContext, Method, VisionContext, VisionExtras
+from .base import Budget, LLMContext, Method, PromptText, VisionContext, VisionExtras
 
 __all__ = [
     "Budget",
     "LLMContext",
     "Method",
+    "PromptText",
     "VisionContext",
     "VisionExtras",
     "register_method",

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import ConfigError
-from ..methods.base import Method, VisionContext, VisionExtras
+from ..methods.base import Method, PromptText, VisionContext, VisionExtras
 from ..models.base import ImageFeatures, ModelAdapter, TokenMap
 
 __all__ = ["VisionRuntime", "RebuiltPrompt", "rebuild_prompt"]
@@ -103,14 +103,32 @@ class VisionRuntime:
         self.needs: set[str] = set()
         for _, m in stages:
             self.needs |= set(getattr(m, "needs", ()))
+        #: the user's instruction (``run.set_instruction``): one string, or one per batch row
+        self.instruction: str | list[str] | None = None
+
+    def prompt_text(self, kwargs: dict) -> PromptText:
+        """The prompt facts a text-reading method needs (the original input_ids and which row each image is in)."""
+        ids = kwargs["input_ids"]
+        mask = kwargs.get("attention_mask")
+        mask = torch.ones_like(ids) if mask is None else mask
+        tm = self.adapter.token_map(ids, kwargs)
+        vis = tm.is_visual & mask.bool()
+        n_img = int(tm.image_id.max()) + 1 if bool(vis.any()) else 0
+        rows = torch.arange(ids.shape[0], device=ids.device)[:, None].expand_as(ids)
+        image_row = torch.zeros(n_img, dtype=torch.long, device=ids.device).scatter_(0, tm.image_id[vis], rows[vis])
+        return PromptText(ids, mask, vis, image_row, self.instruction,
+                          getattr(self.adapter.model, "name_or_path", None) or None)
 
     def reduce_images(self, kwargs: dict) -> list[ImageFeatures]:
         groups = self.adapter.encode_images(kwargs, self.needs)
+        prompt = self.prompt_text(kwargs) if "prompt" in self.needs else None
         outputs = []
         for group in groups:
             feats = group.features
             layout = group.layout
             extras = group.extras
+            if "tower_features" not in extras.other:  # the features before the projector (e.g. CDPruner's CLIP space)
+                extras.other["tower_features"] = lambda f=group.features: f
             projected = False
             generator = torch.Generator(device=feats.device).manual_seed(self.seed)
             reductions = []
@@ -121,7 +139,8 @@ class VisionRuntime:
                 m.check_layout(layout)
                 ctx = VisionContext(features=feats, layout=layout, extras=extras, generator=generator,
                                     space="llm" if projected else "vision", seed=self.seed,
-                                    unit_image=torch.as_tensor(group.unit_image, device=feats.device))
+                                    unit_image=torch.as_tensor(group.unit_image, device=feats.device),
+                                    prompt=prompt)
                 n_in = feats.shape[1]
                 t0 = time.perf_counter()
                 red = m.reduce_vision(ctx)
