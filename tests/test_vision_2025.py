@@ -185,3 +185,121 @@ def test_vision_context_without_extras_names_the_method():
 
     with pytest.raises(vtc.ConfigError, match="vispruner needs"):
         VisPruner(method="vispruner", budget=2).reduce_vision(ctx)
+
+
+# ---- CDPruner -------------------------------------------------------------------------------------------------------
+def official_cdpruner(F: torch.Tensor, Z: torch.Tensor, T_emb: torch.Tensor, T: int) -> torch.Tensor:
+    """CDPruner's official rule on the B crops of one image: F (B, N, D) projected tokens, Z (B, N, E) CLIP patch
+    embeddings, T_emb (M, E) instruction embeddings -> (B, N) keep mask (T per crop)."""
+    B, N, _ = F.shape
+    Fn = (F / F.norm(dim=-1, keepdim=True)).float()
+    sim = Fn @ Fn.transpose(1, 2)
+    Zn = Z / Z.norm(dim=-1, keepdim=True)
+    Tn = T_emb / T_emb.norm(dim=-1, keepdim=True)
+    rel = (-(Zn @ Tn.T)).mean(-1)
+    rel = (rel - rel.min() + 1e-6) / (rel.max() - rel.min())  # global over the crops
+    kernel = rel[:, :, None] * sim * rel[:, None, :]
+    cis = torch.zeros(T, B, N)
+    d2 = torch.diagonal(kernel, dim1=1, dim2=2).clone()
+    sel = torch.empty(T, B, dtype=torch.long)
+    ar = torch.arange(B)
+    for i in range(T):
+        j = torch.argmax(d2, dim=-1)
+        sel[i] = j
+        e = (kernel[ar, j] - torch.einsum("tb,tbn->bn", cis[:i, ar, j], cis[:i])) / torch.sqrt(d2[ar, j])[:, None]
+        cis[i] = e
+        d2 -= e ** 2
+        d2[ar, j] = -float("inf")
+    mask = torch.zeros(B, N, dtype=torch.bool)
+    mask.scatter_(1, sel.t(), True)
+    return mask
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_cdpruner_matches_official(seed):
+    from vtc.methods.cdpruner import cdpruner_select, conditional_relevance
+
+    g = torch.Generator().manual_seed(seed)
+    F, Z, T_emb = torch.randn(3, 40, 24, generator=g), torch.randn(3, 40, 16, generator=g), torch.randn(2, 16, generator=g)
+    ref = official_cdpruner(F, Z, T_emb, 11)
+    rel = conditional_relevance(Z, T_emb.expand(3, 2, 16), torch.ones(3, 2, dtype=torch.bool), torch.zeros(3).long())
+    assert torch.equal(cdpruner_select(F, rel, 11), ref)
+    # two images side by side: each is min-max normalised on its own
+    rel2 = conditional_relevance(Z, T_emb.expand(3, 2, 16), torch.ones(3, 2, dtype=torch.bool), torch.tensor([0, 1, 1]))
+    assert torch.equal(cdpruner_select(F, rel2, 11)[1:], official_cdpruner(F[1:], Z[1:], T_emb, 11))
+
+
+def test_cdpruner_dependent_tokens_fixed_quirk():
+    """Fewer linearly independent tokens than k: the official greedy divides by ~0 (NaN / repeated picks, fewer than
+    k kept); vtc keeps k distinct tokens, the independent ones first."""
+    from vtc.methods.cdpruner import dpp_greedy
+
+    base = torch.randn(3, 8, generator=torch.Generator().manual_seed(0))
+    F = base.repeat(4, 1)  # 12 tokens, rank 3
+    Fn = F / F.norm(dim=-1, keepdim=True)
+    L = (Fn @ Fn.T)[None]
+    got = dpp_greedy(L, torch.tensor([5]))[0]
+    assert int(got.sum()) == 5
+    assert len({int(i) % 3 for i in got.nonzero().flatten()}) == 3  # the three directions are all represented
+
+
+def test_cdpruner_needs_a_text_encoder(tmp_path):
+    with pytest.raises(vtc.ConfigError, match="text_encoder"):
+        vtc.load_config({"stages": [{"method": "cdpruner", "budget": 8}]})
+    model = tiny_llava("sdpa")
+    with pytest.raises(vtc.ConfigError, match="text_encoder="):
+        with vtc.compress(model, {"stages": [{"method": "cdpruner", "budget": 8,
+                                              "text_encoder": str(tmp_path / "missing")}]}):
+            pass
+    assert not hasattr(model, "_vtc_run")
+
+
+def test_cdpruner_refuses_towers_without_clip_space():
+    from models_clip import tiny_clip_dir
+    from tiny_models_qwen import qwen_inputs, tiny_qwen2_vl
+
+    model = tiny_qwen2_vl("sdpa")
+    cfg = {"stages": [{"method": "cdpruner", "budget": 4, "text_encoder": tiny_clip_dir(), "instruction": "w5"}]}
+    with vtc.compress(model, cfg):
+        with pytest.raises(vtc.ConfigError, match="no CLIP image space"):
+            model(**qwen_inputs(model, batch=1, seed=0))
+
+
+def test_cdpruner_instruction_from_the_prompt(tmp_path):
+    """The instruction is the question between the image and the chat template's generation prompt (the model's own
+    tokenizer), equal to passing it with run.set_instruction; batched rows read their own question."""
+    from PIL import Image
+    from test_eval import build_tiny_vlm
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from vtc.cli import _prompt
+    from vtc.demo.build import build_tokenizer
+    from vtc.methods.cdpruner import prompt_instructions
+    from models_clip import save_tiny_clip
+
+    path = build_tiny_vlm(tmp_path / "m")
+    clip = save_tiny_clip(tmp_path / "clip")
+    build_tokenizer().save_pretrained(clip)  # the CLIP side tokenizes the question with the demo vocabulary
+    model = LlavaForConditionalGeneration.from_pretrained(path).eval()
+    proc = AutoProcessor.from_pretrained(path)
+    qs = ["what color is the circle ?", "how many squares are there ?"]
+    g = torch.Generator().manual_seed(0)
+    imgs = [Image.fromarray((torch.rand(112, 112, 3, generator=g) * 255).to(torch.uint8).numpy()) for _ in qs]
+    proc.tokenizer.padding_side = "left"
+    inputs = proc(images=imgs, text=[_prompt(proc, q) for q in qs], return_tensors="pt", padding=True)
+    cfg = {"stages": [{"method": "cdpruner", "budget": 12, "text_encoder": str(clip)}]}
+    run = vtc.compress(model, cfg)
+    prompt = run.vision.prompt_text(inputs)
+    assert prompt_instructions(prompt, proc.tokenizer) == qs
+    with run, torch.no_grad():
+        model(**inputs)
+        auto = [s.clone() for s in run.stats.stages[0].sources]
+        run.set_instruction(qs)
+        model(**inputs)
+        assert all(torch.equal(a, b) for a, b in zip(auto, run.stats.stages[0].sources))
+        run.set_instruction("is there a red object ?")  # another question, another selection
+        model(**inputs)
+        assert not all(torch.equal(a, b) for a, b in zip(auto, run.stats.stages[0].sources))
+        with pytest.raises(vtc.ConfigError, match="set_instruction"):
+            run.set_instruction(["only one"])
+            model(**inputs)

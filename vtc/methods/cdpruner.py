@@ -33,6 +33,7 @@ Derivation: ``docs/methods/cdpruner.md``.
 from __future__ import annotations
 
 import functools
+import re
 from typing import Any, Literal
 
 import torch
@@ -141,7 +142,9 @@ def _generation_suffix(tokenizer) -> str:
 def prompt_instructions(prompt: PromptText, tokenizer) -> list[str]:
     """One instruction per batch row: the real tokens after the row's last visual token, decoded, up to the chat
     template's generation prompt (its first occurrence; the whole tail without a template)."""
-    suffix = _generation_suffix(tokenizer).strip()
+    # the generation prompt, matched whitespace-insensitively (decoding may space tokens differently)
+    suffix = "".join(_generation_suffix(tokenizer).split())
+    pattern = re.compile(r"\s*".join(map(re.escape, suffix))) if suffix else None
     B, N = prompt.input_ids.shape
     idx = torch.arange(N, device=prompt.input_ids.device).expand(B, N)
     last = torch.where(prompt.is_visual, idx, torch.full_like(idx, -1)).amax(-1)
@@ -149,8 +152,9 @@ def prompt_instructions(prompt: PromptText, tokenizer) -> list[str]:
     out = []
     for b in range(B):  # one decode per sample
         text = tokenizer.decode(prompt.input_ids[b][after[b]].tolist(), skip_special_tokens=False).strip()
-        if suffix and suffix in text:
-            text = text[: text.index(suffix)].strip()
+        hit = pattern.search(text) if pattern is not None else None
+        if hit is not None:
+            text = text[: hit.start()].strip()
         out.append(text)
     return out
 
