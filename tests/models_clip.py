@@ -16,12 +16,14 @@ VOCAB = 128
 SPECIAL = {"<pad>": 0, "<unk>": 1, "<s>": 2, "</s>": 3}
 
 
-def word_tokenizer():
-    """Word-level tokenizer over ``w4`` .. ``w127`` (ids 4..127), BOS/EOS added: decodes any tiny-model id."""
+def word_tokenizer(words: tuple[str, ...] = ()):
+    """Word-level tokenizer, BOS/EOS added: ``words`` first (ids 4, 5, ...), then ``w{i}`` for every other id up to
+    127 (so it decodes any tiny-model id)."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    vocab = dict(SPECIAL) | {f"w{i}": i for i in range(len(SPECIAL), VOCAB)}
+    vocab = dict(SPECIAL) | {w: len(SPECIAL) + i for i, w in enumerate(words)}
+    vocab |= {f"w{i}": i for i in range(len(vocab), VOCAB)}
     tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tk.post_processor = processors.TemplateProcessing(single="<s> $A </s>", special_tokens=[("<s>", 2), ("</s>", 3)])
@@ -29,7 +31,7 @@ def word_tokenizer():
                                    unk_token="<unk>")
 
 
-def save_tiny_clip(path: Path, vision_width: int = 32, seed: int = 0) -> Path:
+def save_tiny_clip(path: Path, vision_width: int = 32, seed: int = 0, words: tuple[str, ...] = ()) -> Path:
     from transformers import CLIPConfig, CLIPModel
 
     torch.manual_seed(seed)
@@ -41,7 +43,7 @@ def save_tiny_clip(path: Path, vision_width: int = 32, seed: int = 0) -> Path:
                            num_attention_heads=2, image_size=16, patch_size=8),
         projection_dim=16)
     CLIPModel(cfg).eval().save_pretrained(path)
-    word_tokenizer().save_pretrained(path)
+    word_tokenizer(words).save_pretrained(path)
     return path
 
 
