@@ -33,7 +33,8 @@ from pathlib import Path
 
 import torch
 
-from . import bench as B
+from vtc import bench as B
+from vtc.bench import measure as BM
 
 __all__ = ["Job", "SUITES", "suite_jobs", "render_markdown", "update_markdown", "main"]
 
@@ -131,12 +132,12 @@ def run_jobs(jobs: list[Job], out: Path, *, repeats: int, warmup: int, decode_to
     done = 0
     t_start = time.perf_counter()
     for (arch, layers, vlayers, dtype, device), group in groups.items():
-        B._stderr(f"building {arch} (LLM layers {layers or 'all'}, vision layers {vlayers or 'all'}, {dtype}, "
+        BM._stderr(f"building {arch} (LLM layers {layers or 'all'}, vision layers {vlayers or 'all'}, {dtype}, "
                   f"{device}) for {len(group)} job(s)")
         model = B.build_model(arch, layers=layers, vision_layers=vlayers, dtype=dtype, device=device)
         for job in group:
             done += 1
-            B._stderr(f"[{done}/{len(todo)}] {job.label} batch {job.batch} ({time.perf_counter() - t_start:.0f} s so far)")
+            BM._stderr(f"[{done}/{len(todo)}] {job.label} batch {job.batch} ({time.perf_counter() - t_start:.0f} s so far)")
             inputs = B.synthetic_inputs(model, arch, batch=job.batch, text_tokens=job.text_tokens)
             result = B.bench(model, inputs, job.config, repeats=repeats, warmup=warmup, decode_tokens=decode_tokens)
             result["suite"] = job.suite

@@ -9,9 +9,11 @@ import pytest
 import torch
 
 import vtc
-from eval import bench as B
 from eval import bench_all as BA
 from eval import flops as fl
+from vtc import bench as B
+from vtc.bench import measure as BM
+from vtc.bench import presets as BP
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -86,7 +88,7 @@ def test_build_model_matches_a_normally_built_model(tiny):
     """Skipping transformers' init leaves no buffer wrong: the same weights in a normally built model give the
     same logits; every parameter is finite with the intended spread."""
     model, inputs = tiny
-    cfg, cls = B._hf_config(B.ARCHS["tiny"], None, None, "sdpa")
+    cfg, cls = BP._hf_config(B.ARCHS["tiny"], None, None, "sdpa")
     ref = cls(cfg).eval()
     ref.load_state_dict(model.state_dict())
     with torch.no_grad():
@@ -121,7 +123,7 @@ def test_kv_cache_bytes_by_hand(tiny):
         out = model(**inputs, use_cache=True)
     b, n = inputs["input_ids"].shape
     # 4 layers x (k, v) x batch x 2 kv heads x n x head dim 16 x 4 bytes
-    assert B.kv_cache_bytes(B._cache_of(out)) == 4 * 2 * b * 2 * n * 16 * 4
+    assert B.kv_cache_bytes(BM._cache_of(out)) == 4 * 2 * b * 2 * n * 16 * 4
 
 
 def test_too_shallow_model_is_a_clear_error(tiny):
@@ -152,7 +154,7 @@ def test_oracle_gives_the_same_logits_and_lengths_as_vtc(tiny, config):
     torch.testing.assert_close(a.logits[:, -1], b.logits[:, -1], rtol=1e-5, atol=1e-5)
     if var.replay is not None:
         assert (dict(var.replay.stats.seq_len_per_layer), list(var.replay.stats.kv_cache_len)) == st
-    assert B.kv_cache_bytes(B._cache_of(a)) == B.kv_cache_bytes(B._cache_of(b))
+    assert B.kv_cache_bytes(BM._cache_of(a)) == B.kv_cache_bytes(BM._cache_of(b))
     # nothing left attached; the replay method is not registered
     assert getattr(model, "_vtc_run", None) is None
     assert "bench_replay" not in vtc.available_methods()
@@ -212,7 +214,7 @@ SUMMARY_KEYS = {
 
 @pytest.fixture(scope="module")
 def cli_run(tmp_path_factory):
-    """One ``python -m eval.bench`` run on the tiny preset (shared by the tests below)."""
+    """One ``vtc bench`` run on the tiny preset (shared by the tests below)."""
     tmp = tmp_path_factory.mktemp("bench")
     cfg = tmp / "fastv.yaml"
     cfg.write_text("name: fastv-t\nstages:\n  - {method: fastv, layer: 2, budget: 0.5}\n")

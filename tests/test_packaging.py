@@ -41,6 +41,18 @@ def wheel(tmp_path_factory) -> Path:
     return whl
 
 
+def test_distribution_name_is_not_the_pypi_vtc(wheel):
+    """``vtc`` on PyPI is an unrelated timecode library: the distribution is ``vtc-vlm``; the import name and the
+    command stay ``vtc``."""
+    with zipfile.ZipFile(wheel) as zf:
+        meta = next(zf.read(n).decode() for n in zf.namelist() if n.endswith(".dist-info/METADATA"))
+        entry_points = next(zf.read(n).decode() for n in zf.namelist() if n.endswith(".dist-info/entry_points.txt"))
+        top = {n.split("/")[0] for n in zf.namelist() if not n.split("/")[0].endswith(".dist-info")}
+    assert "Name: vtc-vlm" in meta.splitlines()
+    assert "vtc = vtc.cli:main" in entry_points.splitlines()
+    assert top == {"vtc"}
+
+
 def _run_installed(wheel: Path, tmp_path: Path, code: str) -> subprocess.CompletedProcess:
     """Run ``code`` with the unpacked wheel as the only copy of vtc on the path, from a directory outside the
     checkout."""
@@ -67,3 +79,41 @@ def test_wheel_ships_the_bundled_configs(wheel, tmp_path):
     ))
     assert res.returncode == 0, res.stderr
     assert res.stdout.split() == ["visionzip", "fastv-50"]
+
+
+def _isolated(code: str, cwd: Path) -> subprocess.CompletedProcess:
+    """Run ``code`` in a fresh interpreter from ``cwd`` with this checkout's vtc first on the path."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True)
+
+
+def test_import_vtc_is_light_and_side_effect_free(tmp_path):
+    """``import vtc`` imports neither transformers nor the demo package, and registers nothing with the Auto
+    classes; the demo loader registers the 1D demo model on first use."""
+    res = _isolated(
+        "import sys, vtc\n"
+        "heavy = sorted(m for m in sys.modules if m.split('.')[0] == 'transformers' or m.startswith('vtc.demo')"
+        " or m.startswith('vtc.bench'))\n"
+        "print(heavy)\n"
+        "from transformers.models.auto.configuration_auto import CONFIG_MAPPING\n"
+        "print('vtc_ordered_vlm' in CONFIG_MAPPING)\n"
+        "import vtc.demo\nvtc.demo.load('1d')\n"
+        "print('vtc_ordered_vlm' in CONFIG_MAPPING)\n",
+        tmp_path,
+    )
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split("\n")[:3] == ["[]", "False", "True"]
+
+
+def test_bench_command_uses_the_package_not_the_working_directory(tmp_path):
+    """``vtc bench`` runs the packaged benchmark from any directory: it neither needs nor imports an ``eval/``
+    folder in the working directory, and nothing in the package edits ``sys.path``."""
+    fake = tmp_path / "eval"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("")
+    (fake / "bench.py").write_text("def main(argv=None):\n    print('IMPOSTOR')\n    return 7\n")
+    res = _isolated("import sys, vtc.cli\nsys.exit(vtc.cli.main(['bench', '--help']))", tmp_path)
+    assert "IMPOSTOR" not in res.stdout and res.returncode == 0, res.stdout + res.stderr
+    assert "--arch" in res.stdout and "tiny-qwen2-vl" in res.stdout
+    offenders = [str(p.relative_to(ROOT)) for p in (ROOT / "vtc").rglob("*.py") if "sys.path" in p.read_text()]
+    assert offenders == []

@@ -44,15 +44,3 @@ __all__ = [
     "__version__",
 ]
 
-
-def _register_demo_models() -> None:
-    try:
-        from .demo import ordered_vlm
-    except ImportError:  # pragma: no cover - demo package not present
-        return
-    register = getattr(ordered_vlm, "register", None)
-    if register is not None:
-        register()
-
-
-_register_demo_models()

@@ -9,7 +9,6 @@ import argparse
 import statistics
 import sys
 import time
-from pathlib import Path
 
 __all__ = ["main"]
 
@@ -24,8 +23,9 @@ def _load_model(path: str | None, kind: str = "grid"):
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    import vtc  # noqa: F401  (registers the demo model classes with the Auto API)
+    from .demo.ordered_vlm import register
 
+    register()  # the demo 1D model's classes, for AutoModel
     if path is None:
         from .demo import GRID_MODEL_PATH, ORDERED_MODEL_PATH
 
@@ -229,14 +229,8 @@ def main(argv: list[str] | None = None) -> int:
 
         return train_main(argv[1:])
     if argv[:1] == ["bench"]:
-        if Path("eval/bench.py").exists() and str(Path.cwd()) not in sys.path:
-            sys.path.insert(0, str(Path.cwd()))
-        try:
-            from eval.bench import main as bench_main  # the benchmark lives in the repository's eval/ folder
-        except ImportError:
-            print("vtc bench runs from a checkout of the vtc repository (it lives in eval/bench.py): "
-                  "cd into the repository and run it again", file=sys.stderr)
-            return 2
+        from .bench import main as bench_main
+
         return bench_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:

@@ -77,9 +77,11 @@ def load_vlm(path: str | os.PathLike, *, device: str = "cpu", dtype: str | torch
     """
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
-    import vtc  # noqa: F401  (registers the demo model classes with the Auto API)
+    from vtc.demo.ordered_vlm import register
     from vtc.errors import ConfigError
     from vtc.models import get_adapter, supported_models
+
+    register()  # the demo 1D model's classes, for AutoConfig / AutoModel
 
     path = str(path)
     try:

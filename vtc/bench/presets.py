@@ -1,0 +1,277 @@
+"""Architecture presets of ``vtc bench``: real model shapes with random weights, and synthetic inputs of the
+real size (see :mod:`vtc.bench`)."""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+__all__ = ["ArchSpec", "ARCHS", "DTYPES", "get_arch", "build_model", "random_fill_", "synthetic_inputs"]
+
+
+# ---- architecture presets -----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ArchSpec:
+    """A model shape. ``text`` / ``vision`` are kwargs of the family's text / vision config, ``top`` of the
+    top-level config; ``image_size`` the synthetic image (H, W); ``text_ids`` the range random text tokens are
+    drawn from (no special tokens); ``bos`` an optional first token."""
+
+    name: str
+    family: str  # llava | llava_next | qwen2_vl | qwen2_5_vl
+    text: dict
+    vision: dict
+    top: dict = field(default_factory=dict)
+    image_size: tuple[int, int] = (336, 336)
+    text_ids: tuple[int, int] = (3, 1000)
+    bos: int | None = 1
+    description: str = ""
+
+    @property
+    def text_layers(self) -> int:
+        return int(self.text["num_hidden_layers"])
+
+    @property
+    def vision_layers(self) -> int:
+        return int(self.vision.get("num_hidden_layers", self.vision.get("depth", 0)))
+
+
+_CLIP_L_336 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                   image_size=336, patch_size=14, projection_dim=768, hidden_act="quick_gelu", layer_norm_eps=1e-5)
+_VICUNA_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                  num_key_value_heads=32, vocab_size=32064, max_position_embeddings=4096, rms_norm_eps=1e-5,
+                  pad_token_id=0)
+_VICUNA_13B = dict(_VICUNA_7B, hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
+                   num_attention_heads=40, num_key_value_heads=40)
+_LLAVA_TOP = dict(image_token_id=32000, vision_feature_layer=-2, vision_feature_select_strategy="default",
+                  projector_hidden_act="gelu")
+_QWEN2_7B = dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                 num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=32768, rms_norm_eps=1e-6,
+                 pad_token_id=151643, bos_token_id=151643, eos_token_id=151645,
+                 rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]})
+_QWEN_TOP = dict(image_token_id=151655, video_token_id=151656, vision_start_token_id=151652,
+                 vision_end_token_id=151653)
+
+#: the tiny shapes of tests/tiny_models*.py (for the benchmark's own tests)
+_TINY_CLIP = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=48,
+                  patch_size=8, projection_dim=32)
+_TINY_LLAMA = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                   num_key_value_heads=2, vocab_size=128, max_position_embeddings=1024, pad_token_id=0,
+                   rms_norm_eps=1e-6)
+_TINY_QWEN_TEXT = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-6,
+                       pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                       rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]})
+
+ARCHS: dict[str, ArchSpec] = {
+    "llava-1.5-7b": ArchSpec(
+        "llava-1.5-7b", "llava", _VICUNA_7B, _CLIP_L_336, _LLAVA_TOP,
+        description="LLaVA-1.5-7B: CLIP ViT-L/14-336 (24 layers, 576 tokens), 2-layer GELU projector, Vicuna-7B"),
+    "llava-1.5-13b": ArchSpec(
+        "llava-1.5-13b", "llava", _VICUNA_13B, _CLIP_L_336, _LLAVA_TOP,
+        description="LLaVA-1.5-13B: CLIP ViT-L/14-336, Vicuna-13B (40 layers, 5120 wide)"),
+    "llava-next-7b": ArchSpec(
+        "llava-next-7b", "llava_next", _VICUNA_7B, _CLIP_L_336,
+        dict(_LLAVA_TOP, image_grid_pinpoints=[[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]),
+        image_size=(672, 672),
+        description="LLaVA-NeXT-7B (v1.6 Vicuna): anyres, a 672 x 672 image = base + 2 x 2 crops = 2928 tokens"),
+    "qwen2-vl-7b": ArchSpec(
+        "qwen2-vl-7b", "qwen2_vl", _QWEN2_7B,
+        dict(depth=32, embed_dim=1280, hidden_size=3584, num_heads=16, mlp_ratio=4, in_channels=3, patch_size=14,
+             spatial_merge_size=2, temporal_patch_size=2),
+        _QWEN_TOP, image_size=(672, 672), text_ids=(1000, 20000), bos=None,
+        description="Qwen2-VL-7B: 32-block ViT (1280 wide), 2 x 2 merger, Qwen2-7B (GQA, M-RoPE); 672 px = 576 tokens"),
+    "qwen2.5-vl-7b": ArchSpec(
+        "qwen2.5-vl-7b", "qwen2_5_vl", _QWEN2_7B,
+        dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, in_channels=3, patch_size=14,
+             spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=3584, window_size=112,
+             fullatt_block_indexes=[7, 15, 23, 31], tokens_per_second=2),
+        _QWEN_TOP, image_size=(672, 672), text_ids=(1000, 20000), bos=None,
+        description="Qwen2.5-VL-7B: 32-block windowed ViT (SwiGLU), Qwen2-7B; 672 px = 576 tokens"),
+    "tiny": ArchSpec(
+        "tiny", "llava", _TINY_LLAMA, _TINY_CLIP, dict(_LLAVA_TOP, image_token_id=120),
+        image_size=(48, 48), text_ids=(3, 100), description="tiny LLaVA (tests): 36 visual tokens"),
+    "tiny-next": ArchSpec(
+        "tiny-next", "llava_next", _TINY_LLAMA, _TINY_CLIP,
+        dict(_LLAVA_TOP, image_token_id=120, image_grid_pinpoints=[[48, 48], [48, 96], [96, 48], [96, 96]]),
+        image_size=(96, 96), text_ids=(3, 100), description="tiny LLaVA-NeXT (tests): base + 2 x 2 crops"),
+    "tiny-qwen2-vl": ArchSpec(
+        "tiny-qwen2-vl", "qwen2_vl", _TINY_QWEN_TEXT,
+        dict(depth=3, embed_dim=32, hidden_size=64, num_heads=4, mlp_ratio=2, in_channels=3, patch_size=4,
+             spatial_merge_size=2, temporal_patch_size=2),
+        dict(image_token_id=120, video_token_id=121, vision_start_token_id=122, vision_end_token_id=123),
+        image_size=(32, 32), text_ids=(3, 100), bos=None, description="tiny Qwen2-VL (tests): 16 merged tokens"),
+    "tiny-qwen2.5-vl": ArchSpec(
+        "tiny-qwen2.5-vl", "qwen2_5_vl", _TINY_QWEN_TEXT,
+        dict(depth=4, hidden_size=32, intermediate_size=64, num_heads=4, in_channels=3, patch_size=4,
+             spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=64, window_size=16,
+             fullatt_block_indexes=[1, 3], tokens_per_second=2),
+        dict(image_token_id=120, video_token_id=121, vision_start_token_id=122, vision_end_token_id=123),
+        image_size=(32, 32), text_ids=(3, 100), bos=None, description="tiny Qwen2.5-VL (tests): 16 merged tokens"),
+}
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def get_arch(arch: str | ArchSpec) -> ArchSpec:
+    if isinstance(arch, ArchSpec):
+        return arch
+    if arch not in ARCHS:
+        raise ValueError(f"unknown --arch {arch!r} (allowed: {', '.join(ARCHS)})")
+    return ARCHS[arch]
+
+
+# ---- model ------------------------------------------------------------------------------------------------------------
+def _hf_config(spec: ArchSpec, layers: int | None, vision_layers: int | None, attn: str):
+    import transformers as tf
+
+    text = dict(spec.text)
+    vision = dict(spec.vision)
+    if layers is not None:
+        if layers < 1:
+            raise ValueError(f"--layers must be >= 1, got {layers}")
+        text["num_hidden_layers"] = int(layers)
+    if vision_layers is not None:
+        if vision_layers < 2:
+            raise ValueError(f"--vision-layers must be >= 2 (the features come from layer -2), got {vision_layers}")
+        if "depth" in vision:
+            vision["depth"] = int(vision_layers)
+            if "fullatt_block_indexes" in vision:  # keep the full-attention blocks that exist, the last one full
+                vision["fullatt_block_indexes"] = sorted({i for i in vision["fullatt_block_indexes"]
+                                                          if i < vision_layers} | {vision_layers - 1})
+        else:
+            vision["num_hidden_layers"] = int(vision_layers)
+    if spec.family == "llava":
+        cfg = tf.LlavaConfig(vision_config=tf.CLIPVisionConfig(**vision), text_config=tf.LlamaConfig(**text),
+                             **spec.top)
+        cls = tf.LlavaForConditionalGeneration
+    elif spec.family == "llava_next":
+        cfg = tf.LlavaNextConfig(vision_config=tf.CLIPVisionConfig(**vision), text_config=tf.LlamaConfig(**text),
+                                 **spec.top)
+        cls = tf.LlavaNextForConditionalGeneration
+    elif spec.family == "qwen2_vl":
+        cfg = tf.Qwen2VLConfig(text_config=text, vision_config=vision, **spec.top)
+        cls = tf.Qwen2VLForConditionalGeneration
+    elif spec.family == "qwen2_5_vl":
+        cfg = tf.Qwen2_5_VLConfig(text_config=text, vision_config=vision, **spec.top)
+        cls = tf.Qwen2_5_VLForConditionalGeneration
+    else:  # pragma: no cover - presets are fixed
+        raise ValueError(f"unknown family {spec.family!r}")
+    cfg._attn_implementation = attn
+    return cfg, cls
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype):
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def _no_init_weights():
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # pragma: no cover - older transformers
+        from transformers.modeling_utils import no_init_weights
+    return no_init_weights()
+
+
+@torch.no_grad()
+def random_fill_(model: torch.nn.Module, seed: int = 0, std: float = 0.02) -> torch.nn.Module:
+    """Fill every parameter cheaply: norm weights 1 and biases 0, other biases 0, everything else uniform noise
+    of standard deviation ``std`` (``U(-std sqrt 3, std sqrt 3)``)."""
+    dev = next(model.parameters()).device
+    g = torch.Generator(device=dev).manual_seed(seed)
+    a = std * math.sqrt(3.0)
+    for mod in model.modules():
+        is_norm = "norm" in type(mod).__name__.lower()
+        for name, p in mod.named_parameters(recurse=False):
+            if is_norm:
+                p.fill_(1.0 if name == "weight" else 0.0)
+            elif name == "bias":
+                p.zero_()
+            else:
+                p.uniform_(-a, a, generator=g)
+    return model
+
+
+def build_model(arch: str | ArchSpec, *, layers: int | None = None, vision_layers: int | None = None,
+                dtype: torch.dtype | str = torch.float32, device: str | torch.device = "cpu", attn: str = "sdpa",
+                seed: int = 0) -> torch.nn.Module:
+    """A random-weight model of ``arch`` built directly on ``device`` in ``dtype`` (no slow initialisation)."""
+    spec = get_arch(arch)
+    dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    cfg, cls = _hf_config(spec, layers, vision_layers, attn)
+    with _default_dtype(dtype), torch.device(device), _no_init_weights():
+        model = cls(cfg)
+    model.eval()
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation(attn)
+    random_fill_(model, seed)
+    model._vtc_bench_arch = spec.name
+    return model
+
+
+# ---- inputs -----------------------------------------------------------------------------------------------------------
+def _prompt_rows(spec: ArchSpec, batch: int, text_tokens: int, visual: list[int], g: torch.Generator) -> torch.Tensor:
+    n_text = max(2, int(text_tokens))
+    lo, hi = spec.text_ids
+    text = torch.randint(lo, hi, (n_text,), generator=g)
+    if spec.bos is not None:
+        text[0] = spec.bos
+    pre = n_text // 2
+    return torch.cat([text[:pre], torch.tensor(visual, dtype=torch.long), text[pre:]]).unsqueeze(0).expand(batch, -1)
+
+
+def synthetic_inputs(model, arch: str | ArchSpec, *, batch: int = 1, text_tokens: int = 64,
+                     image_size: tuple[int, int] | None = None, seed: int = 0) -> dict:
+    """Forward kwargs for ``batch`` identical rows (no padding): one image per row, ``text_tokens`` text tokens
+    (half before the image, half after; Qwen's vision start / end tokens count as text)."""
+    spec = get_arch(arch)
+    cfg = model.config
+    dev = next(model.parameters()).device
+    dt = next(model.parameters()).dtype
+    g = torch.Generator().manual_seed(seed)
+    H, W = image_size or spec.image_size
+    out: dict[str, Any] = {}
+    if spec.family in ("llava", "llava_next"):
+        vc = cfg.vision_config
+        side = vc.image_size // vc.patch_size
+        extra = 1 if cfg.vision_feature_select_strategy == "full" else 0
+        if spec.family == "llava":
+            n = side * side + extra
+            pixel_values = torch.randn(batch, 3, vc.image_size, vc.image_size, generator=g)
+        else:
+            from ..models.llava_next import anyres_geometry
+
+            geom = anyres_geometry((H, W), cfg.image_grid_pinpoints, vc.image_size)
+            n = geom.num_tokens(side, side, extra)
+            pixel_values = torch.randn(batch, geom.num_units, 3, vc.image_size, vc.image_size, generator=g)
+            out["image_sizes"] = torch.tensor([[H, W]] * batch, dtype=torch.long, device=dev)
+        ids = _prompt_rows(spec, batch, text_tokens - 0, [cfg.image_token_id] * n, g)
+        out["pixel_values"] = pixel_values.to(dev, dt)
+    else:
+        vc = cfg.vision_config
+        p, m, tp = vc.patch_size, vc.spatial_merge_size, vc.temporal_patch_size
+        if H % (p * m) or W % (p * m):
+            raise ValueError(f"--image-size must be a multiple of {p * m} px for {spec.name}, got {H} x {W}")
+        grid = (1, H // p, W // p)
+        n = grid[1] * grid[2] // (m * m)
+        visual = [cfg.vision_start_token_id] + [cfg.image_token_id] * n + [cfg.vision_end_token_id]
+        ids = _prompt_rows(spec, batch, max(2, text_tokens - 2), visual, g)
+        rows = grid[0] * grid[1] * grid[2]
+        out["pixel_values"] = torch.randn(batch * rows, vc.in_channels * tp * p * p, generator=g).to(dev, dt)
+        out["image_grid_thw"] = torch.tensor([grid] * batch, dtype=torch.long, device=dev)
+        inner = getattr(model, "model", model)
+        if "mm_token_type_ids" in inspect.signature(inner.forward).parameters:
+            out["mm_token_type_ids"] = (ids == cfg.image_token_id).int().to(dev)
+    out["input_ids"] = ids.contiguous().to(dev)
+    out["attention_mask"] = torch.ones_like(out["input_ids"])
+    return out
