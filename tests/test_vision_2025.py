@@ -268,6 +268,7 @@ def test_cdpruner_refuses_towers_without_clip_space():
 def test_cdpruner_instruction_from_the_prompt(tmp_path):
     """The instruction is the question between the image and the chat template's generation prompt (the model's own
     tokenizer), equal to passing it with run.set_instruction; batched rows read their own question."""
+    from models_clip import save_tiny_clip
     from PIL import Image
     from test_eval import build_tiny_vlm
     from transformers import AutoProcessor, LlavaForConditionalGeneration
@@ -275,7 +276,6 @@ def test_cdpruner_instruction_from_the_prompt(tmp_path):
     from vtc.cli import _prompt
     from vtc.demo.build import build_tokenizer
     from vtc.methods.cdpruner import prompt_instructions
-    from models_clip import save_tiny_clip
 
     path = build_tiny_vlm(tmp_path / "m")
     words = tuple(w for w in build_tokenizer().get_vocab() if not w.startswith("<"))
