@@ -136,7 +136,7 @@ def test_encode_images_units_and_extras():
     m = model()
     sizes = [(80, 80), (30, 90), (40, 40)]
     inputs = next_inputs(m, sizes=sizes, batch=3)
-    (group,) = adapter().encode_images(inputs, {"cls_attention", "keys"})
+    (group,) = adapter().encode_images(inputs)
     assert group.features.shape[:2] == (5 + 3 + 2, 36)
     assert group.layout == Grid(6, 6)
     assert group.unit_image == [0] * 5 + [1] * 3 + [2] * 2
@@ -151,10 +151,10 @@ def test_identity_packing_is_bit_exact():
     m = model()
     inputs = next_inputs(m, sizes=SIZES, batch=6)
     ad = adapter()
-    (group,) = ad.encode_images(inputs, set())
+    (group,) = ad.encode_images(inputs)
     feats = ad.project(group.features)
     group.out_layout = group.layout
-    keep_all = Reduction.identity(feats.shape[0], feats.shape[1])
+    keep_all = Reduction.from_mask(torch.ones(feats.shape[:2], dtype=torch.bool))
     images = ad.pack_images([(group, feats, [keep_all])], inputs)
     for im, ref in zip(images, stock_features(inputs), strict=True):
         assert torch.equal(im.embeds, ref)
@@ -247,7 +247,7 @@ def test_pack_drops_padding_of_adaptive_methods():
     m = model()
     inputs = next_inputs(m, sizes=[(30, 90)])
     ad = adapter()
-    (group,) = ad.encode_images(inputs, set())
+    (group,) = ad.encode_images(inputs)
     feats = ad.project(group.features)
     mask = torch.zeros(3, 36, dtype=torch.bool)
     mask[0, :4] = True
@@ -288,7 +288,7 @@ def test_full_strategy_rejected_on_vision_side():
     m = model()
     inputs = next_inputs(m, sizes=[(30, 90)])
     with pytest.raises(vtc.ConfigError, match="vision_feature_select_strategy"):
-        adapter().encode_images({**inputs, "vision_feature_select_strategy": "full"}, set())
+        adapter().encode_images({**inputs, "vision_feature_select_strategy": "full"})
 
 
 def test_matrix_sizes_have_equal_units_and_different_grids():

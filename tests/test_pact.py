@@ -440,7 +440,7 @@ def test_proportional_sizes_one_equal_no_bias(model):
         ref = model(**inp).logits
         with vtc.compress(model, {"stages": [SizedKeep(layer=2, size=1.0)]}) as run:
             got = model(**inp).logits
-            assert run.llm.generations[-1].use_bias  # the bias path is active, with log(1) = 0
+            assert run.llm.slot_sets[-1].use_bias  # the bias path is active, with log(1) = 0
     real = inp["attention_mask"].bool()  # logits of user-padding positions are not defined
     torch.testing.assert_close(got[real], ref[real], atol=1e-5, rtol=1e-5)
     one = _rows(inp)[0]
@@ -626,7 +626,7 @@ def test_proportional_off_differs_and_has_no_bias(sdpa_model):
         with torch.no_grad(), vtc.compress(model, {"stages": [{"method": "pact", "layer": L, "cutoff": 0.3,
                                                                "proportional": prop}]}) as run:
             outs[prop] = model(**one).logits[0, -1]
-            assert run.llm.generations[-1].use_bias is prop
+            assert run.llm.slot_sets[-1].use_bias is prop
             red = run.stats.stages[0].reduction
     n_prompt = one["input_ids"].shape[1]
     ref = replay(model, one["input_ids"], one["pixel_values"], L, red, n_prompt, copies=False)
@@ -746,7 +746,8 @@ def test_pact_runs_on_every_family():
             st = run.stats.stages[0]
             red = st.reduction
             assert st.tokens_out == red.valid.sum(-1).tolist(), fam.name
-            assert (red.token_sizes().sum(-1) <= torch.tensor(st.tokens_in)).all(), fam.name
+            sizes = red.sizes if red.sizes is not None else red.valid.float()
+            assert (sizes.sum(-1) <= torch.tensor(st.tokens_in)).all(), fam.name
 
 
 @pytest.mark.parametrize("scope", ["image", "sample"])

@@ -215,6 +215,6 @@ def test_llava_runtime_pools_before_projector():
         k = 9 if "weights" not in cfg["stages"][0] else 4
         assert run.stats.stages[0].tokens_out == [k, k]
         with torch.no_grad():
-            (group,) = get_adapter(model).encode_images(dict(inputs), set())
+            (group,) = get_adapter(model).encode_images(dict(inputs))
             _, red = vtc.reduce_embeddings(group.features, group.layout, cfg, extras=group.extras)
         assert torch.equal(run.stats.stages[0].sources[0], red.source)

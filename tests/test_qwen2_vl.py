@@ -157,7 +157,7 @@ def test_received_attention_and_keys_qwen2_vl():
 
     h = visual.blocks[-1].register_forward_pre_hook(grab, with_kwargs=True)
     try:
-        groups = adapter.encode_images(inp, {"received_attention", "keys"})
+        groups = adapter.encode_images(inp)
     finally:
         h.remove()
     assert not visual.blocks[-1]._forward_pre_hooks  # the adapter's own hook is gone too
@@ -195,7 +195,7 @@ def test_received_attention_and_keys_qwen2_5_vl_window_order():
     visual = model.model.visual
     visual.fullatt_block_indexes = [0]
     inp = build_inputs([[[5], ("image", (1, 12, 8)), [6]], [[7], ("image", (1, 6, 10)), [8]]], seed=2)
-    groups = get_adapter(model).encode_images(inp, {"received_attention", "keys"})
+    groups = get_adapter(model).encode_images(inp)
     from transformers.vision_utils import get_vision_attention_seqlens, get_vision_position_ids
 
     grid = inp["image_grid_thw"]
@@ -402,7 +402,7 @@ def test_video_budgets(family):
         logits(model, inp)
         assert run.stats.stages[0].tokens_out == [5, 5, 5]
     adapter = type(get_adapter(model))(model, video_units="video")
-    groups = adapter.encode_images(inp, set())
+    groups = adapter.encode_images(inp)
     assert {g.layout for g in groups} == {Grid(3, 4), Video(2, 4, 3)}
     with vtc.compress(model, {"stages": [{"method": "downsample", "budget": 4}]}, adapter=adapter) as run:
         out = logits(model, inp)

@@ -89,7 +89,7 @@ def test_llava_adapter_extras_match_eager():
     sdpa, eager = tiny_llava("sdpa"), tiny_llava("eager")
     inputs = llava_inputs(sdpa, batch=2)
     with torch.no_grad():
-        (group,) = get_adapter(sdpa).encode_images(dict(inputs), {"cls_attention"})
+        (group,) = get_adapter(sdpa).encode_images(dict(inputs))
         ref = eager.model.vision_tower(inputs["pixel_values"], output_attentions=True, output_hidden_states=True)
     layer = sdpa.config.vision_feature_layer  # -2: hidden_states[-2] is produced by block len - 2
     attn = ref.attentions[layer]  # attentions[-2]: that same block

@@ -268,7 +268,7 @@ def test_llava_runtime_equals_standalone(llava):
         out = llava(**inputs).logits
     assert run.stats.stages[0].tokens_out == [12, 12] and run.stats.stages[0].tokens_in == [36, 36]
     with torch.no_grad():
-        (group,) = get_adapter(llava).encode_images(dict(inputs), set())
+        (group,) = get_adapter(llava).encode_images(dict(inputs))
         red_feats, red = vtc.reduce_embeddings(group.features, group.layout, cfg, extras=group.extras)
         emb_img = llava.model.multi_modal_projector(red_feats)
         emb, mask = direct_feed(llava, inputs, emb_img, 12)

@@ -19,6 +19,7 @@ For a timm ViT, :func:`vtc.models.timm_tower.timm_extras` returns the features a
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 import torch
@@ -26,7 +27,7 @@ import torch
 from .config import Config, load_config
 from .errors import ConfigError
 from .layout import Layout, MultiCrop
-from .methods.base import VisionContext, VisionExtras
+from .methods.base import Method, PromptText, VisionContext, VisionExtras
 from .reduction import Reduction
 
 __all__ = ["reduce_embeddings"]
@@ -68,24 +69,52 @@ def _map_extras(extras: VisionExtras, fn: Callable[[str, torch.Tensor], torch.Te
                         other={k: lazy(k, f) for k, f in extras.other.items()})
 
 
-def _run_stages(x: torch.Tensor, layout: Layout, cfg: Config, extras: VisionExtras, seed: int,
-                unit_image: torch.Tensor | None = None) -> tuple[torch.Tensor, list[Reduction]]:
-    gen = torch.Generator(device=x.device).manual_seed(seed)
-    stages = cfg.vision_stages
-    reductions = []
-    for i, stage in enumerate(stages):
+def run_vision_stages(x: torch.Tensor, layout: Layout, stages: list[tuple[int, Method]], extras: VisionExtras,
+                      seed: int, *, unit_image: torch.Tensor | None = None,
+                      project: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                      on_stage: Callable[..., None] | None = None,
+                      prompt: PromptText | None = None) -> tuple[torch.Tensor, Layout, list[Reduction], bool]:
+    """Run vision-side ``stages`` ((config index, method) pairs, in order) on features ``x`` (U, n, D).
+
+    The one stage loop behind :func:`reduce_embeddings` and the model runtime. ``project``: the model's projector,
+    applied before the first stage that works after it (``feature_space: llm``); without it the features are
+    taken to be in each stage's own space. ``on_stage(index, method, n_in, reduction, seconds)`` is called after
+    every stage (seconds: time in the method). ``prompt``: the batch's prompt, for stages that read it
+    (``reads_prompt``). Returns (features, layout, reductions, projected).
+    """
+    reductions: list[Reduction] = []
+    projected = False
+    for pos, (index, stage) in enumerate(stages):
+        if project is not None and stage.space == "llm" and not projected:
+            x = project(x)
+            projected = True
         stage.check_layout(layout)
-        ctx = VisionContext(features=x, layout=layout, extras=extras, generator=gen, space=stage.space, seed=seed,
-                            unit_image=unit_image)
+        space = stage.space if project is None else ("llm" if projected else "vision")
+        ctx = VisionContext(features=x, layout=layout, extras=extras, space=space, seed=seed, unit_image=unit_image,
+                            prompt=prompt)
+        n_in = x.shape[1]
+        t0 = time.perf_counter()
         red = stage.reduce_vision(ctx)
-        if i + 1 < len(stages) and not bool(red.valid.all()):
-            raise ConfigError(f"stage {stage.method} delivers different token counts per unit (e.g. a per-image "
-                              "budget split over crops); it must be the last vision-side stage")
+        if pos + 1 < len(stages) and not bool(red.valid.all()):
+            raise ConfigError(
+                f"stages[{index}] ({stage.method}) delivers different token counts per unit (e.g. a per-image "
+                "budget split over crops); it must be the last vision-side stage"
+            )
         x = red.output_features(x)
+        seconds = time.perf_counter() - t0
         layout = stage.output_layout(layout, x.shape[1])
         reductions.append(red)
+        if on_stage is not None:
+            on_stage(index, stage, n_in, red, seconds)
         extras = VisionExtras()  # extras describe the original tokens only
-    return x, reductions
+    return x, layout, reductions, projected
+
+
+def _run_stages(x: torch.Tensor, layout: Layout, cfg: Config, extras: VisionExtras, seed: int,
+                unit_image: torch.Tensor | None = None) -> tuple[torch.Tensor, list[Reduction]]:
+    y, _, reductions, _ = run_vision_stages(x, layout, list(enumerate(cfg.vision_stages)), extras, seed,
+                                            unit_image=unit_image)
+    return y, reductions
 
 
 def _rows(red: Reduction, rows: slice) -> Reduction:

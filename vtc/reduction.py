@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Reduction", "resolve_budget", "topk_per_group", "select_topk"]
+__all__ = ["Reduction", "resolve_budget", "topk_per_group", "compact"]
 
 
 @dataclass
@@ -50,12 +50,6 @@ class Reduction:
             return self.features
         return torch.gather(inputs, 1, self.anchor.unsqueeze(-1).expand(-1, -1, inputs.shape[-1]))
 
-    def token_sizes(self) -> torch.Tensor:
-        """(R, k) float sizes (1 for plain kept tokens)."""
-        if self.sizes is not None:
-            return self.sizes
-        return self.valid.to(torch.float32)
-
     # -- constructors -------------------------------------------------------------------------------------------
     @classmethod
     def select(cls, keep: torch.Tensor, num_in: int, valid: torch.Tensor | None = None) -> Reduction:
@@ -74,21 +68,31 @@ class Reduction:
     @classmethod
     def from_mask(cls, mask: torch.Tensor) -> Reduction:
         """Plain pruning from a boolean keep mask (R, n); rows may keep different counts (padded)."""
-        n = mask.shape[-1]
-        counts = mask.sum(-1)
-        k = int(counts.max()) if mask.numel() else 0
-        k = max(k, 1)
-        idx = torch.arange(n, device=mask.device).expand_as(mask)
-        key = torch.where(mask, idx, idx + n)
-        order = key.argsort(dim=-1)[:, :k]
-        valid = torch.gather(mask, 1, order)
-        anchor = torch.where(valid, order, torch.zeros_like(order))
-        return cls(anchor=anchor, valid=valid, source=_source_from_keep(anchor, valid, n))
+        anchor, valid = compact(mask)
+        return cls(anchor=anchor, valid=valid, source=_source_from_keep(anchor, valid, mask.shape[-1]))
 
-    @classmethod
-    def identity(cls, rows: int, n: int, device: torch.device | None = None) -> Reduction:
-        keep = torch.arange(n, device=device).expand(rows, n).contiguous()
-        return cls.select(keep, n)
+
+def compact(mask: torch.Tensor, *, align: str = "left", fill: int | None = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pack the True entries of ``mask`` (R, n), in their original order, into k columns (k: the largest count,
+    at least 1): returns (index (R, k), valid (R, k)).
+
+    ``align="left"``: each row's entries first, padding after; ``"right"``: padding first (left-padded rows, as
+    ``generate`` wants). Padding columns hold ``fill``, or with ``fill=None`` the row's other positions in order
+    (``index`` is then a prefix / suffix of a permutation). One host sync (k).
+    """
+    R, n = mask.shape
+    k = max(int(mask.sum(-1).max()), 1) if mask.numel() else 1
+    idx = torch.arange(n, device=mask.device).expand(R, n)
+    if align == "left":
+        order = torch.where(mask, idx, idx + n).argsort(dim=-1)[:, :k]
+    elif align == "right":
+        order = torch.where(mask, idx + n, idx).argsort(dim=-1)[:, max(n - k, 0):]
+    else:
+        raise ValueError(f"align must be 'left' or 'right', got {align!r}")
+    valid = torch.gather(mask, 1, order)
+    if fill is not None:
+        order = torch.where(valid, order, torch.full_like(order, fill))
+    return order, valid
 
 
 def _source_from_keep(keep: torch.Tensor, valid: torch.Tensor, num_in: int) -> torch.Tensor:
@@ -152,10 +156,3 @@ def topk_per_group(scores: torch.Tensor, group: torch.Tensor, k_per_group: torch
     mask = torch.zeros_like(chosen_sorted)
     mask.scatter_(1, order, chosen_sorted)
     return mask
-
-
-def select_topk(scores: torch.Tensor, k: int) -> Reduction:
-    """Keep the top ``k`` of each row of ``scores`` (R, n), ties by index, in original order."""
-    n = scores.shape[-1]
-    order = torch.sort(scores.float(), dim=-1, descending=True, stable=True).indices[:, :k]
-    return Reduction.select(order, n)

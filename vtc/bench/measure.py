@@ -270,7 +270,7 @@ class Variants:
         projector on as many tokens per unit as it receives under vtc. The output is unused: the reduced prompt
         was precomputed."""
         adapter = self.run.adapter
-        for group in adapter.encode_images(self.inputs, set()):
+        for group in adapter.encode_images(self.inputs):
             feats = group.features
             if self.projector_tokens is not None:
                 feats = feats[:, :self.projector_tokens]

@@ -85,7 +85,7 @@ class VisionExtras:
 
 @dataclass
 class PromptText:
-    """The prompt a vision-side stage's images belong to, for methods that read the text (``needs`` 'prompt').
+    """The prompt a vision-side stage's images belong to, for methods that read the text (``reads_prompt``).
 
     input_ids / attention_mask / is_visual: (B, N) of the original prompt; image_row: (G,) the batch row of every
     image (global image index, as ``VisionContext.unit_image``); instruction: what ``run.set_instruction`` set (one
@@ -110,13 +110,12 @@ class VisionContext:
     features: torch.Tensor
     layout: Layout
     extras: VisionExtras = field(default_factory=VisionExtras)
-    generator: torch.Generator | None = None
     space: Side = "llm"
     seed: int = 0
     #: (U,) long: which image each unit belongs to (LLaVA-NeXT crops of one image share it); None: one image per
     #: unit. Lets a method split a per-image budget over the units of an image.
     unit_image: torch.Tensor | None = None
-    #: the prompt of the batch (only when a stage ``needs`` 'prompt', e.g. CDPruner's instruction)
+    #: the prompt of the batch (only when a stage ``reads_prompt``, e.g. CDPruner's instruction)
     prompt: PromptText | None = None
 
     @property
@@ -162,8 +161,6 @@ class LLMContext:
     attention_mask: torch.Tensor | None
     adapter: Any
     captured: dict[int, LLMContext] = field(default_factory=dict)
-    generator: torch.Generator | None = None
-    stage_index: int = 0
     # (B, max images) number of candidates of each image (for per-image budgets)
     image_counts: torch.Tensor | None = None
     seed: int = 0

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import functools
 import re
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 
@@ -208,9 +208,8 @@ class CDPruner(Method):
     negate: bool = True
     feature_space: Literal["llm"] = "llm"
 
-    @property
-    def needs(self) -> tuple[str, ...]:
-        return ("prompt", "tower_features")
+    #: the runtime passes the batch's prompt (``VisionContext.prompt``) to read the instruction from
+    reads_prompt: ClassVar[bool] = True
 
     def attach(self, run: Any) -> list[Any]:
         load_clip(self.text_encoder)  # fail at attach time, not mid-generate

@@ -31,7 +31,7 @@ from typing import Literal
 import torch
 
 from ..errors import ConfigError
-from ..reduction import Reduction, resolve_budget, select_topk
+from ..reduction import Reduction, resolve_budget
 from . import register_method
 from .base import Budget, Method, VisionContext
 
@@ -70,13 +70,11 @@ class FasterVLM(Method):
     budget: Budget
     feature_space: Literal["vision"] = "vision"
 
-    @property
-    def needs(self) -> tuple[str, ...]:
-        return ("cls_attention", "received_attention")
-
     def score(self, ctx: VisionContext) -> torch.Tensor:
         """(U, n) CLS attention (or mean-query received attention) of every token."""
         return cls_scores(ctx, self.method)
 
     def reduce_vision(self, ctx: VisionContext) -> Reduction:
-        return select_topk(self.score(ctx), resolve_budget(self.budget, ctx.num_tokens))
+        k = resolve_budget(self.budget, ctx.num_tokens)
+        return Reduction.select(torch.sort(self.score(ctx), dim=-1, descending=True, stable=True).indices[:, :k],
+                                ctx.num_tokens)

@@ -16,7 +16,7 @@ from typing import Literal
 
 import torch
 
-from ..reduction import Reduction
+from ..reduction import Reduction, compact
 from ..scoring import attention_from_rows
 from . import register_method
 from .base import Budget, LLMContext, Method
@@ -33,10 +33,8 @@ def fastv_scores(ctx: LLMContext, query: str = "last") -> torch.Tensor:
         inst = src.instruction_mask()
         has = inst.any(-1)
         inst = torch.where(has[:, None], inst, slots[None] == last[:, None])  # fallback: last token
-        R = int(inst.sum(-1).max())
-        rows = torch.where(inst, slots.expand(B, M), slots.expand(B, M) + M).sort(-1).values[:, :R]
-        row_ok = rows < M
-        rows = torch.where(row_ok, rows, last[:, None].expand(-1, R))
+        rows, row_ok = compact(inst)
+        rows = torch.where(row_ok, rows, last[:, None].expand_as(rows))
     else:
         rows = last[:, None]
         row_ok = torch.ones_like(rows, dtype=torch.bool)

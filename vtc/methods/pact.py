@@ -59,7 +59,7 @@ import torch.nn.functional as F
 from pydantic import field_validator
 
 from ..errors import ConfigError
-from ..reduction import Reduction, resolve_budget, topk_per_group
+from ..reduction import Reduction, compact, resolve_budget, topk_per_group
 from ..scoring import attention_probs
 from . import register_method
 from .base import LLMContext, Method
@@ -191,16 +191,6 @@ def dbdpc(
 
 
 # ---- merge -----------------------------------------------------------------------------------------------------
-def compact(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Indices of the True entries of ``mask`` (B, n), in order, left-aligned and padded: (idx (B, k), valid)."""
-    B, n = mask.shape
-    k = max(int(mask.sum(-1).max()) if mask.numel() else 0, 1)
-    idx = torch.arange(n, device=mask.device).expand(B, n)
-    order = torch.where(mask, idx, idx + n).argsort(dim=-1)[:, :k]
-    valid = torch.gather(mask, 1, order)
-    return torch.where(valid, order, torch.zeros_like(order)), valid
-
-
 def merge_clusters(
     centre_of: torch.Tensor, valid: torch.Tensor, features: torch.Tensor | None, sizes: torch.Tensor
 ) -> Reduction:

@@ -175,12 +175,6 @@ class Pool(Method):
     iters: int = 5
     feature_space: Literal["vision", "llm"] = "vision"
 
-    @property
-    def needs(self) -> tuple[str, ...]:
-        if self.mode == "cluster" and self.weights != "uniform":
-            return ("cls_attention",) if self.weights == "cls" else ("received_attention",)
-        return ()
-
     @model_validator(mode="after")
     def _check(self) -> Pool:
         if self.budget is None and self.grid is None:

@@ -187,10 +187,6 @@ class VisionZip(Method):
     keep_cls: bool = True
     feature_space: Literal["vision"] = "vision"
 
-    @property
-    def needs(self) -> tuple[str, ...]:
-        return ("cls_attention", "received_attention", "keys", "cls_token", "hidden_with_cls")
-
     @model_validator(mode="after")
     def _check(self) -> VisionZip:
         d, c, b = self.dominant, self.contextual, self.budget

@@ -86,10 +86,6 @@ class VisPruner(Method):
     important_ratio: float = Field(0.5, ge=0.0, le=1.0)
     feature_space: Literal["vision"] = "vision"
 
-    @property
-    def needs(self) -> tuple[str, ...]:
-        return ("cls_attention", "received_attention")
-
     def reduce_vision(self, ctx: VisionContext) -> Reduction:
         n = ctx.num_tokens
         k = resolve_budget(self.budget, n)

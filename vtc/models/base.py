@@ -9,6 +9,7 @@ An adapter answers, for one model instance:
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -50,6 +51,18 @@ class TokenMap:
             img = starts.cumsum(0) - 1
         image_id = torch.where(flat.bool(), img, torch.full_like(img, -1)).view_as(is_visual)
         return cls(is_visual=is_visual, image_id=image_id, protected=torch.zeros_like(is_visual))
+
+    def repeat_rows(self, repeats: int) -> TokenMap:
+        """Every row ``repeats`` times in a row (how ``generate`` expands a batch for beams and
+        ``num_return_sequences``); each copy's images get their own global ids, in row-major order."""
+        is_visual = self.is_visual.repeat_interleave(repeats, dim=0)
+        image_id = self.image_id.repeat_interleave(repeats, dim=0)
+        first = torch.where(is_visual, image_id, torch.full_like(image_id, image_id.numel())).amin(-1, keepdim=True)
+        count = torch.where(is_visual, image_id - first + 1, torch.zeros_like(image_id)).amax(-1, keepdim=True)
+        offset = count.cumsum(0) - count
+        image_id = torch.where(is_visual, image_id - first + offset, torch.full_like(image_id, -1))
+        return dataclasses.replace(self, is_visual=is_visual, image_id=image_id,
+                                   protected=self.protected.repeat_interleave(repeats, dim=0))
 
 
 @dataclass
@@ -235,7 +248,7 @@ class ModelAdapter:
         return input_ids == self.placeholder_token_id()
 
     # ---- vision side (overridden per family) --------------------------------------------------------------------
-    def encode_images(self, kwargs: dict, needs: set[str]) -> list[VisualGroup]:  # pragma: no cover
+    def encode_images(self, kwargs: dict) -> list[VisualGroup]:  # pragma: no cover
         raise NotImplementedError(f"{self.family}: vision-side stages are not supported by this adapter yet")
 
     def project(self, features: torch.Tensor) -> torch.Tensor:  # pragma: no cover

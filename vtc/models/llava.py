@@ -49,7 +49,7 @@ class LlavaAdapter(ModelAdapter):
         _, strategy = self._feature_settings({})
         return side * side + (1 if strategy == "full" else 0)
 
-    def encode_images(self, kwargs: dict, needs: set[str]) -> list[VisualGroup]:
+    def encode_images(self, kwargs: dict) -> list[VisualGroup]:
         feats, scorer = self._run_tower(kwargs["pixel_values"], kwargs)
         n = feats.shape[1]
         vcfg = self.model.config.vision_config

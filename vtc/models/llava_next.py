@@ -302,7 +302,7 @@ class LlavaNextAdapter(_llava.LlavaAdapter):
         return torch.cat([(p == nl.to(device=p.device, dtype=p.dtype)).all(-1) for p in packed])
 
     # ---- vision side ------------------------------------------------------------------------------------------
-    def encode_images(self, kwargs: dict, needs: set[str]) -> list[VisualGroup]:
+    def encode_images(self, kwargs: dict) -> list[VisualGroup]:
         geoms = self.geometries(kwargs)
         if geoms is None:
             raise ConfigError("llava_next: vision-side stages need image_sizes (the processor returns them)")

@@ -25,7 +25,7 @@ class OrderedVLMAdapter(ModelAdapter):
     def unit_layouts(self, kwargs: dict, image: int):
         return [Sequence(self.model.config.n_latents, is_ordered=True)]
 
-    def encode_images(self, kwargs: dict, needs: set[str]) -> list[VisualGroup]:
+    def encode_images(self, kwargs: dict) -> list[VisualGroup]:
         tower = self.inner.vision_tower
         pixel_values = kwargs["pixel_values"].to(dtype=next(tower.parameters()).dtype)
         latents = tower(pixel_values).last_hidden_state  # (U, n_latents, Dv)

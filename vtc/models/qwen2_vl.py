@@ -428,7 +428,7 @@ class Qwen2VLAdapter(ModelAdapter):
         scores = _TowerScores(block, cap["x"], cap["cu"], cos, sin, self.merge_size ** 2, self._block_order(grid_thw))
         return merged, scores
 
-    def encode_images(self, kwargs: dict, needs: set[str]) -> list[VisualGroup]:
+    def encode_images(self, kwargs: dict) -> list[VisualGroup]:
         _, units = self._unit_ids(kwargs["input_ids"], kwargs)
         flats, extras_src, kind_offset = [], [], {}
         base = 0

@@ -2,8 +2,15 @@
 
 ``vtc.compress(model, cfg)`` is a context manager; ``vtc.apply(model, cfg)`` attaches at once and returns the
 same :class:`Run` handle (``.remove()``). Everything vtc adds is per instance and listed in ``Run._handles``:
-forward pre-hooks on the model and on decoder layers, one forward hook, and an instance-level ``generate``
-wrapper (only for vision-side stages). Removing them restores the model bit for bit.
+forward pre-hooks on the model and on decoder layers, one forward hook, an instance-level ``generate`` wrapper
+(only for vision-side stages) and an instance-level ``_reorder_cache`` (only for LLM-side stages: beam search
+reorders vtc's per-row state with the cache). Removing them restores the model bit for bit, including a
+``generate`` the user had set on the instance before.
+
+``generate`` with vision-side stages: with a cache (the default), the wrapper reduces the images once and calls
+the model's ``generate`` on the rebuilt, shorter prompt (``inputs_embeds``); beams / ``num_return_sequences``
+expand that prompt like any other input, and the output gets the caller's prompt ids back in front (repeated per
+returned sequence). transformers decodes an ``inputs_embeds`` prompt with a KV cache even under ``use_cache=False``.
 """
 
 from __future__ import annotations
@@ -48,6 +55,7 @@ class Run:
                               config.seed)
         self._handles: list[Any] = []
         self._attached = False
+        self._entered: list[bool] = []  # one per open ``with`` block: did that block attach?
         self._pending_token_map = None
         self._forward_sig = inspect.signature(model.forward)
         self._cache_key = cache_kwarg_name(model.forward)
@@ -71,10 +79,11 @@ class Run:
             for stage in self.config.stages:
                 self._handles.extend(stage.attach(self))
             if self.vision.stages:
-                self.model.generate = self._wrap_generate(self.model.generate)
-                self._handles.append(_InstanceAttr(self.model, "generate"))
-            self.model._vtc_run = self
-            self._handles.append(_InstanceAttr(self.model, "_vtc_run"))
+                self._handles.append(_InstanceAttr(self.model, "generate", self._wrap_generate(self.model.generate)))
+            if self.llm.stages:
+                self._handles.append(_InstanceAttr(self.model, "_reorder_cache",
+                                                   self._wrap_reorder(getattr(self.model, "_reorder_cache", None))))
+            self._handles.append(_InstanceAttr(self.model, "_vtc_run", self))
         except BaseException:
             self.remove()
             raise
@@ -90,12 +99,17 @@ class Run:
         self._attached = False
 
     def __enter__(self) -> Run:
-        if not self._attached:
+        """Attach unless attached already. Re-entrant: a nested ``with run:`` (or ``with handle:`` after
+        ``vtc.apply``) leaves the run attached at its exit; only the block that attached detaches."""
+        attaching = not self._attached
+        if attaching:
             self.attach()
+        self._entered.append(attaching)
         return self
 
     def __exit__(self, *exc) -> None:
-        self.remove()
+        if self._entered.pop() if self._entered else True:
+            self.remove()
 
     def set_instruction(self, text: str | list[str] | None) -> None:
         """The user's instruction (question) for text-guided vision-side methods (CDPruner): one string for every
@@ -136,6 +150,10 @@ class Run:
             token_map = prompt.token_map
         elif self._pending_token_map is not None and is_prefill:
             token_map = self._pending_token_map
+            ref = kwargs.get("inputs_embeds")
+            if ref is not None and ref.shape[0] != token_map.is_visual.shape[0]:
+                # generate expanded the rebuilt prompt (beams / num_return_sequences): copies are adjacent rows
+                token_map = token_map.repeat_rows(ref.shape[0] // token_map.is_visual.shape[0])
         elif input_ids is not None and is_prefill and self.llm.stages:
             tm = self.adapter.token_map(input_ids, kwargs)
             token_map = tm if bool(tm.is_visual.any()) else None
@@ -198,36 +216,70 @@ class Run:
 
     def _wrap_generate(self, original):
         run = self
+        signature = inspect.signature(original)
 
         @functools.wraps(original)
         def generate(*args, **kwargs):
-            if args:
-                kwargs.setdefault("input_ids", args[0])
-                args = args[1:]
-            input_ids = kwargs.get("input_ids")
-            if input_ids is None and "inputs" in kwargs:
-                input_ids = kwargs["inputs"] = kwargs.pop("inputs")
-                kwargs["input_ids"] = input_ids
-            if input_ids is None or not run.adapter.has_visual_inputs(kwargs):
+            call = _bind_generate(signature, args, kwargs)
+            input_ids = call.get("input_ids")
+            if input_ids is None or not run.adapter.has_visual_inputs(call):
                 return original(*args, **kwargs)
             run.stats.begin_prefill()
-            prompt = run._reduce_prompt(kwargs)
-            new_kwargs = run._replace_inputs(kwargs, prompt)
+            prompt = run._reduce_prompt(call)
+            new_kwargs = run._replace_inputs(call, prompt)
             new_kwargs.pop("labels", None)
             run._pending_token_map = prompt.token_map
             try:
-                out = original(*args, **new_kwargs)
+                out = original(**new_kwargs)
             finally:
                 run._pending_token_map = None
             return _prepend_prompt(out, input_ids)
 
         return generate
 
+    def _wrap_reorder(self, original):
+        """Beam search reorders the cache's rows (``beam_idx``); vtc's per-row state (kept slots, sizes, decode
+        masks) moves with them."""
+        run = self
+
+        def _reorder_cache(cache, beam_idx):
+            if original is not None:
+                cache = original(cache, beam_idx)
+            elif hasattr(cache, "reorder_cache"):
+                cache.reorder_cache(beam_idx)
+            run.llm.reorder_rows(beam_idx)
+            return cache
+
+        return _reorder_cache
+
+
+def _bind_generate(signature: inspect.Signature, args: tuple, kwargs: dict) -> dict:
+    """The keyword arguments of a ``generate`` call, with the prompt (positional, ``inputs=`` or ``input_ids=``)
+    as ``input_ids``."""
+    bound = signature.bind_partial(*args, **kwargs).arguments
+    call = {}
+    for name, value in bound.items():
+        kind = signature.parameters[name].kind
+        if kind is inspect.Parameter.VAR_KEYWORD:
+            call.update(value)
+        elif kind is not inspect.Parameter.VAR_POSITIONAL:
+            call[name] = value
+    inputs = call.pop("inputs", None)
+    if inputs is not None:
+        if call.get("input_ids") is not None:
+            raise ValueError("generate: pass the prompt as `inputs` or as `input_ids`, not both")
+        call["input_ids"] = inputs
+    return call
+
 
 def _prepend_prompt(out, input_ids: torch.Tensor):
-    """generate() on inputs_embeds returns only new tokens; give back [original prompt ids, new tokens]."""
+    """generate() on inputs_embeds returns only new tokens; give back [original prompt ids, new tokens], the
+    prompt repeated for each sequence of a sample (``num_return_sequences``)."""
     seqs = out if isinstance(out, torch.Tensor) else out.sequences
-    full = torch.cat([input_ids.to(seqs.device), seqs], dim=1)
+    prompt = input_ids.to(seqs.device)
+    if seqs.shape[0] != prompt.shape[0]:
+        prompt = prompt.repeat_interleave(seqs.shape[0] // prompt.shape[0], dim=0)
+    full = torch.cat([prompt, seqs], dim=1)
     if isinstance(out, torch.Tensor):
         return full
     out.sequences = full
@@ -235,18 +287,22 @@ def _prepend_prompt(out, input_ids: torch.Tensor):
 
 
 class _InstanceAttr:
-    """Removes an attribute vtc set on the instance (restoring the class attribute / previous value)."""
+    """Sets an attribute on the instance; ``remove`` restores what the instance had before (or nothing, so the
+    class attribute shows through again)."""
 
     _MISSING = object()
 
-    def __init__(self, obj, name: str) -> None:
+    def __init__(self, obj, name: str, value) -> None:
         self.obj = obj
         self.name = name
-        self.previous = self._MISSING  # set before assignment by the caller when needed
+        self.before = obj.__dict__.get(name, self._MISSING)
+        setattr(obj, name, value)
 
     def remove(self) -> None:
-        if self.name in self.obj.__dict__:
-            del self.obj.__dict__[self.name]
+        if self.before is self._MISSING:
+            self.obj.__dict__.pop(self.name, None)
+        else:
+            self.obj.__dict__[self.name] = self.before
 
 
 def compress(model: nn.Module, config: str | dict | Config | list, *, adapter: ModelAdapter | None = None) -> Run:

@@ -24,12 +24,14 @@ import torch
 from ..errors import ConfigError
 from ..methods.base import LLMContext, Method
 from ..models.base import ModelAdapter, TokenMap
+from ..reduction import compact
+from .masks import decode_mask, gather_seq, prefill_mask
 
 __all__ = ["LLMRuntime"]
 
 
 @dataclass
-class _Generation:
+class _SlotSet:
     """The slot set in force from one layer on (after a stage)."""
 
     start_layer: int
@@ -48,13 +50,22 @@ class _Generation:
     def needs_mask(self) -> bool:
         return self.use_bias or not self.identity and bool((~self.slot_valid).any())
 
+    def select_rows(self, rows: torch.Tensor) -> _SlotSet:
+        """The same slot set for batch rows ``rows`` (beam search reordering); memoised masks are dropped."""
+        def pick(t):
+            return t.index_select(0, rows.to(t.device))
+
+        return _SlotSet(self.start_layer, pick(self.slots), pick(self.slot_valid), pick(self.sizes),
+                           pick(self.is_visual), pick(self.image_id), pick(self.protected), pick(self.user_valid),
+                           identity=self.identity, use_bias=self.use_bias)
+
 
 class LLMRuntime:
-    def __init__(self, adapter: ModelAdapter, stages: list[tuple[int, Method]], stats: Any, generator_seed: int):
+    def __init__(self, adapter: ModelAdapter, stages: list[tuple[int, Method]], stats: Any, seed: int):
         self.adapter = adapter
         self.stages = stages  # (stage index, method) LLM-side, in layer order
         self.stats = stats
-        self.seed = generator_seed
+        self.seed = seed
         self.by_layer: dict[int, tuple[int, Method]] = {}
         for idx, m in stages:
             for layer in m.llm_layers():
@@ -75,7 +86,7 @@ class LLMRuntime:
         self.phase = "idle"
         self.prefill_len = 0
         self.total_len = 0
-        self.generations: list[_Generation] = []
+        self.slot_sets: list[_SlotSet] = []
         self.captured: dict[int, dict[int, LLMContext]] = {}
         self.token_map: TokenMap | None = None
         self.user_mask: torch.Tensor | None = None
@@ -98,10 +109,16 @@ class LLMRuntime:
                               else torch.ones(batch, seq_len, dtype=torch.bool, device=device))
             if self.user_mask.shape[1] != seq_len:
                 self.user_mask = self.user_mask[:, -seq_len:]
-            self.generator = torch.Generator(device=device).manual_seed(self.seed)
         elif self.active:
             self.phase = "decode"
             self.total_len += seq_len
+
+    def reorder_rows(self, rows: torch.Tensor) -> None:
+        """Row i of the batch continues what row ``rows[i]`` held (beam search's ``beam_idx``)."""
+        if not self.active:
+            return
+        self.slot_sets = [g.select_rows(rows) for g in self.slot_sets]
+        self.user_mask = self.user_mask.index_select(0, rows.to(self.user_mask.device))
 
     def end_prefill(self) -> None:
         if self.phase == "prefill":
@@ -118,11 +135,11 @@ class LLMRuntime:
         """
         if not self.active or self.phase != "prefill" or self.user_mask is None:
             return None
-        gen = self._current(layer_idx)
-        if gen is None:
+        ss = self._current(layer_idx)
+        if ss is None:
             B, N = self.user_mask.shape
             return torch.arange(N, device=self.user_mask.device).expand(B, N), self.user_mask
-        return gen.slots, gen.slot_valid & gen.user_valid
+        return ss.slots, ss.slot_valid & ss.user_valid
 
     # ---- hooks ---------------------------------------------------------------------------------------------------
     def layer_hook(self, layer_idx: int):
@@ -149,19 +166,19 @@ class LLMRuntime:
             kwargs["hidden_states"] = hidden
         return args, kwargs
 
-    def _current(self, layer_idx: int) -> _Generation | None:
+    def _current(self, layer_idx: int) -> _SlotSet | None:
         cur = None
-        for g in self.generations:
+        for g in self.slot_sets:
             if g.start_layer <= layer_idx:
                 cur = g
         return cur
 
-    def _initial_generation(self, hidden: torch.Tensor) -> _Generation:
+    def _initial_slot_set(self, hidden: torch.Tensor) -> _SlotSet:
         B, N = hidden.shape[:2]
         tm = self.token_map
         dev = hidden.device
         slots = torch.arange(N, device=dev).expand(B, N)
-        return _Generation(
+        return _SlotSet(
             start_layer=0, slots=slots, slot_valid=torch.ones(B, N, dtype=torch.bool, device=dev),
             sizes=torch.ones(B, N, dtype=torch.float32, device=dev), is_visual=tm.is_visual.to(dev),
             image_id=tm.image_id.to(dev), protected=tm.protected.to(dev), user_valid=self.user_mask.to(dev),
@@ -171,37 +188,34 @@ class LLMRuntime:
     def _prefill_layer(self, layer_idx: int, args, kwargs):
         kwargs = dict(kwargs)
         hidden = self._hidden(args, kwargs)
-        gen = self._current(layer_idx)
-        if gen is None:
-            gen = self._initial_generation(hidden)
+        ss = self._current(layer_idx)
+        if ss is None:
+            ss = self._initial_slot_set(hidden)
         if layer_idx in self.by_layer:
             stage_idx, method = self.by_layer[layer_idx]
-            ctx = self._context(layer_idx, hidden, gen, self._slice_kwargs(gen, kwargs), stage_idx)
+            ctx = self._context(layer_idx, hidden, ss, self._slice_kwargs(ss, kwargs), stage_idx)
             reduction = method.reduce_llm(ctx)
-            gen, hidden = self._apply(layer_idx, gen, hidden, ctx, reduction, method)
-            self.generations.append(gen)
-            self.stats.record_llm_stage(stage_idx, method, layer_idx, ctx, gen, reduction)
+            ss, hidden = self._apply(layer_idx, ss, hidden, ctx, reduction, method)
+            self.slot_sets.append(ss)
+            self.stats.record_llm_stage(stage_idx, method, layer_idx, ctx, ss, reduction)
             args, kwargs = self._with_hidden(args, kwargs, hidden)
-        if not gen.identity or gen.use_bias:
-            kwargs = self._slice_kwargs(gen, kwargs)
+        if not ss.identity or ss.use_bias:
+            kwargs = self._slice_kwargs(ss, kwargs)
         if layer_idx in self.capture_at:
-            ctx = self._context(layer_idx, hidden, gen, kwargs, -1)
+            ctx = self._context(layer_idx, hidden, ss, kwargs, -1)
             self.captured.setdefault(layer_idx, {})
             for idx in self.capture_at[layer_idx]:
                 self.captured[layer_idx][idx] = ctx
-        self.stats.record_layer(layer_idx, gen.slot_valid.shape[1], (gen.slot_valid & gen.user_valid).sum(-1))
+        if "real" not in ss.memo:  # once per slot set: stats convert it when read
+            ss.memo["real"] = (ss.slot_valid & ss.user_valid).sum(-1)
+        self.stats.record_layer(layer_idx, ss.slot_valid.shape[1], ss.memo["real"])
         return args, kwargs
 
-    def _context(self, layer_idx, hidden, gen: _Generation, kwargs, stage_idx) -> LLMContext:
-        cand_mask = gen.is_visual & ~gen.protected & gen.slot_valid
-        B, M = cand_mask.shape
-        counts = cand_mask.sum(-1)
-        n = max(int(counts.max()), 1) if B else 1
-        idx = torch.arange(M, device=hidden.device).expand(B, M)
-        order = torch.where(cand_mask, idx, idx + M).argsort(-1)[:, :n]
-        cand_valid = torch.gather(cand_mask, 1, order)
-        candidates = torch.where(cand_valid, order, torch.zeros_like(order))
-        image_id = torch.where(cand_valid, torch.gather(gen.image_id, 1, candidates), torch.full_like(order, -1))
+    def _context(self, layer_idx, hidden, ss: _SlotSet, kwargs, stage_idx) -> LLMContext:
+        cand_mask = ss.is_visual & ~ss.protected & ss.slot_valid
+        B = cand_mask.shape[0]
+        candidates, cand_valid = compact(cand_mask)
+        image_id = torch.where(cand_valid, torch.gather(ss.image_id, 1, candidates), torch.full_like(candidates, -1))
         # per-image candidate counts (B, G): G = number of images in the batch
         G = int(self.token_map.image_id.max()) + 1 if self.token_map.image_id.numel() else 0
         G = max(G, 1)
@@ -210,14 +224,14 @@ class LLMRuntime:
         captured = {layer: d[stage_idx] for layer, d in self.captured.items() if stage_idx in d}
         return LLMContext(
             layer_idx=layer_idx, hidden_states=hidden, candidates=candidates, candidate_valid=cand_valid,
-            image_id=image_id, slot_positions=gen.slots, slot_valid=gen.slot_valid,
-            token_valid=gen.slot_valid & gen.user_valid, is_visual=gen.is_visual, sizes=gen.sizes,
+            image_id=image_id, slot_positions=ss.slots, slot_valid=ss.slot_valid,
+            token_valid=ss.slot_valid & ss.user_valid, is_visual=ss.is_visual, sizes=ss.sizes,
             position_embeddings=kwargs.get("position_embeddings"), attention_mask=kwargs.get("attention_mask"),
-            adapter=self.adapter, captured=captured, generator=self.generator, stage_index=stage_idx,
+            adapter=self.adapter, captured=captured,
             image_counts=counts_img, seed=self.seed,
         )
 
-    def _apply(self, layer_idx, gen: _Generation, hidden, ctx: LLMContext, red, method: Method):
+    def _apply(self, layer_idx, ss: _SlotSet, hidden, ctx: LLMContext, red, method: Method):
         B, M, D = hidden.shape
         dev = hidden.device
         cand = ctx.candidates
@@ -237,10 +251,10 @@ class LLMRuntime:
         is_cand = is_cand[:, :M]
         keep = torch.zeros(B, M + 1, dtype=torch.bool, device=dev)
         keep.scatter_(1, cand_tgt, kept_cand)
-        keep = (keep[:, :M] | ~is_cand) & gen.slot_valid
+        keep = (keep[:, :M] | ~is_cand) & ss.slot_valid
         # merged features / sizes replace the anchor's
         new_hidden = hidden
-        sizes = gen.sizes
+        sizes = ss.sizes
         anchor_slots = torch.gather(cand, 1, red.anchor)
         anchor_tgt = torch.where(red.valid, anchor_slots, torch.full_like(anchor_slots, M))
         if red.features is not None:
@@ -252,150 +266,89 @@ class LLMRuntime:
             sbuf = sbuf.scatter(1, anchor_tgt, red.sizes.to(sizes.dtype))
             sizes = sbuf[:, :M]
         # compact: survivors keep original order; rows with fewer survivors are left-padded
-        counts = keep.sum(-1)
-        M2 = int(counts.max())
-        idx = torch.arange(M, device=dev).expand(B, M)
-        order = torch.where(keep, idx + M, idx).argsort(-1)[:, M - M2:]
-        valid = torch.gather(keep, 1, order)
+        order, valid = compact(keep, align="right", fill=None)
+        M2 = order.shape[1]
 
         def g(t):
             return torch.gather(t, 1, order)
 
         out_hidden = torch.gather(new_hidden, 1, order.unsqueeze(-1).expand(-1, -1, D))
-        new_gen = _Generation(
-            start_layer=layer_idx, slots=g(gen.slots), slot_valid=valid, sizes=torch.where(valid, g(sizes), 1.0),
-            is_visual=g(gen.is_visual) & valid, image_id=g(gen.image_id), protected=g(gen.protected),
-            user_valid=g(gen.user_valid), identity=False,
-            use_bias=gen.use_bias or (red.sizes is not None and getattr(method, "proportional", False)),
+        new_set = _SlotSet(
+            start_layer=layer_idx, slots=g(ss.slots), slot_valid=valid, sizes=torch.where(valid, g(sizes), 1.0),
+            is_visual=g(ss.is_visual) & valid, image_id=g(ss.image_id), protected=g(ss.protected),
+            user_valid=g(ss.user_valid), identity=False,
+            use_bias=ss.use_bias or (red.sizes is not None and getattr(method, "proportional", False)),
         )
-        new_gen.identity = bool(M2 == M and bool(valid.all()))
-        return new_gen, out_hidden
+        new_set.identity = bool(M2 == M and bool(valid.all()))
+        return new_set, out_hidden
 
     # ---- slicing --------------------------------------------------------------------------------------------
-    def _slice_kwargs(self, gen: _Generation, kwargs: dict) -> dict:
+    def _slice_kwargs(self, ss: _SlotSet, kwargs: dict) -> dict:
         kwargs = dict(kwargs)
         pe = kwargs.get("position_embeddings")
         if pe is not None:
-            kwargs["position_embeddings"] = self._memo(gen, pe, lambda: tuple(self._gather_seq(t, gen.slots, -2)
+            kwargs["position_embeddings"] = self._memo(ss, pe, lambda: tuple(gather_seq(t, ss.slots, -2)
                                                                               for t in pe))
         pid = kwargs.get("position_ids")
         if isinstance(pid, torch.Tensor) and pid.shape[-1] == self.prefill_len:
-            kwargs["position_ids"] = self._memo(gen, pid, lambda: self._gather_seq(pid, gen.slots, -1))
+            kwargs["position_ids"] = self._memo(ss, pid, lambda: gather_seq(pid, ss.slots, -1))
         if "cache_position" in kwargs and isinstance(kwargs["cache_position"], torch.Tensor):
-            kwargs["cache_position"] = torch.arange(gen.slots.shape[1], device=gen.slots.device)
+            kwargs["cache_position"] = torch.arange(ss.slots.shape[1], device=ss.slots.device)
         mask = kwargs.get("attention_mask")
         key = ("mask", id(mask))
-        if key not in gen.memo:
-            gen.memo[key] = (mask, self._prefill_mask(gen, mask))
-        kwargs["attention_mask"] = gen.memo[key][1]
+        if key not in ss.memo:
+            ss.memo[key] = (mask, self._prefill_mask(ss, mask))
+        kwargs["attention_mask"] = ss.memo[key][1]
         return kwargs
 
-    def _memo(self, gen: _Generation, src, fn):
+    def _memo(self, ss: _SlotSet, src, fn):
         key = id(src)
-        hit = gen.memo.get(key)
+        hit = ss.memo.get(key)
         if hit is not None and hit[0] is src:
             return hit[1]
         val = fn()
-        gen.memo[key] = (src, val)
+        ss.memo[key] = (src, val)
         return val
-
-    @staticmethod
-    def _gather_seq(t: torch.Tensor, slots: torch.Tensor, dim: int) -> torch.Tensor:
-        """Gather (..., B|1, N, ...) along the sequence axis ``dim`` (-1 or -2) with slots (B, M)."""
-        B, M = slots.shape
-        if dim == -2:
-            lead = t.shape[:-3]
-            t = t.expand(*lead, B, t.shape[-2], t.shape[-1])
-            idx = slots.view(*([1] * len(lead)), B, M, 1).expand(*lead, B, M, t.shape[-1])
-            return torch.gather(t, -2, idx)
-        lead = t.shape[:-2]
-        t = t.expand(*lead, B, t.shape[-1])
-        idx = slots.view(*([1] * len(lead)), B, M).expand(*lead, B, M)
-        return torch.gather(t, -1, idx)
 
     def _float_dtype(self) -> torch.dtype:
         return self.adapter.language_model.dtype if hasattr(self.adapter.language_model, "dtype") else torch.float32
 
-    def _prefill_mask(self, gen: _Generation, mask):
+    def _float_out(self, mask, ss: _SlotSet) -> bool:
+        """Additive float mask (not boolean): the model gave one, eager wants one, or the log-size bias."""
+        return (mask is not None and mask.dtype != torch.bool) or self.attn_impl == "eager" or ss.use_bias
+
+    def _prefill_mask(self, ss: _SlotSet, mask):
         if isinstance(mask, dict) or (mask is not None and not isinstance(mask, torch.Tensor)):
             raise ConfigError(f"unsupported attention mask type {type(mask).__name__} for LLM-side stages")
-        need = gen.needs_mask
-        if mask is None and not need:
+        if mask is None and not ss.needs_mask:
             return None
-        if mask is not None and mask.dim() == 2:  # flash-attention-2 style padding mask
-            if gen.use_bias:
-                raise ConfigError(
-                    "proportional attention needs an additive mask; flash_attention_2 cannot take one. "
-                    "Use attn_implementation='sdpa' (its flash kernel is used when no mask is needed) or "
-                    "set proportional: false"
-                )
-            return torch.gather(mask, 1, gen.slots) & gen.slot_valid.to(mask.dtype)
-        slots = gen.slots
-        B, M = slots.shape
-        if mask is not None:
-            m = mask.expand(B, *mask.shape[1:])
-            rows = torch.gather(m, 2, slots[:, None, :, None].expand(-1, m.shape[1], -1, m.shape[-1]))
-            allowed = torch.gather(rows, 3, slots[:, None, None, :].expand(-1, m.shape[1], M, -1))
-            allowed = allowed if allowed.dtype == torch.bool else allowed == 0
-        else:
-            allowed = torch.ones(M, M, dtype=torch.bool, device=slots.device).tril()[None, None].expand(B, 1, M, M)
-        return self._finish_mask(allowed, gen.slot_valid, gen.slot_valid, gen.sizes if gen.use_bias else None,
-                                 float_out=(mask is not None and mask.dtype != torch.bool) or self.attn_impl == "eager"
-                                 or gen.use_bias)
-
-    def _finish_mask(self, allowed, key_valid, query_valid, key_sizes, float_out: bool):
-        Q, K = allowed.shape[-2:]
-        allowed = allowed & key_valid[:, None, None, :]
-        if query_valid is not None:
-            # padding query rows attend to themselves only (never an all-masked row)
-            eye = torch.eye(Q, K, dtype=torch.bool, device=allowed.device)[None, None]
-            allowed = allowed | (eye & ~query_valid[:, None, :, None])
-        if not float_out:
-            return allowed
-        dtype = self._float_dtype()
-        neg = torch.finfo(dtype).min
-        out = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
-        if key_sizes is not None:
-            out = out + torch.log(key_sizes.clamp(min=1.0)).to(dtype)[:, None, None, :]
-        return out.masked_fill(~allowed, neg)
+        if mask is not None and mask.dim() == 2 and ss.use_bias:
+            raise ConfigError(
+                "proportional attention needs an additive mask; flash_attention_2 cannot take one. "
+                "Use attn_implementation='sdpa' (its flash kernel is used when no mask is needed) or "
+                "set proportional: false"
+            )
+        return prefill_mask(mask, ss.slots, ss.slot_valid, ss.sizes if ss.use_bias else None,
+                            float_out=self._float_out(mask, ss), dtype=self._float_dtype())
 
     def _decode_layer(self, layer_idx: int, args, kwargs):
-        gen = self._current(layer_idx)
-        if gen is None or (gen.identity and not gen.use_bias):
+        ss = self._current(layer_idx)
+        if ss is None or (ss.identity and not ss.use_bias):
             return None
         kwargs = dict(kwargs)
         mask = kwargs.get("attention_mask")
         hidden = self._hidden(args, kwargs)
         T = hidden.shape[1]
         key = ("decode", id(mask), self.total_len)
-        if key in gen.memo:
-            kwargs["attention_mask"] = gen.memo[key]
+        if key in ss.memo:
+            kwargs["attention_mask"] = ss.memo[key]
             return args, kwargs
-        B = hidden.shape[0]
-        dev = hidden.device
-        N, K_total = self.prefill_len, self.total_len
-        new_pos = torch.arange(N, K_total, device=dev).expand(B, K_total - N)
-        keys = torch.cat([gen.slots, new_pos], dim=1)
-        key_valid = torch.cat([gen.slot_valid, torch.ones_like(new_pos, dtype=torch.bool)], dim=1)
-        if mask is not None and mask.dim() == 2:
-            if gen.use_bias:
-                raise ConfigError("proportional attention is not available with flash_attention_2 (use sdpa)")
-            out = torch.gather(mask, 1, keys) & key_valid.to(mask.dtype)
-        else:
-            if mask is not None:
-                m = mask.expand(B, *mask.shape[1:])
-                allowed = torch.gather(m, 3, keys[:, None, None, :].expand(-1, m.shape[1], m.shape[2], -1))
-                allowed = allowed if allowed.dtype == torch.bool else allowed == 0
-            else:
-                q_pos = torch.arange(K_total - T, K_total, device=dev)
-                allowed = (keys[:, None, None, :] <= q_pos[None, None, :, None])
-            sizes = None
-            if gen.use_bias:
-                sizes = torch.cat([gen.sizes, torch.ones_like(new_pos, dtype=gen.sizes.dtype)], dim=1)
-            out = self._finish_mask(allowed, key_valid, None, sizes,
-                                    float_out=(mask is not None and mask.dtype != torch.bool)
-                                    or self.attn_impl == "eager" or gen.use_bias)
-        gen.memo = {k: v for k, v in gen.memo.items() if not (isinstance(k, tuple) and k[0] == "decode")}
-        gen.memo[key] = out
+        if mask is not None and mask.dim() == 2 and ss.use_bias:
+            raise ConfigError("proportional attention is not available with flash_attention_2 (use sdpa)")
+        out = decode_mask(mask, ss.slots, ss.slot_valid, ss.sizes if ss.use_bias else None,
+                          prefill_len=self.prefill_len, total_len=self.total_len, new_tokens=T,
+                          float_out=self._float_out(mask, ss), dtype=self._float_dtype())
+        ss.memo = {k: v for k, v in ss.memo.items() if not (isinstance(k, tuple) and k[0] == "decode")}
+        ss.memo[key] = out
         kwargs["attention_mask"] = out
         return args, kwargs

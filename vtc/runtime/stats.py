@@ -3,7 +3,8 @@
 - ``stages``: per stage, visual tokens in / out per image (vision side) or per sample (LLM side), and the
   reduction's source maps (for drawing).
 - ``seq_len_per_layer``: sequence length (slots, incl. vtc padding) entering each decoder layer >= the first
-  LLM-side stage; ``tokens_per_layer``: real tokens per sample.
+  LLM-side stage; ``tokens_per_layer``: real tokens per sample (kept on the device per slot set while the
+  prefill runs, converted when read: no host sync per decoder layer).
 - ``kv_cache_len``: KV-cache entries per layer after prefill, read from the real cache.
 - ``image_tokens``: vision side: tokens each image occupies in the rebuilt prompt, including tokens the model
   adds when packing that no stage counts (LLaVA-NeXT's ``image_newline`` tokens).
@@ -56,18 +57,19 @@ class StageStats:
 class Stats:
     stages: list[StageStats] = field(default_factory=list)
     seq_len_per_layer: dict[int, int] = field(default_factory=dict)
-    tokens_per_layer: dict[int, list[int]] = field(default_factory=dict)
     kv_cache_len: list[int] = field(default_factory=list)
     prompt_len: int = 0
     image_tokens: list[int] = field(default_factory=list)
     vtc_time_s: float = 0.0
     prefills: int = 0
+    #: per decoder layer: the (B,) real-token counts of the slot set in force there (one tensor per slot set)
+    _layer_tokens: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
 
     # ---- recording (runtime) ---------------------------------------------------------------------------------
     def begin_prefill(self) -> None:
         self.stages = []
         self.seq_len_per_layer = {}
-        self.tokens_per_layer = {}
+        self._layer_tokens = {}
         self.kv_cache_len = []
         self.image_tokens = []
         self.prefills += 1
@@ -103,8 +105,9 @@ class Stats:
         s.kept_valid = gen.slot_valid.detach()
 
     def record_layer(self, layer: int, seq_len: int, tokens: torch.Tensor) -> None:
+        """``tokens``: (B,) real tokens per sample, the same tensor for every layer of one slot set."""
         self.seq_len_per_layer[layer] = int(seq_len)
-        self.tokens_per_layer[layer] = tokens.tolist()
+        self._layer_tokens[layer] = tokens
 
     def record_cache(self, cache: Any, num_layers: int) -> None:
         if cache is None:
@@ -118,6 +121,18 @@ class Stats:
         self.kv_cache_len = lens
 
     # ---- reading ------------------------------------------------------------------------------------------
+    @property
+    def tokens_per_layer(self) -> dict[int, list[int]]:
+        """Real tokens per sample entering each decoder layer >= the first LLM-side stage (one host sync per
+        slot set, here)."""
+        lists: dict[int, list[int]] = {}
+        out = {}
+        for layer, tokens in sorted(self._layer_tokens.items()):
+            if id(tokens) not in lists:
+                lists[id(tokens)] = tokens.tolist()
+            out[layer] = lists[id(tokens)]
+        return out
+
     def as_dict(self) -> dict[str, Any]:
         return {
             "stages": [s.as_dict() for s in self.stages],

@@ -8,14 +8,15 @@ sequence: positions, mask and KV cache all follow.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import torch
 
 from ..errors import ConfigError
-from ..methods.base import Method, PromptText, VisionContext, VisionExtras
+from ..functional import run_vision_stages
+from ..methods.base import Method, PromptText
 from ..models.base import ImageFeatures, ModelAdapter, TokenMap
+from ..reduction import compact
 
 __all__ = ["VisionRuntime", "RebuiltPrompt", "rebuild_prompt"]
 
@@ -28,7 +29,6 @@ class RebuiltPrompt:
     token_map: TokenMap
     position_ids: torch.Tensor | None = None
     labels: torch.Tensor | None = None
-    keep: torch.Tensor | None = None  # (B, N) which original positions survive (for callers' bookkeeping)
 
 
 def rebuild_prompt(adapter: ModelAdapter, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
@@ -62,14 +62,7 @@ def rebuild_prompt(adapter: ModelAdapter, input_ids: torch.Tensor, attention_mas
         attention_mask = torch.ones(B, N, dtype=torch.long, device=dev)
     right_padded = bool((attention_mask[:, -1] == 0).any())
     keep = keep & attention_mask.bool()  # old padding is dropped; rows are re-padded to the new longest row
-    counts = keep.sum(-1)
-    L = int(counts.max())
-    idx = torch.arange(N, device=dev).expand(B, N)
-    if right_padded:
-        order = torch.where(keep, idx, idx + N).argsort(-1)[:, :L]
-    else:
-        order = torch.where(keep, idx + N, idx).argsort(-1)[:, N - L:]
-    valid = torch.gather(keep, 1, order)
+    order, valid = compact(keep, align="left" if right_padded else "right", fill=None)
     pad_id = getattr(adapter.text_config, "pad_token_id", None)
     pad_id = 0 if pad_id is None else pad_id
     new_ids = torch.where(valid, torch.gather(input_ids, 1, order), torch.full_like(order, pad_id))
@@ -89,7 +82,7 @@ def rebuild_prompt(adapter: ModelAdapter, input_ids: torch.Tensor, attention_mas
         protected[vis] = prot.to(dev)
         new_tm.protected = protected
     pos = adapter.position_ids_for(new_ids, new_mask, images, kwargs)
-    return RebuiltPrompt(new_ids, new_mask, embeds, new_tm, pos, new_labels, keep)
+    return RebuiltPrompt(new_ids, new_mask, embeds, new_tm, pos, new_labels)
 
 
 class VisionRuntime:
@@ -100,11 +93,9 @@ class VisionRuntime:
         self.stages = stages
         self.stats = stats
         self.seed = seed
-        self.needs: set[str] = set()
-        for _, m in stages:
-            self.needs |= set(getattr(m, "needs", ()))
         #: the user's instruction (``run.set_instruction``): one string, or one per batch row
         self.instruction: str | list[str] | None = None
+        self.reads_prompt = any(getattr(m, "reads_prompt", False) for _, m in stages)
 
     def prompt_text(self, kwargs: dict) -> PromptText:
         """The prompt facts a text-reading method needs (the original input_ids and which row each image is in)."""
@@ -120,41 +111,19 @@ class VisionRuntime:
                           getattr(self.adapter.model, "name_or_path", None) or None)
 
     def reduce_images(self, kwargs: dict) -> list[ImageFeatures]:
-        groups = self.adapter.encode_images(kwargs, self.needs)
-        prompt = self.prompt_text(kwargs) if "prompt" in self.needs else None
         outputs = []
-        for group in groups:
-            feats = group.features
-            layout = group.layout
-            extras = group.extras
-            if "tower_features" not in extras.other:  # the features before the projector (e.g. CDPruner's CLIP space)
-                extras.other["tower_features"] = lambda f=group.features: f
-            projected = False
-            generator = torch.Generator(device=feats.device).manual_seed(self.seed)
-            reductions = []
-            for pos, (stage_idx, m) in enumerate(self.stages):
-                if m.space == "llm" and not projected:
-                    feats = self.adapter.project(feats)
-                    projected = True
-                m.check_layout(layout)
-                ctx = VisionContext(features=feats, layout=layout, extras=extras, generator=generator,
-                                    space="llm" if projected else "vision", seed=self.seed,
-                                    unit_image=torch.as_tensor(group.unit_image, device=feats.device),
-                                    prompt=prompt)
-                n_in = feats.shape[1]
-                t0 = time.perf_counter()
-                red = m.reduce_vision(ctx)
-                if pos + 1 < len(self.stages) and not bool(red.valid.all()):
-                    raise ConfigError(
-                        f"stages[{stage_idx}] ({m.method}) delivers different token counts per unit (e.g. a per-image "
-                        "budget split over crops); it must be the last vision-side stage"
-                    )
-                feats = red.output_features(feats)
-                self.stats.add_time(time.perf_counter() - t0)
-                layout = m.output_layout(layout, feats.shape[1])
-                reductions.append(red)
-                self.stats.record_vision_stage(stage_idx, m, group, n_in, red)
-                extras = VisionExtras()  # extras describe the tower's original tokens only
+        prompt = self.prompt_text(kwargs) if self.reads_prompt else None
+        for group in self.adapter.encode_images(kwargs):
+            if "tower_features" not in group.extras.other:  # before the projector (e.g. CDPruner's CLIP space)
+                group.extras.other["tower_features"] = lambda f=group.features: f
+            def on_stage(index, method, n_in, reduction, seconds, group=group):
+                self.stats.add_time(seconds)
+                self.stats.record_vision_stage(index, method, group, n_in, reduction)
+
+            unit_image = torch.as_tensor(group.unit_image, device=group.features.device)
+            feats, layout, reductions, projected = run_vision_stages(
+                group.features, group.layout, self.stages, group.extras, self.seed, unit_image=unit_image,
+                project=self.adapter.project, on_stage=on_stage, prompt=prompt)
             if not projected:
                 feats = self.adapter.project(feats)
             group.out_layout = layout
