@@ -303,3 +303,15 @@ def test_cdpruner_instruction_from_the_prompt(tmp_path):
         with pytest.raises(vtc.ConfigError, match="set_instruction"):
             run.set_instruction(["only one"])
             model(**inputs)
+
+
+def test_bench_lists_configs_without_their_text_encoder_as_not_run(tmp_path):
+    from models_clip import tiny_clip_dir
+
+    from eval import bench_all as BA
+
+    cfg = tmp_path / "cdp.yaml"
+    cfg.write_text(f"stages:\n  - {{method: cdpruner, budget: 8, text_encoder: {tmp_path / 'nope'}}}\n")
+    assert "not available locally" in BA._skip_reason(cfg)
+    cfg.write_text(f"stages:\n  - {{method: cdpruner, budget: 8, text_encoder: {tiny_clip_dir()}}}\n")
+    assert BA._skip_reason(cfg) is None
