@@ -6,8 +6,10 @@ Each cell equals the same ``generate`` call on an oracle:
 - vision side: the unwrapped model fed the reduced prompt vtc built (captured ``inputs_embeds``, mask, positions),
   with the caller's prompt ids in front of the new tokens (transformers decodes an ``inputs_embeds`` prompt with a
   cache even under ``use_cache=False``, so the oracle does too);
-- LLM side and both: the replayed reductions (tests/replay.py) with ``use_cache=False``: on the LLM side every
-  step is an uncached recomputation over the kept tokens.
+- LLM side: the replayed reductions (tests/replay.py) with ``use_cache=False``: every step an uncached
+  recomputation over the kept tokens;
+- both: the unwrapped model fed the reduced prompt, with the tokens the LLM-side stage pruned masked as keys from
+  its layer on (pruning by masking instead of vtc's slicing).
 A keep-all config equals the unwrapped model on the same call. That beam search carries vtc's per-row state (kept
 slots, decode masks) with the cache rows is checked directly by ``test_beam_reorder_carries_row_state`` (the rows
 of one sample's beams hold equal state, so the matrix alone cannot see a missing reorder).
@@ -15,6 +17,7 @@ of one sample's beams hold equal state, so the matrix alone cannot see a missing
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import sys
@@ -27,6 +30,7 @@ from tiny_models import llava_inputs, tiny_llava
 from torch.overrides import TorchFunctionMode
 
 import vtc
+from vtc.models import get_adapter
 from vtc.models.base import cache_kwarg_name
 
 FAMILY_BY_NAME = {f.name: f for f in discover()[0]}
@@ -111,6 +115,38 @@ def reduced_prompt(model, inputs: dict, config: dict) -> dict:
     return captured
 
 
+@contextlib.contextmanager
+def masked_keys(model, stats):
+    """Pruning by masking, an implementation independent of vtc's slicing runtime: from the LLM-side stage's layer
+    on, every query of the unwrapped model is kept from attending to the prompt tokens the stage pruned (they
+    keep their positions; what they compute themselves is never read)."""
+    (st,) = [s for s in stats.stages if s.side == "llm"]
+    n = stats.prompt_len
+    keep = torch.zeros(st.kept_positions.shape[0], n + 1, dtype=torch.bool)
+    keep.scatter_(1, torch.where(st.kept_valid, st.kept_positions, n), True)
+    keep = keep[:, :n]
+
+    def hook(module, args, kwargs):
+        mask = kwargs.get("attention_mask")
+        assert mask is not None and mask.dim() == 4, "the padded test batch gives every layer a 4D mask"
+        K = mask.shape[-1]
+        k = keep[:, :K] if K <= n else torch.cat([keep, torch.ones(keep.shape[0], K - n, dtype=torch.bool)], 1)
+        mask = mask.expand(k.shape[0], *mask.shape[1:])
+        if mask.dtype == torch.bool:
+            mask = mask & k[:, None, None, :]
+        else:
+            mask = mask.masked_fill(~k[:, None, None, :], torch.finfo(mask.dtype).min)
+        return args, {**kwargs, "attention_mask": mask}
+
+    layers = get_adapter(model).decoder_layers()
+    handles = [layers[i].register_forward_pre_hook(hook, with_kwargs=True) for i in range(st.layer, len(layers))]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
 @functools.cache
 def unwrapped(family: str, mode: str):
     return call(model_for(family), inputs_for(family), mode)
@@ -125,18 +161,20 @@ def test_generate_equals_oracle(family, side, mode):
     with vtc.compress(model, config) as run:
         out = call(model, inputs, mode)
         stats = run.stats
-    if side == "vision":
-        # transformers feeds inputs_embeds to the first step only, so the oracle decodes with its cache
-        oracle = call(model, reduced_prompt(model, inputs, config), mode, use_cache=True)
+    if side == "llm":
+        with vtc.compress(model, replay_config(config, stats, key=f"generate-{family}-{side}-{mode}")):
+            oracle = call(model, inputs, mode, use_cache=False)
+    else:
+        reduced = reduced_prompt(model, inputs, config)
+        # transformers decodes an inputs_embeds prompt with a cache whatever use_cache says
+        with masked_keys(model, stats) if side == "both" else contextlib.nullcontext():
+            oracle = call(model, reduced, mode, use_cache=True)
         prompt = inputs["input_ids"].repeat_interleave(sequences(out).shape[0] // inputs["input_ids"].shape[0], 0)
         oracle_seqs = torch.cat([prompt, sequences(oracle)], dim=1)
         if isinstance(oracle, torch.Tensor):
             oracle = oracle_seqs
         else:
             oracle.sequences = oracle_seqs
-    else:
-        with vtc.compress(model, replay_config(config, stats, key=f"generate-{family}-{side}-{mode}")):
-            oracle = call(model, inputs, mode, use_cache=False)
     assert_same(out, oracle, atol=1e-4)
     with vtc.compress(model, {"stages": KEEP_ALL[side]}):
         keep_all = call(model, inputs, mode)
