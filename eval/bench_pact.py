@@ -136,7 +136,7 @@ def bench_one(args, n_vis: int, layer, adapter, rotary, dev, dtype) -> dict:
 
         def euti():
             q, k, prefix = method._project(ctx, True)
-            kept = ctx.keep_top_per_image(method.euti(ctx, q, k, prefix), method.keep).source >= 0
+            kept = method.keep_mask(ctx, method.euti(ctx, q, k, prefix))
             return k, kept
 
         euti_ms, (keys, kept) = _timed(euti, dev, args.repeats)

@@ -16,7 +16,6 @@ class Replay(Method):
     method: Literal["replay"] = "replay"
     key: str
     layers: list[int]
-    proportional: bool = False
 
     def llm_layers(self):
         return tuple(self.layers)
@@ -36,8 +35,8 @@ def replay_config(config: vtc.Config, stats, key: str) -> dict:
         if stage.side == "llm":
             k = f"{key}-{i}"
             RECORDED[k] = by_index.get(i, {})
-            stages.append({"method": "replay", "key": k, "layers": sorted(RECORDED[k]),
-                           "proportional": bool(getattr(stage, "proportional", False))})
+            # the recorded Reductions carry `proportional` themselves
+            stages.append({"method": "replay", "key": k, "layers": sorted(RECORDED[k])})
         else:
             stages.append(stage.model_dump())
     return {"stages": [s for s in stages if s.get("method") != "replay" or s["layers"]], "seed": config.seed}

@@ -424,6 +424,7 @@ class SizedKeep(Method):
         sizes = red.valid.float()
         sizes[:, self.which] = self.size
         red.sizes = sizes
+        red.proportional = self.proportional  # the runtime reads it from the Reduction
         return red
 
 

@@ -105,7 +105,7 @@ def run_recorded(model, inputs, stage, monkeypatch=None):
         finally:
             for h in handles:
                 h.remove()
-        state = tp._STATES[run.adapter][id(run.config.stages[0])]
+        state = run.states[0]
         acc = None if state.acc is None else state.acc.clone()
         stats = run.stats
     return rec, stats, acc, igas
@@ -326,7 +326,7 @@ def test_decode_consistency_after_three_pruning_points(attn):
     gen = {"max_new_tokens": 4, "do_sample": False, "pad_token_id": 0}
     config = vtc.load_config({"stages": [CFG]})
     with vtc.compress(model, config) as run:
-        state = tp._STATES[run.adapter][id(config.stages[0])]
+        state = run.states[0]
         model.generate(**inputs, **dict(gen, max_new_tokens=1))
         acc_prefill = state.acc.clone()
         out = model.generate(**inputs, **gen, output_logits=True, return_dict_in_generate=True)
@@ -364,12 +364,12 @@ def test_batch_rows_equal_single(model, inputs):
 def test_hooks_and_state_removed(model, inputs):
     before = hooks(model)
     with vtc.compress(model, {"stages": [CFG]}) as run:
-        adapter = run.adapter
-        assert adapter in tp._STATES
+        states = run.states
+        assert isinstance(states[0], tp.TransPruneState)
         added = {name for name, _, _ in hooks(model) - before}
         assert {f"model.language_model.layers.{i}.{m}" for i in range(1, 7) for m in ("self_attn", "mlp")} <= added
         assert not any(f"layers.{i}." in name for i in (0, 7) for name in added)
-    assert adapter not in tp._STATES
+    assert not states and not run.states
     assert hooks(model) == before
 
 

@@ -26,7 +26,7 @@ from .methods import Method, available_methods, get_method_class
 
 __all__ = ["Config", "load_config"]
 
-_TOP_LEVEL_KEYS = {"stages", "name", "description", "seed"}
+_TOP_LEVEL_KEYS = frozenset({"stages", "name", "description", "seed"})
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,7 @@ def _format_validation_error(idx: int, method: str, err: ValidationError, raw: d
         field_name = str(e["loc"][0]) if e["loc"] else "?"
         if e["type"] == "extra_forbidden":
             cls = get_method_class(method)
-            allowed = sorted(cls.model_fields) if cls else []
+            allowed = sorted(cls.parameters()) if cls else []
             lines.append(
                 f"stages[{idx}] ({method}): unknown parameter '{field_name}' "
                 f"(allowed: {', '.join(a for a in allowed if a != 'method')})"

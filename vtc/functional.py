@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -72,14 +73,15 @@ def _map_extras(extras: VisionExtras, fn: Callable[[str, torch.Tensor], torch.Te
 def run_vision_stages(x: torch.Tensor, layout: Layout, stages: list[tuple[int, Method]], extras: VisionExtras,
                       seed: int, *, unit_image: torch.Tensor | None = None,
                       project: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                      on_stage: Callable[..., None] | None = None,
+                      on_stage: Callable[..., None] | None = None, states: dict[int, Any] | None = None,
                       prompt: PromptText | None = None) -> tuple[torch.Tensor, Layout, list[Reduction], bool]:
     """Run vision-side ``stages`` ((config index, method) pairs, in order) on features ``x`` (U, n, D).
 
     The one stage loop behind :func:`reduce_embeddings` and the model runtime. ``project``: the model's projector,
     applied before the first stage that works after it (``feature_space: llm``); without it the features are
     taken to be in each stage's own space. ``on_stage(index, method, n_in, reduction, seconds)`` is called after
-    every stage (seconds: time in the method). ``prompt``: the batch's prompt, for stages that read it
+    every stage (seconds: time in the method). ``states``: each stage's per-run state by config index (the model
+    runtime's; None: a fresh ``new_state()`` per call). ``prompt``: the batch's prompt, for stages that read it
     (``reads_prompt``). Returns (features, layout, reductions, projected).
     """
     reductions: list[Reduction] = []
@@ -90,8 +92,9 @@ def run_vision_stages(x: torch.Tensor, layout: Layout, stages: list[tuple[int, M
             projected = True
         stage.check_layout(layout)
         space = stage.space if project is None else ("llm" if projected else "vision")
+        state = stage.new_state() if states is None else states.get(index)
         ctx = VisionContext(features=x, layout=layout, extras=extras, space=space, seed=seed, unit_image=unit_image,
-                            prompt=prompt)
+                            state=state, prompt=prompt)
         n_in = x.shape[1]
         t0 = time.perf_counter()
         red = stage.reduce_vision(ctx)
@@ -201,7 +204,7 @@ def reduce_embeddings(
         y = y[valid].view(U, -1, y.shape[-1])  # each image's parts' tokens, padding of uneven units dropped
         per_part = [[_rows(r, slice(p, None, P)) for r in reductions] for p in range(P)]
     else:
-        if any(getattr(s, "per", "crop") == "image" for s in cfg.vision_stages):
+        if any(s.per == "image" for s in cfg.vision_stages):
             raise ConfigError("per: image needs the parts of a MultiCrop layout to share one grid; these differ: "
                               f"{[repr(p) for p in parts]}")
         outs, per_part = [], []

@@ -10,7 +10,9 @@ LLM side) become ``k`` output tokens:
   what drawing, stats and proportional attention read (ToMe's source map).
 - ``features`` (R, k, D) or None: the output features when they are not a plain gather of the inputs
   (merging, pooling). None means ``gather(inputs, anchor)``.
-- ``sizes`` (R, k) float or None: how many input tokens each output stands for, for proportional attention.
+- ``sizes`` (R, k) float or None: how many input tokens each output stands for.
+- ``proportional``: LLM side, add log(size) to the attention logits of every output key in the later layers
+  (proportional attention, PACT); the runtime reads it from here, never from the method.
 
 Order: on the LLM side outputs are always sorted by anchor (the sequence stays in original order); on the vision
 side the method's output order is what the LLM sees (e.g. VisionZip: dominant, then contextual).
@@ -34,6 +36,7 @@ class Reduction:
     source: torch.Tensor
     features: torch.Tensor | None = None
     sizes: torch.Tensor | None = None
+    proportional: bool = False
 
     @property
     def num_out(self) -> torch.Tensor:

@@ -7,9 +7,16 @@ number of query rows, never N x N, never ``output_attentions``.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
-__all__ = ["attention_probs", "attention_from_rows", "rotate_half", "apply_rope"]
+from .reduction import compact
+
+if TYPE_CHECKING:
+    from .methods.base import LLMContext
+
+__all__ = ["attention_probs", "attention_from_rows", "query_attention", "rotate_half", "apply_rope"]
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -58,3 +65,29 @@ def attention_from_rows(
         return per_row.mean(1)
     row_ok = allowed.any(-1).float()  # (B, R)
     return (per_row * row_ok[..., None]).sum(1) / row_ok.sum(1, keepdim=True).clamp(min=1.0)
+
+
+def query_attention(src: LLMContext, layer: int, query: str = "last") -> torch.Tensor:
+    """(B, M) attention of the query row(s) to every slot of ``src`` at decoder layer ``layer``, averaged over heads.
+
+    ``src`` is the context of the hidden states entering ``layer`` (FastV: the captured input of L - 1; PyramidDrop:
+    the cut's own input). ``query: last`` is the last prompt token's row; ``query: text`` averages the rows of the
+    instruction tokens (text after the last image; the last token where there is none). Rows are re-projected with
+    the layer's input norm, q / k projections and RoPE; causal over the real tokens.
+    """
+    B, M = src.token_valid.shape
+    dev = src.hidden_states.device
+    last = src.last_token_slot()  # (B,)
+    slots = torch.arange(M, device=dev)
+    if query == "text":
+        inst = src.instruction_mask()
+        has = inst.any(-1)
+        inst = torch.where(has[:, None], inst, slots[None] == last[:, None])  # fallback: last token
+        rows, row_ok = compact(inst)
+        rows = torch.where(row_ok, rows, last[:, None].expand_as(rows))
+    else:
+        rows = last[:, None]
+        row_ok = torch.ones_like(rows, dtype=torch.bool)
+    q, k = src.adapter.project_qk(layer, src.hidden_states, src.position_embeddings, rows)
+    allowed = (slots[None, None, :] <= rows[:, :, None]) & src.token_valid[:, None, :] & row_ok[:, :, None]
+    return attention_from_rows(q, k, allowed, src.adapter.attention_scale(layer))

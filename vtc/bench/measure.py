@@ -38,7 +38,6 @@ class Replay(Method):
     method: Literal["bench_replay"] = "bench_replay"
     layers: list[int]
     reductions: dict = {}
-    proportional: bool = False
 
     def llm_layers(self):
         return tuple(self.layers)
@@ -229,8 +228,7 @@ class Variants:
         for st in self.run.stats.stages:
             if st.side == "llm":
                 recorded.setdefault(st.index, {})[st.layer] = st.reduction
-        replays = [Replay(layers=sorted(recorded[i]), reductions=recorded[i],
-                          proportional=bool(getattr(s, "proportional", False)))
+        replays = [Replay(layers=sorted(recorded[i]), reductions=recorded[i])  # Reductions carry `proportional`
                    for i, s in enumerate(cfg.stages) if s.side == "llm" and recorded.get(i)]
         self.replay = compress(model, {"stages": replays, "seed": cfg.seed}) if replays else None
         #: tokens per unit the projector receives under vtc (None: all of them): vision-side stages acting

@@ -1,14 +1,19 @@
-"""Method registry. One file per method; ``register_method`` adds a user's own."""
+"""Method registry. One file per method; ``register_method`` adds a user's own.
+
+The registry (``_REGISTRY``, filled on first use from the files of this package) is the one piece of
+module-level mutable state in vtc besides the adapter registry: it is the documented registration API.
+"""
 
 from __future__ import annotations
 
-from .base import Budget, LLMContext, Method, PromptText, VisionContext, VisionExtras
+from .base import Budget, LLMContext, Method, PromptText, ScorerMethod, VisionContext, VisionExtras
 
 __all__ = [
     "Budget",
     "LLMContext",
     "Method",
     "PromptText",
+    "ScorerMethod",
     "VisionContext",
     "VisionExtras",
     "register_method",

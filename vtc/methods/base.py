@@ -1,25 +1,37 @@
-"""Method base class and the contexts methods receive.
+"""Method base classes and the contexts methods receive.
 
 A method is a small pydantic model: its fields are the config parameters (validated, unknown keys rejected) and
 it implements one job: ``reduce_vision(VisionContext) -> Reduction`` (before the LLM) and/or
 ``reduce_llm(LLMContext) -> Reduction`` (entering a decoder layer). The runtime applies the Reduction.
+:class:`ScorerMethod` is the short form for "score the candidates, keep the top k of every image": a subclass
+implements ``score(ctx)`` only (kvpress's ``ScorerPress``).
+
+Per-run state: a method that must remember something across layers or calls returns a fresh object from
+``new_state()``; the run creates it when the config is attached, hands it to ``attach(run, state)`` and passes it
+as ``ctx.state``, and drops it on detach. Methods keep no state of their own (they are frozen) and vtc keeps none
+at module level.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Annotated, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
 import torch
-from pydantic import BaseModel, BeforeValidator, ConfigDict
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
 
 from ..errors import ConfigError
 from ..layout import Layout
 from ..reduction import Reduction, resolve_budget, topk_per_group
 
-__all__ = ["Budget", "Method", "PromptText", "VisionContext", "VisionExtras", "LLMContext", "Side"]
+if TYPE_CHECKING:
+    from ..runtime.view import RunView
+
+__all__ = ["Budget", "Method", "PromptText", "ScorerMethod", "VisionContext", "VisionExtras", "LLMContext", "Side"]
 
 Side = Literal["vision", "llm"]
 
@@ -117,6 +129,8 @@ class VisionContext:
     unit_image: torch.Tensor | None = None
     #: the prompt of the batch (only when a stage ``reads_prompt``, e.g. CDPruner's instruction)
     prompt: PromptText | None = None
+    #: the stage's per-run state (``Method.new_state()``), None for stateless methods
+    state: Any = None
 
     @property
     def num_units(self) -> int:
@@ -145,6 +159,7 @@ class LLMContext:
     - captured: inputs of earlier layers captured for this method (``capture_layers``), keyed by layer index,
       each an :class:`LLMContext`-like snapshot (same fields).
     - adapter: the model adapter (``adapter.project_qk`` re-projects q / k for the rows a score needs).
+    - state: the stage's per-run state (``Method.new_state()``), None for stateless methods.
     """
 
     layer_idx: int
@@ -164,6 +179,7 @@ class LLMContext:
     # (B, max images) number of candidates of each image (for per-image budgets)
     image_counts: torch.Tensor | None = None
     seed: int = 0
+    state: Any = None
 
     @property
     def batch_size(self) -> int:
@@ -196,13 +212,6 @@ class LLMContext:
         first = torch.where(start, idx, torch.zeros_like(idx)).cummax(-1).values
         return torch.where(self.candidate_valid, idx - first, torch.zeros_like(idx))
 
-    def keep_top_per_image(self, scores: torch.Tensor, budget: int | float, what: str = "budget") -> Reduction:
-        """Keep the top-``budget`` candidates of every image by ``scores`` (B, n); ties by index."""
-        k = self.budget_per_image(budget, what)
-        group = torch.where(self.candidate_valid, self.image_id, torch.full_like(self.image_id, -1))
-        mask = topk_per_group(scores, group, k)
-        return Reduction.from_mask(mask)
-
     def budget_per_image(self, budget: int | float, what: str = "budget") -> torch.Tensor:
         """(B, G) tokens to keep per image from the per-image candidate counts."""
         counts = self.image_counts
@@ -212,37 +221,71 @@ class LLMContext:
         return torch.tensor(ks, dtype=torch.long, device=counts.device).view_as(counts)
 
 
+#: fields many methods have, declared once here; a method accepts one only if it declares it again itself
+#: (with its own type and default), so ``visionzip`` with ``layer: 2`` is still an unknown parameter
+_COMMON_FIELDS = ("budget", "layer", "feature_space", "per")
+
+
 class Method(BaseModel):
     """Base class of every method. Subclasses declare fields (= config parameters) with defaults.
 
     Class attributes:
     - ``sides``: where the method can run. A method that supports both runs LLM-side when ``layer`` is set.
     - ``paper``: citation shown in docs and errors.
+    - ``keeps_prefix``: vision side, the output of an ordered sequence is still ordered (prefix truncation).
+
+    Fields every method may have (typed here, accepted in a config only where the method declares them again):
+    ``budget``, ``layer`` (LLM side: the 0-indexed decoder layer the survivors enter), ``feature_space``
+    (vision side: reduce before the projector, ``vision``, or after it, ``llm``), ``per`` (LLaVA-NeXT: a budget per
+    ``crop`` or per ``image``).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
 
     sides: ClassVar[tuple[Side, ...]] = ("vision",)
     paper: ClassVar[str] = ""
+    keeps_prefix: ClassVar[bool] = False
 
     method: str
+    budget: Budget | None = Field(None, exclude=True)
+    layer: int | None = Field(None, exclude=True)
+    feature_space: Side = Field("llm", exclude=True)
+    per: Literal["crop", "image"] = Field("crop", exclude=True)
+
+    @field_validator(*_COMMON_FIELDS, mode="before")
+    @classmethod
+    def _declared(cls, value: Any, info: ValidationInfo) -> Any:
+        if info.field_name not in cls.parameters():
+            raise PydanticCustomError("extra_forbidden", "Extra inputs are not permitted")
+        return value
+
+    @classmethod
+    def parameters(cls) -> tuple[str, ...]:
+        """The config keys this method accepts (its fields, the common ones only where it declares them)."""
+        own = cls.__mro__[:cls.__mro__.index(Method)]
+        return tuple(name for name in cls.model_fields
+                     if name not in _COMMON_FIELDS or any(name in inspect.get_annotations(c) for c in own))
 
     # ---- placement -------------------------------------------------------------------------------------------
     @property
     def side(self) -> Side:
-        if "llm" in self.sides and ("vision" not in self.sides or getattr(self, "layer", None) is not None):
+        if "llm" in self.sides and ("vision" not in self.sides or self.layer is not None):
             return "llm"
         return "vision"
 
     @property
     def space(self) -> Side:
         """Vision-side only: 'vision' reduces the tower features before the projector, 'llm' after."""
-        return getattr(self, "feature_space", "llm")
+        return self.feature_space
+
+    @property
+    def needs(self) -> tuple[str, ...]:
+        """Vision side: the :class:`VisionExtras` the method reads (the tower computes only those)."""
+        return ()
 
     def llm_layers(self) -> tuple[int, ...]:
         """0-indexed decoder layers this stage acts at (the survivors enter these layers)."""
-        layer = getattr(self, "layer", None)
-        return () if layer is None else (int(layer),)
+        return () if self.layer is None else (int(self.layer),)
 
     def capture_layers(self) -> tuple[int, ...]:
         """Layers whose (post-reduction) inputs the method needs later (e.g. FastV: layer L - 1)."""
@@ -260,8 +303,17 @@ class Method(BaseModel):
     def check_layout(self, layout: Layout) -> None:
         """Raise ConfigError if this method cannot run on ``layout``."""
 
-    def attach(self, run: Any) -> list[Any]:
-        """Extra per-instance hooks the method needs (returns removable handles). Default: none."""
+    # ---- per-run state and hooks -----------------------------------------------------------------------------
+    def new_state(self) -> Any:
+        """A fresh per-run state object (created at attach, passed as ``ctx.state``), or None (default)."""
+        return None
+
+    def attach(self, run: RunView, state: Any) -> list[Any]:
+        """Extra per-instance hooks the method needs (returns removable handles). Default: none.
+
+        ``run`` is a read-only view of the run (adapter, prefill phase, current slots); ``state`` is this stage's
+        ``new_state()``.
+        """
         return []
 
     # ---- the maths -------------------------------------------------------------------------------------------
@@ -275,4 +327,35 @@ class Method(BaseModel):
         """Layout of the vision-side output (default: an unordered sequence; pooling returns a grid)."""
         from ..layout import Sequence
 
-        return Sequence(num_out, is_ordered=layout.ordered and getattr(self, "keeps_prefix", False))
+        return Sequence(num_out, is_ordered=layout.ordered and self.keeps_prefix)
+
+
+class ScorerMethod(Method):
+    """Score the candidates, keep the top k of every image (kvpress's ``ScorerPress``).
+
+    A subclass implements ``score(ctx)``: LLM side (B, n) over ``ctx.candidates``, vision side (U, n) over each
+    unit's tokens; higher is kept, ties go to the lower index, survivors stay in original order. It declares a
+    ``budget`` field (tokens or keep fraction per image, per unit on the vision side) or overrides
+    ``keep_per_image``.
+    """
+
+    def score(self, ctx: Any) -> torch.Tensor:  # pragma: no cover - overridden
+        raise NotImplementedError(f"{type(self).__name__}.score")
+
+    def keep_per_image(self, ctx: LLMContext) -> torch.Tensor:
+        """(B, G) number of candidates to keep of every image (default: ``budget``)."""
+        return ctx.budget_per_image(self.budget)
+
+    def keep_mask(self, ctx: LLMContext, scores: torch.Tensor) -> torch.Tensor:
+        """(B, n) bool: the top ``keep_per_image`` candidates of every image by ``scores`` (B, n)."""
+        group = torch.where(ctx.candidate_valid, ctx.image_id, torch.full_like(ctx.image_id, -1))
+        return topk_per_group(scores, group, self.keep_per_image(ctx))
+
+    def reduce_llm(self, ctx: LLMContext) -> Reduction:
+        return Reduction.from_mask(self.keep_mask(ctx, self.score(ctx)))
+
+    def reduce_vision(self, ctx: VisionContext) -> Reduction:
+        n = ctx.num_tokens
+        k = resolve_budget(self.budget, n)
+        keep = torch.sort(self.score(ctx).float(), dim=-1, descending=True, stable=True).indices[:, :k]
+        return Reduction.select(keep, n)

@@ -211,7 +211,7 @@ class CDPruner(Method):
     #: the runtime passes the batch's prompt (``VisionContext.prompt``) to read the instruction from
     reads_prompt: ClassVar[bool] = True
 
-    def attach(self, run: Any) -> list[Any]:
+    def attach(self, run: Any, state: Any) -> list[Any]:
         load_clip(self.text_encoder)  # fail at attach time, not mid-generate
         return []
 

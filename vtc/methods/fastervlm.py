@@ -3,7 +3,8 @@ Make VLM Inference Faster", arXiv:2412.01818). Vision side, before the projector
 
 Score every patch by the [CLS] query row of the attention **inside** the layer that produces the features (LLaVA's
 ``vision_feature_layer = -2``: encoder layer 22 of 24, whose input is ``hidden_states[-3]``), keep the top-k, in
-raster order. Flash-compatible: the tower scorer (:mod:`vtc.models.vision_towers`) re-projects one query row (CLS)
+raster order (a :class:`~vtc.methods.base.ScorerMethod`: ``score`` + the shared top-k per unit).
+Flash-compatible: the tower scorer (:mod:`vtc.models.vision_towers`) re-projects one query row (CLS)
 and the keys of that block from its input, never ``output_attentions``:
 ``a_j = sum_h softmax_j(q_cls,h · k_j,h * scale)`` over all tokens (CLS column dropped afterwards, not
 renormalised). The official code averages over heads; the sum ranks identically.
@@ -31,9 +32,8 @@ from typing import Literal
 import torch
 
 from ..errors import ConfigError
-from ..reduction import Reduction, resolve_budget
 from . import register_method
-from .base import Budget, Method, VisionContext
+from .base import Budget, ScorerMethod, VisionContext
 
 __all__ = ["FasterVLM", "cls_scores"]
 
@@ -60,7 +60,7 @@ def cls_scores(ctx: VisionContext, method: str) -> torch.Tensor:
 
 
 @register_method("fastervlm")
-class FasterVLM(Method):
+class FasterVLM(ScorerMethod):
     sides = ("vision",)
     paper = ("Zhang et al., [CLS] Attention is All You Need for Training-Free Visual Token Pruning: Make VLM "
              "Inference Faster, arXiv:2412.01818")
@@ -73,8 +73,3 @@ class FasterVLM(Method):
     def score(self, ctx: VisionContext) -> torch.Tensor:
         """(U, n) CLS attention (or mean-query received attention) of every token."""
         return cls_scores(ctx, self.method)
-
-    def reduce_vision(self, ctx: VisionContext) -> Reduction:
-        k = resolve_budget(self.budget, ctx.num_tokens)
-        return Reduction.select(torch.sort(self.score(ctx), dim=-1, descending=True, stable=True).indices[:, :k],
-                                ctx.num_tokens)

@@ -16,35 +16,18 @@ from typing import Literal
 
 import torch
 
-from ..reduction import Reduction, compact
-from ..scoring import attention_from_rows
+from ..scoring import query_attention
 from . import register_method
-from .base import Budget, LLMContext, Method
+from .base import Budget, LLMContext, ScorerMethod
 
 
 def fastv_scores(ctx: LLMContext, query: str = "last") -> torch.Tensor:
     """(B, M) head-averaged attention from the query row(s) to every slot, at the captured layer L - 1."""
-    src = ctx.captured[ctx.layer_idx - 1]
-    B, M = src.token_valid.shape
-    dev = src.hidden_states.device
-    last = src.last_token_slot()  # (B,)
-    slots = torch.arange(M, device=dev)
-    if query == "text":
-        inst = src.instruction_mask()
-        has = inst.any(-1)
-        inst = torch.where(has[:, None], inst, slots[None] == last[:, None])  # fallback: last token
-        rows, row_ok = compact(inst)
-        rows = torch.where(row_ok, rows, last[:, None].expand_as(rows))
-    else:
-        rows = last[:, None]
-        row_ok = torch.ones_like(rows, dtype=torch.bool)
-    q, k = src.adapter.project_qk(ctx.layer_idx - 1, src.hidden_states, src.position_embeddings, rows)
-    allowed = (slots[None, None, :] <= rows[:, :, None]) & src.token_valid[:, None, :] & row_ok[:, :, None]
-    return attention_from_rows(q, k, allowed, src.adapter.attention_scale(ctx.layer_idx - 1))
+    return query_attention(ctx.captured[ctx.layer_idx - 1], ctx.layer_idx - 1, query)
 
 
 @register_method("fastv")
-class FastV(Method):
+class FastV(ScorerMethod):
     sides = ("llm",)
     paper = "Chen et al., An Image is Worth 1/2 Tokens After Layer 2, ECCV 2024 (arXiv:2403.06764)"
 
@@ -56,7 +39,6 @@ class FastV(Method):
     def capture_layers(self) -> tuple[int, ...]:
         return (self.layer - 1,)
 
-    def reduce_llm(self, ctx: LLMContext) -> Reduction:
+    def score(self, ctx: LLMContext) -> torch.Tensor:
         scores = fastv_scores(ctx, self.query)  # (B, M) over the slots entering L-1 == entering L
-        cand_scores = torch.gather(scores, 1, ctx.candidates)
-        return ctx.keep_top_per_image(cand_scores, self.budget)
+        return torch.gather(scores, 1, ctx.candidates)

@@ -8,7 +8,7 @@ At decoder layer L (``layer``, default 4) during prefill, from the hidden states
    q̄_h = mean_{i∈P} Q_{i,h} (computed as q_proj(mean_{i∈P} norm(H_i)): q_proj is affine, so this is exact),
    g_j = mean_h softmax_{j∈P}(q̄_h · K_{j,h} · scale) in fp32 (GQA keys shared), and the score of visual token j
    is s_j = g_j · ‖H_j‖₂ (raw hidden state). The top ⌊keep · n⌋ visual tokens of every image (``scope: sample``: of
-   the sample) are kept, ties by lower index (:meth:`LLMContext.keep_top_per_image`).
+   the sample) are kept, ties by lower index (:meth:`ScorerMethod.keep_mask`).
 2. **DBDPC** (Distance Bounded Density Peak Clustering) on the kept tokens. Features: layer-L keys **after**
    the model's RoPE (M-RoPE for Qwen2-VL, via the adapter), flattened over KV heads, L2-normalised; distance
    D_ij = max(0, 1 - ẑ_i · ẑ_j). Density ρ_i = Σ_j exp(-(D_ij / 2)²), replaced by its rank (only the order
@@ -62,7 +62,7 @@ from ..errors import ConfigError
 from ..reduction import Reduction, compact, resolve_budget, topk_per_group
 from ..scoring import attention_probs
 from . import register_method
-from .base import LLMContext, Method
+from .base import LLMContext, ScorerMethod
 
 __all__ = [
     "PACT",
@@ -232,7 +232,7 @@ def _take_rows(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 
 # ---- the method ------------------------------------------------------------------------------------------------
 @register_method("pact")
-class PACT(Method):
+class PACT(ScorerMethod):
     """PACT: EUTI pruning + DBDPC clustering + merging with proportional attention (LLM side, one layer)."""
 
     sides = ("llm",)
@@ -278,7 +278,7 @@ class PACT(Method):
             raise ValueError(f"coef_pruned must be a finite number >= 0, got {v!r}")
         return float(v)
 
-    def attach(self, run) -> list:
+    def attach(self, run, state) -> list:
         impl = run.adapter.attn_implementation()
         if self.proportional and self.mode != "euti" and "flash" in str(impl):
             raise ConfigError(
@@ -319,23 +319,34 @@ class PACT(Method):
         kr = ctx.adapter.rope_rows(kr, ctx.position_embeddings, slots)
         return kr.transpose(1, 2).reshape(B, slots.shape[1], hkv * d)
 
-    def reduce_llm(self, ctx: LLMContext) -> Reduction:
+    def score(self, ctx: LLMContext) -> torch.Tensor:
+        """(B, n) EUTI scores of the candidates (``mode: euti`` is this score with the base class's top-k)."""
+        q_mean, keys, prefix = self._project(ctx, with_query=True)
+        return self.euti(ctx, q_mean, keys, prefix)
+
+    def keep_per_image(self, ctx: LLMContext) -> torch.Tensor:
+        return ctx.budget_per_image(self.keep, what="keep")
+
+    def keep_mask(self, ctx: LLMContext, scores: torch.Tensor) -> torch.Tensor:
+        if self.scope == "image":
+            return super().keep_mask(ctx, scores)
         valid = ctx.candidate_valid
+        counts = valid.sum(-1).tolist()  # one host sync
+        ks = [resolve_budget(self.keep, c, what="keep") for c in counts]
+        group = torch.where(valid, 0, -1)
+        return topk_per_group(scores, group, torch.tensor(ks, device=valid.device)[:, None])
+
+    def reduce_llm(self, ctx: LLMContext) -> Reduction:
+        if self.mode == "euti":
+            return super().reduce_llm(ctx)
         q_mean, keys, prefix = self._project(ctx, with_query=self.mode != "dbdpc")
         if self.mode == "dbdpc":
-            kept = valid
+            kept = ctx.candidate_valid
         else:
-            scores = self.euti(ctx, q_mean, keys, prefix)
-            if self.scope == "image":
-                kept = ctx.keep_top_per_image(scores, self.keep, what="keep").source >= 0
-            else:
-                counts = valid.sum(-1).tolist()  # one host sync
-                ks = [resolve_budget(self.keep, c, what="keep") for c in counts]
-                group = torch.where(valid, 0, -1)
-                kept = topk_per_group(scores, group, torch.tensor(ks, device=valid.device)[:, None])
-            if self.mode == "euti":
-                return Reduction.from_mask(kept)
-        return self._cluster(ctx, keys, kept)
+            kept = self.keep_mask(ctx, self.euti(ctx, q_mean, keys, prefix))
+        red = self._cluster(ctx, keys, kept)
+        red.proportional = self.proportional
+        return red
 
     def _cluster(self, ctx: LLMContext, keys: torch.Tensor, kept: torch.Tensor) -> Reduction:
         """DBDPC on the kept candidates (B, n) bool, retrieval of the pruned ones, merge."""

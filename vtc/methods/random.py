@@ -12,13 +12,12 @@ from typing import Literal
 
 import torch
 
-from ..reduction import Reduction, resolve_budget
 from . import register_method
-from .base import Budget, LLMContext, Method, VisionContext
+from .base import Budget, LLMContext, ScorerMethod, VisionContext
 
 
 @register_method("random")
-class RandomPrune(Method):
+class RandomPrune(ScorerMethod):
     sides = ("vision", "llm")
     paper = "baseline"
 
@@ -33,15 +32,9 @@ class RandomPrune(Method):
         gen = torch.Generator(device="cpu").manual_seed(seed)
         return torch.rand(n, generator=gen).to(device)
 
-    def reduce_vision(self, ctx: VisionContext) -> Reduction:
-        U, n = ctx.features.shape[:2]
-        k = resolve_budget(self.budget, n)
-        scores = self._scores(n, ctx.seed, ctx.features.device).expand(U, n)
-        keep = torch.sort(scores, dim=-1, descending=True, stable=True).indices[:, :k]
-        return Reduction.select(keep, n)
-
-    def reduce_llm(self, ctx: LLMContext) -> Reduction:
-        B, n = ctx.candidates.shape
+    def score(self, ctx: VisionContext | LLMContext) -> torch.Tensor:
+        if isinstance(ctx, VisionContext):
+            U, n = ctx.features.shape[:2]
+            return self._scores(n, ctx.seed, ctx.features.device).expand(U, n)
         rank = ctx.rank_in_image()  # (B, n) position of each candidate inside its image
-        scores = self._scores(max(n, 1), ctx.seed, ctx.hidden_states.device)[rank]
-        return ctx.keep_top_per_image(scores, self.budget)
+        return self._scores(max(ctx.candidates.shape[1], 1), ctx.seed, ctx.hidden_states.device)[rank]

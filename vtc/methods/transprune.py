@@ -13,8 +13,8 @@ summed over the accumulation layers seen so far (default: paper layers 7-12), fo
 each layer, then L1-normalised over the visual candidates: T_i = acc_i / (sum_{j in V} acc_j + 1e-8).
 O(N * D) per sub-module; no attention weights are needed: per-instance forward hooks on each accumulation
 layer's ``self_attn`` and ``mlp`` (removed on exit) read x and y. The accumulator is indexed by *original*
-sequence position (the runtime's :meth:`LLMRuntime.current_slots`), so it survives the sequence shrinking at
-each pruning point. Decode steps never accumulate.
+sequence position (the run view's :meth:`~vtc.runtime.view.RunView.current_slots`) in the stage's per-run state
+(``ctx.state``), so it survives the sequence shrinking at each pruning point. Decode steps never accumulate.
 
 **Instruction-guided attention (IGA)**, at each pruning point entering 0-indexed layer L: with layer L's input
 norm, q/k projections and (M-)RoPE (``adapter.project_qk``), the instruction tokens (real text tokens after the
@@ -52,7 +52,6 @@ from __future__ import annotations
 import math
 import time
 import warnings
-import weakref
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -60,13 +59,14 @@ import torch
 from pydantic import ValidationInfo, field_validator
 
 from ..errors import ConfigError
-from ..reduction import Reduction, resolve_budget, topk_per_group
+from ..reduction import resolve_budget
 from ..scoring import attention_from_rows
 from . import register_method
-from .base import LLMContext, Method
+from .base import LLMContext, ScorerMethod
 
 __all__ = [
     "TransPrune",
+    "TransPruneState",
     "from_paper_layers",
     "transition_variation",
     "accumulate_by_position",
@@ -165,29 +165,12 @@ def instruction_guided_attention(ctx: LLMContext) -> tuple[torch.Tensor, torch.T
 
 # ---- per-run state -------------------------------------------------------------------------------------------------
 @dataclass
-class _RunState:
-    """What one attached run remembers during a prefill."""
+class TransPruneState:
+    """What one attached run remembers during a prefill (``ctx.state``)."""
 
     acc: torch.Tensor | None = None  # (B, N) fp32 TTV summed so far, by original sequence position
     base_counts: torch.Tensor | None = None  # (B, G) candidates per image entering the first pruning point
     warned: bool = False
-
-
-# adapter (one per Run) -> {id(method): state}; entries are removed with the run's handles
-_STATES: weakref.WeakKeyDictionary[Any, dict[int, _RunState]] = weakref.WeakKeyDictionary()
-
-
-class _StateHandle:
-    def __init__(self, adapter: Any, key: int) -> None:
-        self.adapter = weakref.ref(adapter)
-        self.key = key
-
-    def remove(self) -> None:
-        adapter = self.adapter()
-        if adapter is not None and adapter in _STATES:
-            _STATES[adapter].pop(self.key, None)
-            if not _STATES[adapter]:
-                del _STATES[adapter]
 
 
 def _submodules(layer: torch.nn.Module, idx: int) -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -201,7 +184,7 @@ def _submodules(layer: torch.nn.Module, idx: int) -> tuple[torch.nn.Module, torc
 
 
 @register_method("transprune")
-class TransPrune(Method):
+class TransPrune(ScorerMethod):
     """TransPrune: progressive pruning by token transition variation (+ instruction-guided attention).
 
     Fields (defaults = the paper's LLaVA-1.5-7B / LLaVA-NeXT-7B schedule, see the module docstring):
@@ -293,10 +276,11 @@ class TransPrune(Method):
             return ()
         return tuple(range(self.accumulate[0], min(self.accumulate[1], self.layers[-1] - 1) + 1))
 
-    def attach(self, run: Any) -> list[Any]:
-        state = _RunState()
-        _STATES.setdefault(run.adapter, {})[id(self)] = state
-        handles: list[Any] = [_StateHandle(run.adapter, id(self))]
+    def new_state(self) -> TransPruneState:
+        return TransPruneState()
+
+    def attach(self, run: Any, state: TransPruneState) -> list[Any]:
+        handles: list[Any] = []
         try:
             decoder = run.adapter.decoder_layers()
             acc_layers = self.accumulation_layers()
@@ -311,17 +295,12 @@ class TransPrune(Method):
             raise
         return handles
 
-    # ---- the stage ----------------------------------------------------------------------------------------------
+    # ---- the stage: score, then the top floor(keep[j] * n0) of every image -------------------------------------
     @torch.no_grad()
-    def reduce_llm(self, ctx: LLMContext) -> Reduction:
-        state = _STATES.get(ctx.adapter, {}).get(id(self))
+    def score(self, ctx: LLMContext) -> torch.Tensor:
+        state: TransPruneState = ctx.state
         if state is None:
-            raise RuntimeError("transprune: no state for this model; attach it with vtc.compress / vtc.apply")
-        j = self.layers.index(ctx.layer_idx)
-        counts = ctx.image_counts
-        assert counts is not None
-        if j == 0 or state.base_counts is None or state.base_counts.shape != counts.shape:
-            state.base_counts = counts.clone()
+            raise RuntimeError("transprune: no per-run state; attach it with vtc.compress / vtc.apply")
         valid = ctx.candidate_valid
         score = torch.zeros(valid.shape, dtype=torch.float32, device=valid.device)
         if self.ttv_weight > 0:
@@ -342,26 +321,31 @@ class TransPrune(Method):
                     stacklevel=2,
                 )
             score = score + self.iga_weight * iga
-        k = self._keep_per_image(state.base_counts, counts, self.keep[j])
-        group = torch.where(valid, ctx.image_id, torch.full_like(ctx.image_id, -1))
-        return Reduction.from_mask(topk_per_group(score, group, k))
+        return score
 
-    @staticmethod
-    def _keep_per_image(base: torch.Tensor, current: torch.Tensor, frac: float) -> torch.Tensor:
-        """(B, G) floor(frac * base) (>= 1 for non-empty images), never more than the current count."""
-        ks = [resolve_budget(frac, c, what="keep") if c > 0 else 0 for c in base.flatten().tolist()]
+    def keep_per_image(self, ctx: LLMContext) -> torch.Tensor:
+        """(B, G) floor(keep[j] * n0) (>= 1 for non-empty images), never more than the current count."""
+        state: TransPruneState = ctx.state
+        j = self.layers.index(ctx.layer_idx)
+        counts = ctx.image_counts
+        assert counts is not None
+        if j == 0 or state.base_counts is None or state.base_counts.shape != counts.shape:
+            state.base_counts = counts.clone()
+        base = state.base_counts
+        ks = [resolve_budget(self.keep[j], c, what="keep") if c > 0 else 0 for c in base.flatten().tolist()]
         k = torch.tensor(ks, dtype=torch.long, device=base.device).view_as(base)
-        return torch.minimum(k, current)
+        return torch.minimum(k, counts)
 
 
-def _ttv_hook(run: Any, state: _RunState, layer_idx: int, first: bool):
-    """Forward hook on a sub-module of an accumulation layer: add its TTV to ``state.acc`` (prefill only)."""
+def _ttv_hook(run: Any, state: TransPruneState, layer_idx: int, first: bool):
+    """Forward hook on a sub-module of an accumulation layer: add its TTV to ``state.acc`` (prefill only).
+
+    ``run`` is the run's read-only view (:class:`vtc.runtime.view.RunView`)."""
 
     def hook(module, args, kwargs, output):
-        llm = run.llm
-        if llm.phase != "prefill":
+        if not run.in_prefill:
             return None
-        current = llm.current_slots(layer_idx)
+        current = run.current_slots(layer_idx)
         if current is None:
             return None
         t0 = time.perf_counter()
@@ -370,10 +354,10 @@ def _ttv_hook(run: Any, state: _RunState, layer_idx: int, first: bool):
         y = output[0] if isinstance(output, tuple | list) else output
         B = x.shape[0]
         with torch.no_grad():  # a score, never part of a graph
-            if first or state.acc is None or state.acc.shape != (B, llm.prefill_len):
-                state.acc = torch.zeros(B, llm.prefill_len, dtype=torch.float32, device=x.device)
+            if first or state.acc is None or state.acc.shape != (B, run.prefill_len):
+                state.acc = torch.zeros(B, run.prefill_len, dtype=torch.float32, device=x.device)
             accumulate_by_position(state.acc, transition_variation(x, y, valid), slots, valid)
-        run.stats.add_time(time.perf_counter() - t0)
+        run.add_time(time.perf_counter() - t0)
         return None
 
     return hook

@@ -209,6 +209,11 @@ class ModelAdapter:
         are projected from; e.g. PACT's mean query is averaged here)."""
         return self.decoder_layers()[layer_idx].input_layernorm(hidden_states)
 
+    def final_norm(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The LM's final norm (before the LM head) applied to ``hidden_states`` (B, M, D) (DART's similarity
+        space)."""
+        return self.language_model.norm(hidden_states)
+
     def attention_scale(self, layer_idx: int) -> float:
         return float(self.decoder_layers()[layer_idx].self_attn.scaling)
 

@@ -29,13 +29,18 @@ from ..models import get_adapter
 from ..models.base import ModelAdapter, cache_kwarg_name
 from .llm import LLMRuntime
 from .stats import Stats
+from .view import RunView
 from .vision import VisionRuntime, rebuild_prompt
 
-__all__ = ["Run", "compress", "apply"]
+__all__ = ["Run", "RunView", "compress", "apply"]
 
 
 class Run:
-    """A config attached (or ready to attach) to one model instance. ``stats`` describes the last prefill."""
+    """A config attached (or ready to attach) to one model instance. ``stats`` describes the last prefill.
+
+    ``states`` holds each stage's per-run state (stage index -> ``Method.new_state()``) while attached; the
+    runtimes pass it to the methods as ``ctx.state``.
+    """
 
     def __init__(self, model: nn.Module, config: Config, adapter: ModelAdapter | None = None) -> None:
         self.model = model
@@ -53,6 +58,9 @@ class Run:
                                     config.seed)
         self.llm = LLMRuntime(self.adapter, [(i, s) for i, s in indexed if s.side == "llm"], self.stats,
                               config.seed)
+        #: stage index -> the stage's per-run state, created at attach, dropped at remove
+        self.states: dict[int, Any] = {}
+        self.vision.states = self.llm.states = self.states
         self._handles: list[Any] = []
         self._attached = False
         self._entered: list[bool] = []  # one per open ``with`` block: did that block attach?
@@ -76,8 +84,10 @@ class Run:
             layers = self.adapter.decoder_layers()
             for i in self.llm.hook_layers:
                 self._handles.append(layers[i].register_forward_pre_hook(self.llm.layer_hook(i), with_kwargs=True))
-            for stage in self.config.stages:
-                self._handles.extend(stage.attach(self))
+            view = RunView(self)
+            for i, stage in enumerate(self.config.stages):
+                self.states[i] = stage.new_state()
+                self._handles.extend(stage.attach(view, self.states[i]))
             if self.vision.stages:
                 self._handles.append(_InstanceAttr(self.model, "generate", self._wrap_generate(self.model.generate)))
             if self.llm.stages:
@@ -94,6 +104,7 @@ class Run:
         """Detach everything; the model is exactly as before (safe to call twice)."""
         while self._handles:
             self._handles.pop().remove()
+        self.states.clear()
         self.llm.reset()
         self._pending_token_map = None
         self._attached = False

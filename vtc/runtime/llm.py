@@ -78,6 +78,8 @@ class LLMRuntime:
         self.hook_layers = sorted(set(range(self.first_layer, adapter.num_layers())) | set(self.capture_at)) \
             if self.first_layer is not None else []
         self.attn_impl = adapter.attn_implementation()
+        #: per-run state of each stage (stage index -> ``Method.new_state()``), owned by the Run
+        self.states: dict[int, Any] = {}
         self.reset()
 
     # ---- per forward -------------------------------------------------------------------------------------------
@@ -228,7 +230,7 @@ class LLMRuntime:
             token_valid=ss.slot_valid & ss.user_valid, is_visual=ss.is_visual, sizes=ss.sizes,
             position_embeddings=kwargs.get("position_embeddings"), attention_mask=kwargs.get("attention_mask"),
             adapter=self.adapter, captured=captured,
-            image_counts=counts_img, seed=self.seed,
+            image_counts=counts_img, seed=self.seed, state=self.states.get(stage_idx),
         )
 
     def _apply(self, layer_idx, ss: _SlotSet, hidden, ctx: LLMContext, red, method: Method):
@@ -277,7 +279,7 @@ class LLMRuntime:
             start_layer=layer_idx, slots=g(ss.slots), slot_valid=valid, sizes=torch.where(valid, g(sizes), 1.0),
             is_visual=g(ss.is_visual) & valid, image_id=g(ss.image_id), protected=g(ss.protected),
             user_valid=g(ss.user_valid), identity=False,
-            use_bias=ss.use_bias or (red.sizes is not None and getattr(method, "proportional", False)),
+            use_bias=ss.use_bias or (red.sizes is not None and red.proportional),
         )
         new_set.identity = bool(M2 == M and bool(valid.all()))
         return new_set, out_hidden

@@ -9,6 +9,7 @@ sequence: positions, mask and KV cache all follow.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -93,6 +94,8 @@ class VisionRuntime:
         self.stages = stages
         self.stats = stats
         self.seed = seed
+        #: per-run state of each stage (stage index -> ``Method.new_state()``), owned by the Run
+        self.states: dict[int, Any] = {}
         #: the user's instruction (``run.set_instruction``): one string, or one per batch row
         self.instruction: str | list[str] | None = None
         self.reads_prompt = any(getattr(m, "reads_prompt", False) for _, m in stages)
@@ -123,7 +126,7 @@ class VisionRuntime:
             unit_image = torch.as_tensor(group.unit_image, device=group.features.device)
             feats, layout, reductions, projected = run_vision_stages(
                 group.features, group.layout, self.stages, group.extras, self.seed, unit_image=unit_image,
-                project=self.adapter.project, on_stage=on_stage, prompt=prompt)
+                project=self.adapter.project, on_stage=on_stage, states=self.states, prompt=prompt)
             if not projected:
                 feats = self.adapter.project(feats)
             group.out_layout = layout
