@@ -51,7 +51,13 @@ def grid_configs() -> dict[str, callable]:
         "transprune (L=1,2,3)": lambda f: [{"method": "transprune", "layers": [1, 2, 3],
                                             "keep": [min(1.0, f * 1.75), min(1.0, f * 1.25), f],
                                             "accumulate": [0, 2]}],
+        "dart (L=1)": lambda f: [{"method": "dart", "layer": 1, "budget": f}],
+        "pdrop (L=1,2,3)": lambda f: [{"method": "pdrop", "layers": [1, 2, 3],
+                                       "keep": [min(1.0, f * 4), min(1.0, f * 2), f]}],
+        "sparsevlm (L=1,2,3)": lambda f: [{"method": "sparsevlm", "layers": [1, 2, 3],
+                                           "keep": [min(1.0, f * 4), min(1.0, f * 2), f], "heads": 2}],
         "visionzip + pact": lambda f: vz(min(1.0, f / 0.75)) + [{"method": "pact", "layer": 2, "keep": 0.75}],
+        "visionzip + pdrop": lambda f: vz(min(1.0, f * 2)) + [{"method": "pdrop", "layers": [2], "keep": [0.5]}],
         "visionzip + fastv": lambda f: vz(min(1.0, f * 2)) + [{"method": "fastv", "layer": 2, "budget": 0.5}],
         # vision-side 2025 methods (CDPruner needs a CLIP text tower matching the demo tower: none exists)
         "divprune": lambda f: [{"method": "divprune", "budget": _k(f, GRID_TOKENS)}],
@@ -68,6 +74,9 @@ def ordered_configs() -> dict[str, callable]:
         "fastv (L=1)": lambda f: [{"method": "fastv", "layer": 1, "budget": f}],
         "fastv (L=2)": lambda f: [{"method": "fastv", "layer": 2, "budget": f}],
         "pact (L=2)": lambda f: [{"method": "pact", "layer": 2, "keep": f, "cutoff": 0.21}],
+        "dart (L=1)": lambda f: [{"method": "dart", "layer": 1, "budget": f}],
+        "pdrop (L=1,2,3)": lambda f: [{"method": "pdrop", "layers": [1, 2, 3],
+                                       "keep": [min(1.0, f * 4), min(1.0, f * 2), f]}],
         # features only (no tower attention on the 1D model, so no fastervlm / vispruner)
         "divprune": lambda f: [{"method": "divprune", "budget": _k(f, LATENTS)}],
     }

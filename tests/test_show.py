@@ -185,3 +185,28 @@ def test_vtc_show_stage_option(tmp_path):
     assert counts == {None: 10, 0: 20, 1: 10}
     with pytest.raises(SystemExit, match="stage=2 is out of range"):
         main(argv + ["--stage", "2"])
+
+
+def test_show_draws_every_cut_of_a_progressive_method(tmp_path):
+    """PyramidDrop's two cuts are two stages of ``--stage``: 49 -> 24 (entering layer 1) -> 12 (layer 2); then
+    DART keeps 5 entering layer 3."""
+    from test_eval import build_tiny_vlm
+
+    from vtc.cli import main
+
+    path = build_tiny_vlm(tmp_path / "m")
+    Image.new("RGB", (64, 64), GREY).save(tmp_path / "img.png")
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("stages:\n  - {method: pdrop, layers: [1, 2], keep: [0.5, 0.25]}\n"
+                   "  - {method: dart, layer: 3, budget: 5, pivots_image: 1, pivots_text: 2}\n")
+    counts = {}
+    for stage in (None, 0, 1, 2):
+        out = tmp_path / f"kept{stage}.png"
+        argv = ["show", "--model", str(path), "--image", str(tmp_path / "img.png"), "--prompt",
+                "what color is the circle ?", "--config", str(cfg), "--out", str(out)]
+        assert main(argv + ([] if stage is None else ["--stage", str(stage)])) == 0
+        pic = Image.open(out).convert("RGB")
+        cell = 336 / 7
+        counts[stage] = sum(not _dark(pic.getpixel((int((i % 7 + 0.5) * cell), int((i // 7 + 0.5) * cell))))
+                            for i in range(49))
+    assert counts == {None: 5, 0: 24, 1: 12, 2: 5}

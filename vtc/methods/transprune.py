@@ -59,10 +59,10 @@ import torch
 from pydantic import ValidationInfo, field_validator
 
 from ..errors import ConfigError
-from ..reduction import resolve_budget
 from ..scoring import attention_from_rows
 from . import register_method
-from .base import LLMContext, ScorerMethod
+from .base import LLMContext
+from .schedule import ScheduledScorer, ScheduleState
 
 __all__ = [
     "TransPrune",
@@ -165,11 +165,10 @@ def instruction_guided_attention(ctx: LLMContext) -> tuple[torch.Tensor, torch.T
 
 # ---- per-run state -------------------------------------------------------------------------------------------------
 @dataclass
-class TransPruneState:
-    """What one attached run remembers during a prefill (``ctx.state``)."""
+class TransPruneState(ScheduleState):
+    """What one attached run remembers during a prefill (``ctx.state``); ``base_counts`` from the schedule."""
 
     acc: torch.Tensor | None = None  # (B, N) fp32 TTV summed so far, by original sequence position
-    base_counts: torch.Tensor | None = None  # (B, G) candidates per image entering the first pruning point
     warned: bool = False
 
 
@@ -184,7 +183,7 @@ def _submodules(layer: torch.nn.Module, idx: int) -> tuple[torch.nn.Module, torc
 
 
 @register_method("transprune")
-class TransPrune(ScorerMethod):
+class TransPrune(ScheduledScorer):
     """TransPrune: progressive pruning by token transition variation (+ instruction-guided attention).
 
     Fields (defaults = the paper's LLaVA-1.5-7B / LLaVA-NeXT-7B schedule, see the module docstring):
@@ -196,7 +195,6 @@ class TransPrune(ScorerMethod):
     - ``ttv_weight``, ``iga_weight``: weights of the two normalised scores (>= 0, not both 0).
     """
 
-    sides = ("llm",)
     paper = "Li et al., TransPrune: Token Transition Pruning for Efficient Large Vision-Language Model, 2025 " \
             "(arXiv:2507.20630)"
 
@@ -208,30 +206,6 @@ class TransPrune(ScorerMethod):
     iga_weight: float = 1.0
 
     # ---- validation -------------------------------------------------------------------------------------------
-    @field_validator("layers")
-    @classmethod
-    def _check_layers(cls, v: tuple[int, ...]) -> tuple[int, ...]:
-        if not v:
-            raise ValueError("needs at least one pruning layer, e.g. [7, 9, 12]")
-        if any(layer < 1 for layer in v):
-            raise ValueError("pruning layers are 0-indexed layers entered and must be >= 1")
-        if any(b <= a for a, b in zip(v, v[1:])):
-            raise ValueError("must be strictly increasing, e.g. [7, 9, 12]")
-        return v
-
-    @field_validator("keep")
-    @classmethod
-    def _check_keep(cls, v: tuple[float, ...], info: ValidationInfo) -> tuple[float, ...]:
-        if any(math.isnan(f) or not (0.0 < f <= 1.0) for f in v):
-            raise ValueError("every keep fraction must be in (0, 1]")
-        if any(b > a for a, b in zip(v, v[1:])):
-            raise ValueError("keep fractions must not increase from one pruning layer to the next")
-        layers = info.data.get("layers")
-        if layers is not None and len(layers) != len(v):
-            raise ValueError(f"needs one fraction per pruning layer: {len(layers)} layers {list(layers)}, "
-                             f"{len(v)} fractions")
-        return v
-
     @field_validator("accumulate")
     @classmethod
     def _check_accumulate(cls, v: tuple[int, int], info: ValidationInfo) -> tuple[int, int]:
@@ -254,12 +228,7 @@ class TransPrune(ScorerMethod):
         return v
 
     def validate_for_model(self, num_layers: int) -> None:
-        bad = [layer for layer in self.layers if layer >= num_layers]
-        if bad:
-            raise ConfigError(
-                f"transprune: layers={list(self.layers)} has layer(s) {bad} out of range for a model with "
-                f"{num_layers} decoder layers (0-indexed layers entered, allowed: 1..{num_layers - 1})"
-            )
+        super().validate_for_model(num_layers)
         if self.accumulate[1] >= num_layers:
             raise ConfigError(
                 f"transprune: accumulate={list(self.accumulate)} is out of range for a model with {num_layers} "
@@ -267,9 +236,6 @@ class TransPrune(ScorerMethod):
             )
 
     # ---- placement ----------------------------------------------------------------------------------------------
-    def llm_layers(self) -> tuple[int, ...]:
-        return tuple(self.layers)
-
     def accumulation_layers(self) -> tuple[int, ...]:
         """0-indexed layers whose TTV is captured: ``accumulate`` clipped to before the last pruning layer."""
         if self.ttv_weight == 0:
@@ -295,7 +261,7 @@ class TransPrune(ScorerMethod):
             raise
         return handles
 
-    # ---- the stage: score, then the top floor(keep[j] * n0) of every image -------------------------------------
+    # ---- the stage: score (the schedule keeps the top floor(keep[j] * n0) of every image) ----------------------
     @torch.no_grad()
     def score(self, ctx: LLMContext) -> torch.Tensor:
         state: TransPruneState = ctx.state
@@ -322,19 +288,6 @@ class TransPrune(ScorerMethod):
                 )
             score = score + self.iga_weight * iga
         return score
-
-    def keep_per_image(self, ctx: LLMContext) -> torch.Tensor:
-        """(B, G) floor(keep[j] * n0) (>= 1 for non-empty images), never more than the current count."""
-        state: TransPruneState = ctx.state
-        j = self.layers.index(ctx.layer_idx)
-        counts = ctx.image_counts
-        assert counts is not None
-        if j == 0 or state.base_counts is None or state.base_counts.shape != counts.shape:
-            state.base_counts = counts.clone()
-        base = state.base_counts
-        ks = [resolve_budget(self.keep[j], c, what="keep") if c > 0 else 0 for c in base.flatten().tolist()]
-        k = torch.tensor(ks, dtype=torch.long, device=base.device).view_as(base)
-        return torch.minimum(k, counts)
 
 
 def _ttv_hook(run: Any, state: TransPruneState, layer_idx: int, first: bool):
