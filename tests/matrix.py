@@ -1,7 +1,7 @@
 """The data-driven invariant matrix: families x method cases, discovered from ``tests/cases/*.py``.
 
 Each module in tests/cases/ may define ``FAMILIES: list[Family]`` and/or ``CASES: list[MethodCase]``.
-tests/test_invariants.py runs every invariant of design.md on every (family, case) pair the case allows,
+tests/test_invariants.py runs every invariant (README, "Invariants") on every (family, case) pair the case allows,
 for batch 1 and 3 (padded, different prompts and images) and for sdpa and eager.
 """
 

@@ -123,7 +123,9 @@ def test_kv_cache_bytes_by_hand(tiny):
         out = model(**inputs, use_cache=True)
     b, n = inputs["input_ids"].shape
     # 4 layers x (k, v) x batch x 2 kv heads x n x head dim 16 x 4 bytes
-    assert B.kv_cache_bytes(BM._cache_of(out)) == 4 * 2 * b * 2 * n * 16 * 4
+    assert B.kv_cache_bytes(model, BM._cache_of(out), b) == 4 * 2 * b * 2 * n * 16 * 4
+    real = sum(t.numel() * t.element_size() for layer in BM._cache_of(out).layers for t in (layer.keys, layer.values))
+    assert real == 4 * 2 * b * 2 * n * 16 * 4  # what the key / value tensors of the real cache hold
 
 
 def test_too_shallow_model_is_a_clear_error(tiny):
@@ -154,7 +156,7 @@ def test_oracle_gives_the_same_logits_and_lengths_as_vtc(tiny, config):
     torch.testing.assert_close(a.logits[:, -1], b.logits[:, -1], rtol=1e-5, atol=1e-5)
     if var.replay is not None:
         assert (dict(var.replay.stats.seq_len_per_layer), list(var.replay.stats.kv_cache_len)) == st
-    assert B.kv_cache_bytes(BM._cache_of(a)) == B.kv_cache_bytes(BM._cache_of(b))
+    assert B.kv_cache_bytes(model, BM._cache_of(a), 2) == B.kv_cache_bytes(model, BM._cache_of(b), 2)
     # nothing left attached; the replay method is not registered
     assert getattr(model, "_vtc_run", None) is None
     assert "bench_replay" not in vtc.available_methods()

@@ -75,8 +75,8 @@ def test_prompt_matches_chat_template():
 def test_packed_training_labels_are_exactly_the_answer_spans():
     """Answer-only loss: each branch's labels are its answer word and </s>; nothing of the prefix, the questions
     or the padding. The first branch is the sample's own QA; branches never see each other."""
+    from eval.demo_training.train import packed_attention_mask, packed_sequences
     from vtc.demo.build import IMAGE_TOKEN_ID, build_tokenizer
-    from vtc.demo.train import packed_attention_mask, packed_sequences
 
     tok = build_tokenizer()
     samples = get_samples("train", 5)
@@ -104,6 +104,7 @@ def test_packed_training_labels_are_exactly_the_answer_spans():
 def test_packed_branches_equal_single_turn_prompts(model_kind):
     """Shared-prefix packing is exact: every branch's answer logits equal those of the single-turn prompt built
     by the processor (random weights; the invariant the training recipe rests on)."""
+    from eval.demo_training.train import _grid_features, _ordered_features, packed_attention_mask, packed_sequences
     from vtc.demo.build import (
         IMAGE_TOKEN_ID,
         build_grid_model,
@@ -113,7 +114,6 @@ def test_packed_branches_equal_single_turn_prompts(model_kind):
         build_tokenizer,
     )
     from vtc.demo.task import scene_qas
-    from vtc.demo.train import _grid_features, _ordered_features, packed_attention_mask, packed_sequences
 
     torch.manual_seed(0)
     tok = build_tokenizer()
@@ -143,9 +143,9 @@ def test_packed_branches_equal_single_turn_prompts(model_kind):
 
 # ------------------------------------------------------------------------------------- shipped models
 def _require_trained(path):
-    """The shipped weights are produced by `vtc train-demo`; until they are committed these tests cannot run."""
+    """The shipped weights are produced by `python eval/train_demo.py`; until they are committed these tests cannot run."""
     if not (path / "model.safetensors").exists():
-        pytest.skip(f"demo weights not in {path} yet (train them with `vtc train-demo`)")
+        pytest.skip(f"demo weights not in {path} yet (train them with `python eval/train_demo.py`)")
 
 
 def _check_files(path):
@@ -227,8 +227,8 @@ def test_ordered_model_blind_baseline(ordered):
 def test_symbolic_patches_describe_the_scene():
     """The LM's pretraining input: object patches (exactly the stage-1 tower's object patches) carry the colour,
     shape and size of their object, background patches the background embedding, all plus their position."""
+    from eval.demo_training.train import SymbolicPatches, _tower_targets, patch_attributes
     from vtc.demo.task import COLORS, SHAPES
-    from vtc.demo.train import SymbolicPatches, _tower_targets, patch_attributes
 
     samples = get_samples("train", 4)
     attr = patch_attributes([s.scene for s in samples])
@@ -250,8 +250,8 @@ def test_symbolic_patches_describe_the_scene():
 def test_lm_stage_cache_round_trips_and_names_its_hyperparameters(tmp_path):
     """Stage 2a's cache restores the LM and symbolic tables exactly, leaves tower and projector alone, and its
     file name changes with every hyperparameter the stage reads (never with later stages' ones)."""
+    from eval.demo_training.train import GRID_DEFAULTS, SymbolicPatches, _lm_cache_path, _load_lm_state, _save_lm_state
     from vtc.demo.build import build_grid_model, build_tokenizer
-    from vtc.demo.train import GRID_DEFAULTS, SymbolicPatches, _lm_cache_path, _load_lm_state, _save_lm_state
 
     tok = build_tokenizer()
     torch.manual_seed(0)
@@ -275,8 +275,8 @@ def test_lm_stage_cache_round_trips_and_names_its_hyperparameters(tmp_path):
 
 
 def test_feature_helpers_train_the_tower_only_when_it_is_unfrozen():
+    from eval.demo_training.train import _grid_features
     from vtc.demo.build import build_grid_model, build_tokenizer
-    from vtc.demo.train import _grid_features
 
     model = build_grid_model(build_tokenizer())
     pv = torch.randn(2, 3, 112, 112)
@@ -319,8 +319,8 @@ def test_resampler_position_bias_starts_neutral_and_steers_the_queries():
 def test_cached_stage1_leaves_the_same_tower_and_random_state_as_training_it(tmp_path):
     """A run that loads the stage-1 cache continues exactly like the run that trained it: same tower weights and
     the same torch RNG state for the stages after it (the symbolic tables are initialised from it)."""
+    from eval.demo_training.train import stage1_tower
     from vtc.demo.build import build_grid_model, build_grid_processor, build_tokenizer
-    from vtc.demo.train import stage1_tower
 
     tok = build_tokenizer()
     hp = {"stage1_steps": 2, "stage1_batch": 4}

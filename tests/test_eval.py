@@ -437,7 +437,7 @@ def test_lmms_eval_end_to_end_offline(tmp_path):
     from vtc.demo.task import get_samples
 
     if not (GRID_MODEL_PATH / "model.safetensors").exists():
-        pytest.skip("the bundled demo model is not trained yet (vtc train-demo)")
+        pytest.skip("the bundled demo model is not trained yet (python eval/train_demo.py)")
     samples = get_samples("test", 16)
     rows = []
     for i, smp in enumerate(samples):

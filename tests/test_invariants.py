@@ -1,4 +1,4 @@
-"""design.md's invariants 1-6 as a data-driven matrix: every family x every method case x batch {1, 3} x
+"""The invariants 1-6 (README, "Invariants") as a data-driven matrix: every family x every method case x batch {1, 3} x
 {sdpa, eager}. Families and cases come from tests/cases/*.py (see tests/matrix.py)."""
 
 from __future__ import annotations

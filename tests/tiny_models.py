@@ -27,18 +27,14 @@ def tiny_llava(attn: str = "sdpa", seed: int = 0, image_size: int = 48, patch: i
 
 
 def llava_inputs(model, batch: int = 1, seed: int = 0, pad: bool = True):
-    """Prompts [text..., <image> x n, text...] of different lengths per row, left-padded."""
+    """Prompts [text..., <image> x n, text...] of different lengths per row, left-padded (the image and its
+    placeholders from the adapter's ``dummy_inputs``)."""
+    from vtc.models import get_adapter
+
     g = torch.Generator().manual_seed(seed)
-    vcfg = model.config.vision_config
-    n_img = (vcfg.image_size // vcfg.patch_size) ** 2
-    rows = []
-    for b in range(batch):
-        pre = torch.randint(1, 100, (2 + b % 2,), generator=g)
-        post = torch.randint(1, 100, (4 + 2 * b,), generator=g)
-        rows.append(torch.cat([pre, torch.full((n_img,), IMAGE_TOKEN), post]))
-    ids, mask = left_pad(rows)
-    pixel_values = torch.randn(batch, 3, vcfg.image_size, vcfg.image_size, generator=g)
-    return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixel_values}
+    texts = [(torch.randint(1, 100, (2 + b % 2,), generator=g).tolist(),
+              torch.randint(1, 100, (4 + 2 * b,), generator=g).tolist()) for b in range(batch)]
+    return get_adapter(model).dummy_inputs(texts, generator=g, pad_id=PAD)
 
 
 def left_pad(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,4 +1,4 @@
-"""The ``vtc`` command: demo, generate, show, train-demo.
+"""The ``vtc`` command: demo, generate, show, bench, eval.
 
 ``vtc demo`` runs offline with no arguments on the bundled tiny VLM trained by the project.
 """
@@ -19,24 +19,17 @@ DEFAULT_DEMO_CONFIGS = {
 
 
 def _load_model(path: str | None, kind: str = "grid"):
-    """(model, processor, description). ``path=None``: the bundled demo model of ``kind``."""
-    import torch
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    """(model, processor, description) through :func:`vtc.demo.load`. ``path=None``: the bundled demo model of
+    ``kind`` (its architecture with random weights if the trained weights are not installed)."""
+    from . import demo
 
-    from .demo.ordered_vlm import register
-
-    register()  # the demo 1D model's classes, for AutoModel
     if path is None:
-        from .demo import GRID_MODEL_PATH, ORDERED_MODEL_PATH
-
-        p = GRID_MODEL_PATH if kind == "grid" else ORDERED_MODEL_PATH
+        p = demo.GRID_MODEL_PATH if kind == "grid" else demo.ORDERED_MODEL_PATH
         if not (p / "model.safetensors").exists():
             return _untrained_demo_model(kind, p)
         path = str(p)
-    model = AutoModelForImageTextToText.from_pretrained(path, attn_implementation="sdpa", dtype=torch.float32)
-    processor = AutoProcessor.from_pretrained(path)
-    processor.tokenizer.padding_side = "left"
-    return model.eval(), processor, path
+    model, processor = demo.load(path=path)
+    return model, processor, path
 
 
 def _untrained_demo_model(kind: str, missing):
@@ -45,7 +38,7 @@ def _untrained_demo_model(kind: str, missing):
 
     from .demo import build
 
-    print(f"note: trained demo weights not found at {missing} (train them with `vtc train-demo --model {kind}`); "
+    print(f"note: trained demo weights not found at {missing} (train them from a checkout with `python eval/train_demo.py --model {kind}`); "
           "running the same architecture with random weights, so the answers are meaningless", file=sys.stderr)
     torch.manual_seed(0)
     tok = build.build_tokenizer()
@@ -212,9 +205,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prefill / decode latency, FLOPs, KV cache and memory: baseline vs vtc vs oracle")
     sub.add_parser("eval", add_help=False,
                    help="VQA accuracy and cost on local benchmarks, compressed vs uncompressed (vtc eval --help)")
-
-    sub.add_parser("train-demo", add_help=False,
-                   help="retrain the bundled demo models from scratch, fixed seed (vtc train-demo --help)")
     return p
 
 
@@ -224,10 +214,6 @@ def main(argv: list[str] | None = None) -> int:
         from .evaluation.cli import main as eval_main
 
         return eval_main(argv[1:])
-    if argv[:1] == ["train-demo"]:  # every option of the training script (vtc train-demo --help)
-        from .demo.train import main as train_main
-
-        return train_main(argv[1:])
     if argv[:1] == ["bench"]:
         from .bench import main as bench_main
 

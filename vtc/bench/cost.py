@@ -3,16 +3,17 @@ lengths, LM head, one decode step), from the formulas of :mod:`vtc.flops`."""
 
 from __future__ import annotations
 
+import dataclasses
+
 from .. import flops as fl
 
 __all__ = ["lm_shape", "vision_flops", "llm_seq_lens", "extend_to", "model_flops"]
 
 
 def lm_shape(model, layers: int | None = None) -> fl.LMShape:
-    tc = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config.text_config
-    return fl.LMShape(layers=layers or tc.num_hidden_layers, hidden=tc.hidden_size,
-                      intermediate=tc.intermediate_size, heads=tc.num_attention_heads,
-                      kv_heads=getattr(tc, "num_key_value_heads", None) or tc.num_attention_heads)
+    """The LLM's shape (:meth:`vtc.flops.LMShape.from_config`), optionally at another depth."""
+    shape = fl.LMShape.from_config(model.config)
+    return dataclasses.replace(shape, layers=layers) if layers else shape
 
 
 def vision_flops(model, inputs: dict, *, projector_rows: int | None = None, vision_layers: int | None = None) -> dict:

@@ -16,12 +16,14 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
+from .. import flops as fl
 from ..config import load_config
 from ..errors import ConfigError
 from ..methods import Method
 from ..models import get_adapter
 from ..runtime import compress
-from .cost import llm_seq_lens, model_flops
+from ..runtime.stats import cache_lengths
+from .cost import llm_seq_lens, lm_shape, model_flops
 from .presets import ARCHS
 
 __all__ = ["Replay", "Variants", "VARIANTS", "bench", "summarize", "kv_cache_bytes"]
@@ -129,21 +131,14 @@ class _StepTimer:
         return out
 
 
-def kv_cache_bytes(cache) -> int | None:
-    """Bytes held by the key / value tensors of a transformers cache (DynamicCache of 5.x or 4.x, or tuples)."""
-    if cache is None:
+def kv_cache_bytes(model, cache, batch: int) -> int | None:
+    """Bytes of the keys and values ``cache`` holds for ``batch`` rows: its per-layer lengths
+    (:func:`vtc.runtime.stats.cache_lengths`, as ``run.stats`` reads them) priced by :func:`vtc.flops.kv_cache_bytes`
+    at the model's dtype."""
+    lens = cache_lengths(cache, model.config.get_text_config().num_hidden_layers)
+    if lens is None:
         return None
-    tensors = []
-    layers = getattr(cache, "layers", None)
-    if layers is not None:
-        for layer in layers:
-            tensors += [getattr(layer, "keys", None), getattr(layer, "values", None)]
-    elif hasattr(cache, "key_cache"):
-        tensors = list(cache.key_cache) + list(cache.value_cache)
-    elif isinstance(cache, list | tuple):
-        for layer in cache:
-            tensors += list(layer[:2])
-    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+    return batch * fl.kv_cache_bytes(lm_shape(model), lens, next(model.parameters()).element_size())
 
 
 def _cache_of(output):
@@ -314,13 +309,13 @@ def bench(model, inputs: dict, config, *, repeats: int = 3, warmup: int = 1, dec
             # ---- probes: cache sizes and stats of one prefill per variant (also warms every path up) -----------
             _log(progress, f"probe forwards (batch {B}, prompt {N} tokens, {n_visual} visual per row)")
             out = model(**inputs, use_cache=True, logits_to_keep=1)
-            probe = {"baseline": {"kv_bytes": kv_cache_bytes(_cache_of(out)), "prompt_len": N,
+            probe = {"baseline": {"kv_bytes": kv_cache_bytes(model, _cache_of(out), B), "prompt_len": N,
                                   "seq_len_per_layer": {}, "kv_cache_len": [N] * num_layers}}
             del out
             var = Variants(model, inputs, config)
             cfg = var.config
             st = var.run.stats
-            probe["vtc"] = {"kv_bytes": kv_cache_bytes(_cache_of(var.probe_output)), "prompt_len": st.prompt_len,
+            probe["vtc"] = {"kv_bytes": kv_cache_bytes(model, _cache_of(var.probe_output), B), "prompt_len": st.prompt_len,
                             "seq_len_per_layer": dict(st.seq_len_per_layer), "kv_cache_len": list(st.kv_cache_len),
                             "stats": st.as_dict()}
             var.probe_output = None
@@ -333,7 +328,7 @@ def bench(model, inputs: dict, config, *, repeats: int = 3, warmup: int = 1, dec
                 ref = var.oracle_inputs.get("inputs_embeds", var.oracle_inputs.get("input_ids"))
                 plen = int(ref.shape[1])
                 probe["oracle"] = {"prompt_len": plen, "seq_len_per_layer": {}, "kv_cache_len": [plen] * num_layers}
-            probe["oracle"]["kv_bytes"] = kv_cache_bytes(_cache_of(out))
+            probe["oracle"]["kv_bytes"] = kv_cache_bytes(model, _cache_of(out), B)
             del out
             po, pv = probe["oracle"], probe["vtc"]
             oracle_matches = (po["prompt_len"] == pv["prompt_len"] and po["kv_cache_len"] == pv["kv_cache_len"]

@@ -4,12 +4,12 @@ real size (see :mod:`vtc.bench`)."""
 from __future__ import annotations
 
 import contextlib
-import inspect
 import math
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
+
+from ..models import get_adapter
 
 __all__ = ["ArchSpec", "ARCHS", "DTYPES", "get_arch", "build_model", "random_fill_", "synthetic_inputs"]
 
@@ -220,58 +220,21 @@ def build_model(arch: str | ArchSpec, *, layers: int | None = None, vision_layer
 
 
 # ---- inputs -----------------------------------------------------------------------------------------------------------
-def _prompt_rows(spec: ArchSpec, batch: int, text_tokens: int, visual: list[int], g: torch.Generator) -> torch.Tensor:
-    n_text = max(2, int(text_tokens))
+def synthetic_inputs(model, arch: str | ArchSpec, *, batch: int = 1, text_tokens: int = 64,
+                     image_size: tuple[int, int] | None = None, seed: int = 0) -> dict:
+    """Forward kwargs for ``batch`` identical rows (no padding): one image per row (the family's adapter draws it:
+    ``adapter.dummy_inputs``), ``text_tokens`` text tokens around it (half before, half after; tokens of the
+    image's run that are not visual, Qwen's vision start / end, count as text)."""
+    spec = get_arch(arch)
+    adapter = get_adapter(model)
+    size = image_size or spec.image_size
+    run, _ = adapter.dummy_images(1, size, torch.Generator().manual_seed(0))
+    n_text = max(2, int(text_tokens) - sum(t != adapter.placeholder_token_id() for t in run[0]))
+    g = torch.Generator().manual_seed(seed)
     lo, hi = spec.text_ids
     text = torch.randint(lo, hi, (n_text,), generator=g)
     if spec.bos is not None:
         text[0] = spec.bos
     pre = n_text // 2
-    return torch.cat([text[:pre], torch.tensor(visual, dtype=torch.long), text[pre:]]).unsqueeze(0).expand(batch, -1)
-
-
-def synthetic_inputs(model, arch: str | ArchSpec, *, batch: int = 1, text_tokens: int = 64,
-                     image_size: tuple[int, int] | None = None, seed: int = 0) -> dict:
-    """Forward kwargs for ``batch`` identical rows (no padding): one image per row, ``text_tokens`` text tokens
-    (half before the image, half after; Qwen's vision start / end tokens count as text)."""
-    spec = get_arch(arch)
-    cfg = model.config
-    dev = next(model.parameters()).device
-    dt = next(model.parameters()).dtype
-    g = torch.Generator().manual_seed(seed)
-    H, W = image_size or spec.image_size
-    out: dict[str, Any] = {}
-    if spec.family in ("llava", "llava_next"):
-        vc = cfg.vision_config
-        side = vc.image_size // vc.patch_size
-        extra = 1 if cfg.vision_feature_select_strategy == "full" else 0
-        if spec.family == "llava":
-            n = side * side + extra
-            pixel_values = torch.randn(batch, 3, vc.image_size, vc.image_size, generator=g)
-        else:
-            from ..models.llava_next import anyres_geometry
-
-            geom = anyres_geometry((H, W), cfg.image_grid_pinpoints, vc.image_size)
-            n = geom.num_tokens(side, side, extra)
-            pixel_values = torch.randn(batch, geom.num_units, 3, vc.image_size, vc.image_size, generator=g)
-            out["image_sizes"] = torch.tensor([[H, W]] * batch, dtype=torch.long, device=dev)
-        ids = _prompt_rows(spec, batch, text_tokens - 0, [cfg.image_token_id] * n, g)
-        out["pixel_values"] = pixel_values.to(dev, dt)
-    else:
-        vc = cfg.vision_config
-        p, m, tp = vc.patch_size, vc.spatial_merge_size, vc.temporal_patch_size
-        if H % (p * m) or W % (p * m):
-            raise ValueError(f"--image-size must be a multiple of {p * m} px for {spec.name}, got {H} x {W}")
-        grid = (1, H // p, W // p)
-        n = grid[1] * grid[2] // (m * m)
-        visual = [cfg.vision_start_token_id] + [cfg.image_token_id] * n + [cfg.vision_end_token_id]
-        ids = _prompt_rows(spec, batch, max(2, text_tokens - 2), visual, g)
-        rows = grid[0] * grid[1] * grid[2]
-        out["pixel_values"] = torch.randn(batch * rows, vc.in_channels * tp * p * p, generator=g).to(dev, dt)
-        out["image_grid_thw"] = torch.tensor([grid] * batch, dtype=torch.long, device=dev)
-        inner = getattr(model, "model", model)
-        if "mm_token_type_ids" in inspect.signature(inner.forward).parameters:
-            out["mm_token_type_ids"] = (ids == cfg.image_token_id).int().to(dev)
-    out["input_ids"] = ids.contiguous().to(dev)
-    out["attention_mask"] = torch.ones_like(out["input_ids"])
-    return out
+    texts = [(text[:pre].tolist(), text[pre:].tolist())] * batch
+    return adapter.dummy_inputs(texts, image_size=size, generator=g)

@@ -5,7 +5,6 @@ Submodules (imported lazily, nothing heavy here):
 - ``vtc.demo.task``: seeded procedural shapes-VQA generator (``get_sample``, ``get_samples``).
 - ``vtc.demo.ordered_vlm``: the ordered-1D-token VLM as transformers classes (``register()``).
 - ``vtc.demo.build``: configs, tokenizer and processors of both demo models.
-- ``vtc.demo.train``: reproducible training (``train_grid``, ``train_1d``, ``main``).
 - ``vtc.demo.evaluate``: batched greedy-generation accuracy (``evaluate``).
 """
 
@@ -18,10 +17,12 @@ ORDERED_MODEL_PATH = ASSETS / "tiny-1d"
 __all__ = ["ASSETS", "GRID_MODEL_PATH", "ORDERED_MODEL_PATH", "load"]
 
 
-def load(kind: str = "grid", path: str | Path | None = None):
-    """(model, processor) of a shipped demo VLM: ``kind`` "grid" (vtc-tiny-llava) or "1d" (vtc-tiny-1d).
+def load(kind: str = "grid", path: str | Path | None = None, *, attn: str = "sdpa", dtype: str = "float32"):
+    """(model, processor) of a shipped demo VLM: ``kind`` "grid" (vtc-tiny-llava) or "1d" (vtc-tiny-1d), or of the
+    VLM saved at ``path`` (any family; ``vtc generate`` / ``vtc show`` load ``--model`` through here).
 
-    The processor's tokenizer is set to left padding, as batched generation needs.
+    Registers the demo 1D model with the transformers Auto classes first (idempotent); the processor's tokenizer is
+    set to left padding, as batched generation needs.
     """
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -29,8 +30,10 @@ def load(kind: str = "grid", path: str | Path | None = None):
 
     register()
     if path is None:
-        path = {"grid": GRID_MODEL_PATH, "1d": ORDERED_MODEL_PATH}[kind]
-    model = AutoModelForImageTextToText.from_pretrained(path).eval()
+        if kind not in ("grid", "1d"):
+            raise ValueError(f"demo model kind must be 'grid' or '1d', got {kind!r}")
+        path = GRID_MODEL_PATH if kind == "grid" else ORDERED_MODEL_PATH
+    model = AutoModelForImageTextToText.from_pretrained(path, attn_implementation=attn, dtype=dtype).eval()
     processor = AutoProcessor.from_pretrained(path)
     processor.tokenizer.padding_side = "left"
     return model, processor

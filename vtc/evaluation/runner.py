@@ -563,7 +563,7 @@ def run_eval(opts: EvalOptions) -> dict | None:
 
         if not (GRID_MODEL_PATH / "config.json").exists():
             raise EvalError(f"the bundled demo model is missing at {GRID_MODEL_PATH}; give --model "
-                            "or retrain it with `vtc train-demo --model grid`")
+                            "or retrain it from a checkout with `python eval/train_demo.py --model grid`")
         model_path = str(GRID_MODEL_PATH)
     methods = _methods(opts.configs, opts.compare)
     model, processor = load_vlm(model_path, device=device, dtype=opts.dtype, attn=opts.attn)

@@ -11,35 +11,45 @@ __all__ = ["ModelAdapter", "TokenMap", "VisualGroup", "ImageFeatures", "register
            "supported_models"]
 
 _ADAPTERS: list[type[ModelAdapter]] = []
+#: modules of this package that hold no adapter (everything else is imported on the first lookup)
+_HELPERS = {"base", "vision_towers", "timm_tower"}
 
 
 def register_adapter(cls: type[ModelAdapter]) -> type[ModelAdapter]:
-    """Register an adapter class (usable as a decorator). Later registrations take precedence."""
+    """Register an adapter class (usable as a decorator). Later registrations take precedence; a user's adapter
+    always comes before the built-in ones (the classes of this package's modules)."""
     if not (isinstance(cls, type) and issubclass(cls, ModelAdapter)):
         raise TypeError(f"register_adapter: {cls!r} is not a vtc.models.ModelAdapter subclass")
     if cls in _ADAPTERS:
         _ADAPTERS.remove(cls)
-    _ADAPTERS.insert(0, cls)
+    builtin = cls.__module__.startswith(__name__ + ".")
+    first_builtin = next((i for i, a in enumerate(_ADAPTERS) if a.__module__.startswith(__name__ + ".")),
+                         len(_ADAPTERS))
+    _ADAPTERS.insert(first_builtin if builtin else 0, cls)
     return cls
 
 
-def _load_builtin() -> None:
-    if getattr(_load_builtin, "done", False):
-        return
-    _load_builtin.done = True  # type: ignore[attr-defined]
-    import importlib
+_loaded = False
 
-    for name in ("qwen2_vl", "llava_next", "llava", "ordered_vlm"):
+
+def _load_builtin() -> None:
+    """Import every adapter module of this package once (the same rule as ``vtc.methods``: one file per family,
+    registered with ``@register_adapter`` in its file; no list to edit)."""
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    import importlib
+    import pkgutil
+
+    for mod in pkgutil.iter_modules(__path__):
+        if mod.name in _HELPERS or mod.name.startswith("_"):
+            continue
         try:
-            mod = importlib.import_module(f"{__name__}.{name}")
-        except ModuleNotFoundError as err:  # family module not written yet / transformers lacks the model
-            if err.name and err.name.startswith(__name__):
-                continue
-            raise
-        for obj in vars(mod).values():
-            if isinstance(obj, type) and issubclass(obj, ModelAdapter) and obj is not ModelAdapter and obj.model_class_names:
-                if obj not in _ADAPTERS:
-                    _ADAPTERS.append(obj)
+            importlib.import_module(f"{__name__}.{mod.name}")
+        except ModuleNotFoundError as err:  # the installed transformers lacks the family
+            if not (err.name or "").startswith("transformers"):
+                raise
 
 
 def supported_models() -> list[str]:

@@ -272,6 +272,32 @@ class ModelAdapter:
             out.append(ImageFeatures(emb, torch.zeros(emb.shape[0], dtype=torch.bool, device=emb.device)))
         return out
 
+    # ---- synthetic inputs (benchmarks, tests) --------------------------------------------------------------------
+    def dummy_images(self, n: int, image_size: tuple[int, int] | None,
+                     generator: torch.Generator) -> tuple[list[list[int]], dict[str, torch.Tensor]]:
+        """``n`` random images of ``image_size`` (H, W) px (None: the family's default): the placeholder ids each
+        occupies in the prompt, and the forward kwargs that carry them (CPU tensors). Family-specific."""
+        raise NotImplementedError(f"{type(self).__name__} has no dummy_images")
+
+    def dummy_inputs(self, texts: list[tuple[list[int], list[int]]], *, image_size: tuple[int, int] | None = None,
+                     generator: torch.Generator | None = None, pad_id: int = 0) -> dict[str, Any]:
+        """Forward kwargs for the rows ``pre + <one random image> + post`` of ``texts`` ((pre, post) id lists),
+        left-padded with ``pad_id``, on the model's device and dtype."""
+        g = generator if generator is not None else torch.Generator().manual_seed(0)
+        placeholders, visual = self.dummy_images(len(texts), image_size, g)
+        rows = [torch.tensor([*pre, *ph, *post], dtype=torch.long) for (pre, post), ph in zip(texts, placeholders)]
+        L = max(len(r) for r in rows)
+        ids = torch.full((len(rows), L), pad_id, dtype=torch.long)
+        mask = torch.zeros(len(rows), L, dtype=torch.long)
+        for b, r in enumerate(rows):
+            ids[b, L - len(r):] = r
+            mask[b, L - len(r):] = 1
+        p = next(self.model.parameters())
+        out: dict[str, Any] = {k: v.to(p.device, p.dtype) if v.is_floating_point() else v.to(p.device)
+                               for k, v in visual.items()}
+        out["input_ids"], out["attention_mask"] = ids.to(p.device), mask.to(p.device)
+        return out
+
     def position_ids_for(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                          images: list[ImageFeatures], kwargs: dict) -> torch.Tensor | None:
         """Position ids for a rebuilt (vision-reduced) prompt; None lets the model use its default."""

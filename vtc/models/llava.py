@@ -9,17 +9,26 @@ from __future__ import annotations
 import torch
 
 from ..layout import Grid, Sequence
+from . import register_adapter
 from .base import ModelAdapter, VisualGroup, precomputed_counts
 from .vision_towers import TowerScorer
 
 __all__ = ["LlavaAdapter"]
 
 
+@register_adapter
 class LlavaAdapter(ModelAdapter):
     family = "llava"
     model_class_names = ("LlavaForConditionalGeneration",)
     visual_input_keys = ("pixel_values",)
     vision_only_keys = ("image_sizes", "vision_feature_layer", "vision_feature_select_strategy")
+
+    def dummy_images(self, n, image_size, generator):
+        """Random images at the tower's resolution (the processor resizes every image to it: ``image_size`` unused)."""
+        size = self.model.config.vision_config.image_size
+        pixel_values = torch.randn(n, 3, size, size, generator=generator)
+        return [[self.placeholder_token_id()] * self._tokens_per_image()] * n, {"pixel_values": pixel_values}
+
 
     @property
     def vision_tower(self):

@@ -57,6 +57,7 @@ import torch
 from ..errors import ConfigError
 from ..layout import Grid, Layout, MultiCrop
 from . import llava as _llava
+from . import register_adapter
 from .base import ImageFeatures, TokenMap, VisualGroup, precomputed_counts
 
 __all__ = ["LlavaNextAdapter", "AnyresGeometry", "anyres_geometry", "unpad_box", "pack_grid", "pack_sequence"]
@@ -185,6 +186,7 @@ def pack_sequence(base: torch.Tensor, crops: list[torch.Tensor], geom: AnyresGeo
     return torch.cat(parts, dim=0), torch.cat(flags, dim=0)
 
 
+@register_adapter
 class LlavaNextAdapter(_llava.LlavaAdapter):
     """Adapter for ``LlavaNextForConditionalGeneration`` (see the module docstring for the packing scheme)."""
 
@@ -200,6 +202,20 @@ class LlavaNextAdapter(_llava.LlavaAdapter):
         vcfg = self.model.config.vision_config
         side = vcfg.image_size // vcfg.patch_size
         return side, side
+
+    def dummy_images(self, n, image_size, generator):
+        """Random ``image_size`` images (default: one crop's size) as anyres crops: base + the best-fit grid."""
+        cfg = self.model.config
+        crop = cfg.vision_config.image_size
+        H, W = image_size or (crop, crop)
+        geom = anyres_geometry((H, W), cfg.image_grid_pinpoints, crop)
+        side = crop // cfg.vision_config.patch_size
+        _, strategy = self._feature_settings({})
+        k = geom.num_tokens(side, side, 1 if strategy == "full" else 0)
+        pixel_values = torch.randn(n, geom.num_units, 3, crop, crop, generator=generator)
+        return [[self.placeholder_token_id()] * k] * n, {"pixel_values": pixel_values,
+                                                          "image_sizes": torch.tensor([[H, W]] * n)}
+
 
     def _base_extra(self, kwargs: dict) -> int:
         _, strategy = self._feature_settings(kwargs)

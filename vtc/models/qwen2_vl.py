@@ -55,6 +55,7 @@ from ..errors import ConfigError
 from ..layout import Grid, Layout, Video
 from ..methods.base import VisionExtras
 from ..scoring import rotate_half
+from . import register_adapter
 from .base import ImageFeatures, ModelAdapter, TokenMap, VisualGroup
 
 __all__ = ["Qwen2VLAdapter", "Qwen2_5_VLAdapter", "compose_mrope", "segment_received_attention"]
@@ -157,12 +158,34 @@ class _TowerScores:
 
 
 # ---------------------------------------------------------------------------------------------- adapter
+@register_adapter
 class Qwen2VLAdapter(ModelAdapter):
     family = "qwen2_vl"
     model_class_names = ("Qwen2VLForConditionalGeneration",)
     visual_input_keys = ("pixel_values", "pixel_values_videos")
     vision_only_keys = ("image_grid_thw", "video_grid_thw", "mm_token_type_ids", "second_per_grid_ts",
                         "rope_deltas", "mm_encoder_outputs")
+
+    def dummy_images(self, n, image_size, generator):
+        """Random ``image_size`` images (default 8 x 8 merged tokens) as patch rows and ``image_grid_thw``; the
+        placeholder run is ``<|vision_start|> <|image_pad|> x k <|vision_end|>``."""
+        cfg, vc = self.model.config, self.model.config.vision_config
+        p, m, tp = vc.patch_size, vc.spatial_merge_size, vc.temporal_patch_size
+        H, W = image_size or (8 * p * m, 8 * p * m)
+        if H % (p * m) or W % (p * m):
+            raise ValueError(f"image size must be a multiple of {p * m} px for {type(self.model).__name__}, "
+                             f"got {H} x {W}")
+        grid = (1, H // p, W // p)
+        run = [cfg.vision_start_token_id] + [cfg.image_token_id] * (grid[1] * grid[2] // (m * m)) \
+            + [cfg.vision_end_token_id]
+        pixel_values = torch.randn(n * grid[1] * grid[2], vc.in_channels * tp * p * p, generator=generator)
+        return [run] * n, {"pixel_values": pixel_values, "image_grid_thw": torch.tensor([grid] * n)}
+
+    def dummy_inputs(self, texts, **kwargs):
+        out = super().dummy_inputs(texts, **kwargs)
+        if "mm_token_type_ids" in inspect.signature(self.inner.forward).parameters:  # transformers >= 5.x
+            out["mm_token_type_ids"] = (out["input_ids"] == self.model.config.image_token_id).int()
+        return out
 
     def __init__(self, model, video_units: Literal["frame", "video"] = "frame") -> None:
         super().__init__(model)
@@ -509,6 +532,7 @@ class _CombinedScores:
         return self._keys
 
 
+@register_adapter
 class Qwen2_5_VLAdapter(Qwen2VLAdapter):
     """Qwen2.5-VL: same LLM side; the tower runs window attention in most blocks and full attention in
     ``fullatt_block_indexes``, on tokens permuted window by window (undone after the merger)."""

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["Stats", "StageStats"]
+__all__ = ["Stats", "StageStats", "cache_lengths"]
 
 
 @dataclass
@@ -110,15 +110,9 @@ class Stats:
         self._layer_tokens[layer] = tokens
 
     def record_cache(self, cache: Any, num_layers: int) -> None:
-        if cache is None:
-            return
-        lens = []
-        for i in range(num_layers):
-            try:
-                lens.append(int(cache.get_seq_length(i)))
-            except Exception:  # pragma: no cover - exotic caches
-                return
-        self.kv_cache_len = lens
+        lens = cache_lengths(cache, num_layers)
+        if lens is not None:
+            self.kv_cache_len = lens
 
     # ---- reading ------------------------------------------------------------------------------------------
     @property
@@ -156,3 +150,14 @@ class Stats:
         if self.kv_cache_len:
             lines.append(f"  KV cache per layer after prefill: {self.kv_cache_len}")
         return "\n".join(lines)
+
+
+def cache_lengths(cache: Any, num_layers: int) -> list[int] | None:
+    """Entries held by each of the ``num_layers`` decoder layers of a transformers cache (None: no cache, or one
+    that cannot say). Bytes follow from :func:`vtc.flops.kv_cache_bytes`."""
+    if cache is None:
+        return None
+    try:
+        return [int(cache.get_seq_length(i)) for i in range(num_layers)]
+    except Exception:  # pragma: no cover - exotic caches
+        return None

@@ -29,7 +29,8 @@ Both follow the recipe of real LLaVA-style models, scaled down:
   only a random prefix of its 32 latents is visible to the LM (the rest are masked out of attention; position
   ids either keep the original numbering or are renumbered, so both ways of truncating are in distribution).
 
-Entry points: :func:`train_grid`, :func:`train_1d`, :func:`main` (``python eval/train_demo.py``).
+Entry points: :func:`train_grid`, :func:`train_1d`, :func:`main` (``python eval/train_demo.py``). Research code,
+run from a checkout; not part of the installed package (the demo models, their task and loader are ``vtc.demo``).
 """
 
 from __future__ import annotations
@@ -46,8 +47,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import ASSETS
-from .build import (
+from vtc.demo import ASSETS
+from vtc.demo.build import (
     IMAGE_TOKEN_ID,
     PATCH,
     build_grid_model,
@@ -56,8 +57,8 @@ from .build import (
     build_ordered_processor,
     build_tokenizer,
 )
-from .evaluate import evaluate
-from .task import (
+from vtc.demo.evaluate import evaluate
+from vtc.demo.task import (
     CELL,
     COLORS,
     GRID,
@@ -200,7 +201,7 @@ def pretrain_tower(clip_vision_model, processor, steps: int, batch: int, device,
     """Stage 1: the CLIP tower with the :class:`_TowerHead` objectives on fresh synthetic scenes."""
     from tqdm.auto import tqdm
 
-    from .task import random_scene, render
+    from vtc.demo.task import random_scene, render
 
     torch.manual_seed(seed)
     head = _TowerHead(clip_vision_model.config.hidden_size).to(device)
@@ -965,7 +966,7 @@ def train_1d(
 @torch.no_grad()
 def _prefix_curve(model, processor, log, n: int = 150) -> dict:
     """Test accuracy when the LM sees only the first k latents (placeholders removed from the prompt)."""
-    from .task import format_prompt, get_samples
+    from vtc.demo.task import format_prompt, get_samples
 
     samples = get_samples("test", n)
     tok = processor.tokenizer
@@ -1000,7 +1001,7 @@ def _prefix_curve(model, processor, log, n: int = 150) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="vtc train-demo", description="Retrain the demo VLMs from scratch (fixed seed).")
+    ap = argparse.ArgumentParser(prog="python eval/train_demo.py", description="Retrain the demo VLMs from scratch (fixed seed).")
     ap.add_argument("--model", choices=["grid", "1d", "all"], default="all")
     ap.add_argument("--out", default=None, help="folder for the models (default: vtc/assets)")
     ap.add_argument("--log-dir", default=None, help="default: eval/results/demo_training")

@@ -1,0 +1,1 @@
+"""Training of the bundled demo VLMs (research code, run from a checkout: ``python eval/train_demo.py``)."""
