@@ -59,6 +59,10 @@ def grid_configs() -> dict[str, callable]:
         "visionzip + pact": lambda f: vz(min(1.0, f / 0.75)) + [{"method": "pact", "layer": 2, "keep": 0.75}],
         "visionzip + pdrop": lambda f: vz(min(1.0, f * 2)) + [{"method": "pdrop", "layers": [2], "keep": [0.5]}],
         "visionzip + fastv": lambda f: vz(min(1.0, f * 2)) + [{"method": "fastv", "layer": 2, "budget": 0.5}],
+        # vision-side 2025 methods (CDPruner needs a CLIP text tower matching the demo tower: none exists)
+        "divprune": lambda f: [{"method": "divprune", "budget": _k(f, GRID_TOKENS)}],
+        "fastervlm": lambda f: [{"method": "fastervlm", "budget": _k(f, GRID_TOKENS)}],
+        "vispruner": lambda f: [{"method": "vispruner", "budget": _k(f, GRID_TOKENS)}],
     }
 
 
@@ -73,25 +77,42 @@ def ordered_configs() -> dict[str, callable]:
         "dart (L=1)": lambda f: [{"method": "dart", "layer": 1, "budget": f}],
         "pdrop (L=1,2,3)": lambda f: [{"method": "pdrop", "layers": [1, 2, 3],
                                        "keep": [min(1.0, f * 4), min(1.0, f * 2), f]}],
+        # features only (no tower attention on the 1D model, so no fastervlm / vispruner)
+        "divprune": lambda f: [{"method": "divprune", "budget": _k(f, LATENTS)}],
     }
 
 
-def run(n: int, out: Path, batch_size: int = 50, models=("grid", "1d")) -> dict:
+def run(n: int, out: Path, batch_size: int = 50, models=("grid", "1d"), only: set[str] | None = None) -> dict:
+    """Measure every row (``only``: just these rows, the others are taken from an existing ``results.json`` of
+    the same ``n`` in ``out`` when there is one)."""
     import vtc
     from vtc.cli import _load_model
     from vtc.demo.evaluate import evaluate
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     results: dict = {"n": n, "split": "test", "fractions": list(FRACTIONS), "models": {}}
+    previous: dict = {}
+    if only and (out / "results.json").exists():
+        old = json.loads((out / "results.json").read_text())
+        if old.get("n") == n and old.get("fractions") == list(FRACTIONS):
+            previous = old["models"]
+            results["models"] = {k: v for k, v in previous.items() if k not in models}
     available = set(vtc.available_methods())
     for kind in models:
         model, processor, path = _load_model(None, kind)
+        old_table = previous.get(kind, {}).get("table", {})
         table = {}
         t0 = time.perf_counter()
-        base = evaluate(model, processor, split="test", n=n, batch_size=batch_size)
-        table["uncompressed"] = {"1.0": {"accuracy": base["accuracy"], "visual_tokens": None}}
+        if "uncompressed" in old_table:
+            table["uncompressed"] = old_table["uncompressed"]
+        else:
+            base = evaluate(model, processor, split="test", n=n, batch_size=batch_size)
+            table["uncompressed"] = {"1.0": {"accuracy": base["accuracy"], "visual_tokens": None}}
         configs = grid_configs() if kind == "grid" else ordered_configs()
         for name, make in configs.items():
+            if only and name not in only and name in old_table:
+                table[name] = old_table[name]
+                continue
             missing = {s["method"] for s in make(1.0)} - available
             if missing:
                 raise SystemExit(f"accuracy_vs_budget: method(s) {sorted(missing)} of {name!r} are not registered")
@@ -104,8 +125,8 @@ def run(n: int, out: Path, batch_size: int = 50, models=("grid", "1d")) -> dict:
                 row[str(f)] = {"accuracy": rep["accuracy"], "per_type": rep["per_type"],
                                "visual_tokens": (sum(kept) / len(kept)) if kept else None}
             table[name] = row
-        results["models"][kind] = {"path": str(path), "table": table,
-                                   "seconds": time.perf_counter() - t0}
+        seconds = time.perf_counter() - t0 + (previous.get(kind, {}).get("seconds", 0.0) if only else 0.0)
+        results["models"][kind] = {"path": str(path), "table": table, "seconds": seconds}
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=1))
     (out / "results.md").write_text(to_markdown(results))
@@ -173,8 +194,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=50)
     p.add_argument("--models", nargs="+", default=["grid", "1d"], choices=["grid", "1d"])
     p.add_argument("--out", default="eval/results/accuracy_vs_budget")
+    p.add_argument("--only", nargs="+", metavar="ROW",
+                   help="measure only these rows; the others come from the existing results.json (same --n)")
     args = p.parse_args(argv)
-    res = run(args.n, Path(args.out), args.batch_size, tuple(args.models))
+    res = run(args.n, Path(args.out), args.batch_size, tuple(args.models), set(args.only) if args.only else None)
     print(to_markdown(res))
     return 0
 

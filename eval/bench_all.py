@@ -79,6 +79,35 @@ def _missing_methods(path: Path) -> list[str]:
     return sorted({s.get("method") for s in data.get("stages", []) if s.get("method") not in have})
 
 
+def _missing_checkpoints(path: Path) -> list[str]:
+    """Checkpoints a config names (e.g. CDPruner's ``text_encoder``) that are neither a local folder nor in the
+    Hugging Face cache: such a config cannot run offline."""
+    import yaml
+
+    names = {s["text_encoder"] for s in yaml.safe_load(path.read_text()).get("stages", []) if s.get("text_encoder")}
+    missing = []
+    for name in sorted(names):
+        if Path(name).expanduser().is_dir():
+            continue
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            if isinstance(try_to_load_from_cache(name, "config.json"), str):
+                continue
+        except Exception:  # no hub client / not a repo id
+            pass
+        missing.append(name)
+    return missing
+
+
+def _skip_reason(path: Path) -> str | None:
+    missing = _missing_methods(path)
+    if missing:
+        return f"method(s) {', '.join(missing)} not installed"
+    ckpts = _missing_checkpoints(path)
+    return f"checkpoint(s) {', '.join(ckpts)} not available locally" if ckpts else None
+
+
 def _family_configs(folder: str) -> list[Path]:
     return sorted((CONFIGS / folder).glob("*.yaml"))
 
@@ -90,10 +119,8 @@ def suite_jobs(suite: str, *, min_layers: int = 3, max_layers: int = 5) -> list[
         spec = B.ARCHS["llava-1.5-7b"]
         for path in _family_configs("llava-1.5"):
             job = Job("cpu", spec.name, str(path.relative_to(ROOT)))
-            missing = _missing_methods(path)
-            if missing:
-                job.skip = f"method(s) {', '.join(missing)} not installed"
-            else:
+            job.skip = _skip_reason(path)
+            if job.skip is None:
                 need = max(min_layers, _config_layers(path))
                 job.layers = need
                 job.vision_layers = max(2, round(spec.vision_layers * need / spec.text_layers))
@@ -107,9 +134,7 @@ def suite_jobs(suite: str, *, min_layers: int = 3, max_layers: int = 5) -> list[
             for path in _family_configs(folder):
                 for b in batches:
                     job = Job("gpu", arch, str(path.relative_to(ROOT)), batch=b, dtype="float16", device="cuda")
-                    missing = _missing_methods(path)
-                    if missing:
-                        job.skip = f"method(s) {', '.join(missing)} not installed"
+                    job.skip = _skip_reason(path)
                     jobs.append(job)
     else:
         raise ValueError(f"unknown --suite {suite!r} (allowed: cpu, gpu)")

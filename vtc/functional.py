@@ -28,7 +28,7 @@ import torch
 from .config import Config, load_config
 from .errors import ConfigError
 from .layout import Layout, MultiCrop
-from .methods.base import Method, VisionContext, VisionExtras
+from .methods.base import Method, PromptText, VisionContext, VisionExtras
 from .reduction import Reduction
 
 __all__ = ["reduce_embeddings"]
@@ -74,7 +74,7 @@ def run_vision_stages(x: torch.Tensor, layout: Layout, stages: list[tuple[int, M
                       seed: int, *, unit_image: torch.Tensor | None = None,
                       project: Callable[[torch.Tensor], torch.Tensor] | None = None,
                       on_stage: Callable[..., None] | None = None, states: dict[int, Any] | None = None,
-                      projected: bool = False,
+                      projected: bool = False, prompt: PromptText | None = None,
                       ) -> tuple[torch.Tensor, Layout, list[Reduction], bool]:
     """Run vision-side ``stages`` ((config index, method) pairs, in order) on features ``x`` (U, n, D).
 
@@ -83,8 +83,8 @@ def run_vision_stages(x: torch.Tensor, layout: Layout, stages: list[tuple[int, M
     taken to be in each stage's own space. ``on_stage(index, method, n_in, reduction, seconds)`` is called after
     every stage (seconds: time in the method). ``states``: each stage's per-run state by config index (the model
     runtime's; None: a fresh ``new_state()`` per call). ``projected``: ``x`` is already in
-    the LLM space (e.g. OneVision's pooled video frames; ``project`` is then never applied). Returns (features,
-    layout, reductions, projected).
+    the LLM space (e.g. OneVision's pooled video frames; ``project`` is then never applied). ``prompt``: the
+    batch's prompt, for stages that read it (``reads_prompt``). Returns (features, layout, reductions, projected).
     """
     reductions: list[Reduction] = []
     for pos, (index, stage) in enumerate(stages):
@@ -95,7 +95,7 @@ def run_vision_stages(x: torch.Tensor, layout: Layout, stages: list[tuple[int, M
         space = stage.space if project is None else ("llm" if projected else "vision")
         state = stage.new_state() if states is None else states.get(index)
         ctx = VisionContext(features=x, layout=layout, extras=extras, space=space, seed=seed, unit_image=unit_image,
-                            state=state)
+                            state=state, prompt=prompt)
         n_in = x.shape[1]
         t0 = time.perf_counter()
         red = stage.reduce_vision(ctx)

@@ -6,12 +6,13 @@ module-level mutable state in vtc besides the adapter registry: it is the docume
 
 from __future__ import annotations
 
-from .base import Budget, LLMContext, Method, ScorerMethod, VisionContext, VisionExtras
+from .base import Budget, LLMContext, Method, PromptText, ScorerMethod, VisionContext, VisionExtras
 
 __all__ = [
     "Budget",
     "LLMContext",
     "Method",
+    "PromptText",
     "ScorerMethod",
     "VisionContext",
     "VisionExtras",

@@ -33,8 +33,8 @@ from ..reduction import Reduction, resolve_budget, topk_per_group
 if TYPE_CHECKING:
     from ..runtime.view import RunView
 
-__all__ = ["Budget", "MAX_SEED", "Seed", "Method", "ScorerMethod", "VisionContext", "VisionExtras", "LLMContext",
-           "Side"]
+__all__ = ["Budget", "MAX_SEED", "Seed", "Method", "PromptText", "ScorerMethod", "VisionContext", "VisionExtras",
+           "LLMContext", "Side"]
 
 Side = Literal["vision", "llm"]
 
@@ -122,6 +122,23 @@ class VisionExtras:
 
 
 @dataclass
+class PromptText:
+    """The prompt a vision-side stage's images belong to, for methods that read the text (``reads_prompt``).
+
+    input_ids / attention_mask / is_visual: (B, N) of the original prompt; image_row: (G,) the batch row of every
+    image (global image index, as ``VisionContext.unit_image``); instruction: what ``run.set_instruction`` set (one
+    string for every row, or one per row), else None; name_or_path: the model's checkpoint (to load its tokenizer).
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    is_visual: torch.Tensor
+    image_row: torch.Tensor
+    instruction: str | list[str] | None = None
+    name_or_path: str | None = None
+
+
+@dataclass
 class VisionContext:
     """Input to a vision-side method: U units (images / crops / videos) with the same layout.
 
@@ -136,6 +153,8 @@ class VisionContext:
     #: (U,) long: which image each unit belongs to (LLaVA-NeXT crops of one image share it); None: one image per
     #: unit. Lets a method split a per-image budget over the units of an image.
     unit_image: torch.Tensor | None = None
+    #: the prompt of the batch (only when a stage ``reads_prompt``, e.g. CDPruner's instruction)
+    prompt: PromptText | None = None
     #: the stage's per-run state (``Method.new_state()``), None for stateless methods
     state: Any = None
 

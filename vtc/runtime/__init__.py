@@ -123,6 +123,14 @@ class Run:
         if self._entered.pop() if self._entered else True:
             self.remove()
 
+    def set_instruction(self, text: str | list[str] | None) -> None:
+        """The user's instruction (question) for text-guided vision-side methods (CDPruner): one string for every
+        sample, or one per batch row; None goes back to reading it from the prompt."""
+        if text is not None and not isinstance(text, str) and not (
+                isinstance(text, list | tuple) and all(isinstance(t, str) for t in text)):
+            raise ConfigError(f"set_instruction takes a string or a list of strings (one per batch row), got {text!r}")
+        self.vision.instruction = text if text is None or isinstance(text, str) else list(text)
+
     # ---- hooks --------------------------------------------------------------------------------------------------
     def _bind(self, args, kwargs) -> dict:
         if not args:

@@ -15,7 +15,7 @@ import torch
 
 from ..errors import ConfigError
 from ..functional import run_vision_stages
-from ..methods.base import Method
+from ..methods.base import Method, PromptText
 from ..models.base import ImageFeatures, ModelAdapter, TokenMap
 from ..reduction import compact
 
@@ -96,12 +96,31 @@ class VisionRuntime:
         self.seed = seed
         #: per-run state of each stage (stage index -> ``Method.new_state()``), owned by the Run
         self.states: dict[int, Any] = {}
+        #: the user's instruction (``run.set_instruction``): one string, or one per batch row
+        self.instruction: str | list[str] | None = None
+        self.reads_prompt = any(getattr(m, "reads_prompt", False) for _, m in stages)
+
+    def prompt_text(self, kwargs: dict) -> PromptText:
+        """The prompt facts a text-reading method needs (the original input_ids and which row each image is in)."""
+        ids = kwargs["input_ids"]
+        mask = kwargs.get("attention_mask")
+        mask = torch.ones_like(ids) if mask is None else mask
+        tm = self.adapter.token_map(ids, kwargs)
+        vis = tm.is_visual & mask.bool()
+        n_img = int(tm.image_id.max()) + 1 if bool(vis.any()) else 0
+        rows = torch.arange(ids.shape[0], device=ids.device)[:, None].expand_as(ids)
+        image_row = torch.zeros(n_img, dtype=torch.long, device=ids.device).scatter_(0, tm.image_id[vis], rows[vis])
+        return PromptText(ids, mask, vis, image_row, self.instruction,
+                          getattr(self.adapter.model, "name_or_path", None) or None)
 
     def reduce_images(self, kwargs: dict) -> list[ImageFeatures]:
         if kwargs.get("input_ids") is not None:
             self.adapter.check_placeholders(kwargs["input_ids"], kwargs)
         outputs = []
+        prompt = self.prompt_text(kwargs) if self.reads_prompt else None
         for group in self.adapter.encode_images(kwargs):
+            if "tower_features" not in group.extras.other:  # before the projector (e.g. CDPruner's CLIP space)
+                group.extras.other["tower_features"] = lambda f=group.features: f
             def on_stage(index, method, n_in, reduction, seconds, group=group):
                 self.stats.add_time(seconds)
                 self.stats.record_vision_stage(index, method, group, n_in, reduction)
@@ -110,7 +129,7 @@ class VisionRuntime:
             feats, layout, reductions, projected = run_vision_stages(
                 group.features, group.layout, self.stages, group.extras, self.seed, unit_image=unit_image,
                 project=self.adapter.project, on_stage=on_stage, states=self.states,
-                projected=group.space == "llm")
+                projected=group.space == "llm", prompt=prompt)
             if not projected:
                 feats = self.adapter.project(feats)
             group.out_layout = layout
