@@ -100,6 +100,14 @@ def _model(name: str):
             inputs = FAMILIES[name].inputs(model, 2, 0)
             model(**inputs)
             model.generate(**inputs, max_new_tokens=2, do_sample=False, pad_token_id=0)
+            # transformers (5.2x) installs its output-capturing hooks on a tower (``_output_capturing_hooks_installed``)
+            # the first time anyone asks it for hidden states, once and for good, whoever asks; a tower whose plain
+            # forward never asks (Gemma 3's SigLIP) is first asked by vtc's scoring. Ask once here, as a user would.
+            try:
+                with vtc.compress(model, {"stages": [{"method": "fastervlm", "budget": 1.0}]}):
+                    model(**inputs)
+            except ValueError:
+                pass
         _MODELS[name] = (model, _snapshot(model))
     return _MODELS[name]
 
