@@ -193,7 +193,8 @@ def test_the_strategy_draws_every_method_and_field():
     seen: dict[str, set] = {}
     loads: dict[str, set] = {}
 
-    @settings(max_examples=1000, derandomize=True, database=None, suppress_health_check=list(HealthCheck))
+    @settings(max_examples=1000, derandomize=True, database=None, deadline=None,
+              suppress_health_check=list(HealthCheck))
     @given(stage=stages())
     def collect(stage):
         seen.setdefault(stage["method"], set()).update(stage)

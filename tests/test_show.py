@@ -166,7 +166,7 @@ def test_select_stages_range():
 
 
 # ---- the command -----------------------------------------------------------------------------------------------
-def test_vtc_show_stage_option(tmp_path):
+def test_vtc_show_stage_option(capsys, tmp_path):
     """Tiny LLaVA with 7 x 7 patches: random keeps 20 on the vision side, then FastV halves them at layer 2."""
     from test_eval import build_tiny_vlm
 
@@ -188,8 +188,8 @@ def test_vtc_show_stage_option(tmp_path):
         counts[stage] = sum(not _dark(pic.getpixel((int((i % 7 + 0.5) * cell), int((i // 7 + 0.5) * cell))))
                             for i in range(49))
     assert counts == {None: 10, 0: 20, 1: 10}
-    with pytest.raises(SystemExit, match="stage=2 is out of range"):
-        main(argv + ["--stage", "2"])
+    assert main(argv + ["--stage", "2"]) == 2  # one line on stderr, exit code 2 (issue 17: no traceback)
+    assert "stage=2 is out of range" in capsys.readouterr().err
 
 
 def test_show_draws_every_cut_of_a_progressive_method(tmp_path):
