@@ -146,3 +146,21 @@ def test_unexpected_errors_are_one_line_with_a_debug_hint(monkeypatch, png, caps
         main(["--debug", *argv])
     with pytest.raises(RuntimeError, match="something broke"):
         main([*argv, "--debug"])
+
+
+@pytest.fixture
+def no_bench_model(monkeypatch):
+    import vtc.bench.report as report
+
+    def boom(*args, **kwargs):
+        raise AssertionError("the benchmark model was built before the input was checked")
+
+    monkeypatch.setattr(report, "build_model", boom)
+
+
+def test_bench_checks_config_and_out_before_building(tmp_path, png, no_bench_model, capsys):
+    """vtc bench: a bad config and an unwritable --out are one-line errors (exit 2) before the model is built."""
+    assert main(["bench", "--arch", "tiny", "--config", BAD_LAYER]) == 2
+    _one_line(capsys, "--config", "layer")
+    assert main(["bench", "--arch", "tiny", "--config", "tiny/fastv-25", "--out", str(png / "results")]) == 2
+    _one_line(capsys, f"--out {png / 'results'}: cannot write there")

@@ -181,6 +181,24 @@ def main(argv: list[str] | None = None) -> int:
     if args.repeats < 1 or args.warmup < 0 or args.decode_tokens < 0 or args.batch < 1:
         print("error: --repeats and --batch must be >= 1, --warmup and --decode-tokens >= 0", file=sys.stderr)
         return 2
+    # the inputs that can be checked without the model fail first: the config (the one loader of every command)
+    # and the output folder
+    from ..config import load_config
+
+    try:
+        config = load_config(args.config)
+    except (ConfigError, ValueError) as err:
+        print(f"error: --config: {err}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".vtc-write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        print(f"error: --out {args.out}: cannot write there ({err.strerror or err})", file=sys.stderr)
+        return 2
     spec = get_arch(args.arch)
     _stderr(f"building {spec.name} ({spec.description}) on {device} in {str(dtype).replace('torch.', '')}, "
             f"LLM layers {args.layers or spec.text_layers}, vision layers {args.vision_layers or spec.vision_layers}")
@@ -191,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         _stderr(f"built in {time.perf_counter() - t0:.1f} s")
         inputs = synthetic_inputs(model, spec, batch=args.batch, text_tokens=args.text_tokens,
                                   image_size=tuple(args.image_size) if args.image_size else None, seed=args.seed)
-        result = bench(model, inputs, args.config, repeats=args.repeats, warmup=args.warmup,
+        result = bench(model, inputs, config, repeats=args.repeats, warmup=args.warmup,
                        decode_tokens=args.decode_tokens)
     except (ConfigError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
