@@ -53,8 +53,9 @@ def num_crops(size, pinpoints=PINPOINTS, crop=CROP) -> int:
     return -(-bh // crop) * -(-bw // crop)
 
 
-def num_image_tokens(size, pinpoints=PINPOINTS, crop=CROP, patch=PATCH) -> int:
-    """Placeholders the LLaVA-NeXT processor emits for an image of size (H, W)."""
+def unpadded_grid(size, pinpoints=PINPOINTS, crop=CROP, patch=PATCH) -> tuple[int, int, int]:
+    """(side, rows, cols): the base crop's side and the crop map's grid after the processor's unpad rule, for an
+    image of size (H, W)."""
     h, w = size
     bh, bw = _best_resolution(h, w, pinpoints)
     side = crop // patch
@@ -65,6 +66,12 @@ def num_image_tokens(size, pinpoints=PINPOINTS, crop=CROP, patch=PATCH) -> int:
     else:
         new_w = int(round(w * (cur_h / h), 7))
         cur_w -= 2 * ((cur_w - new_w) // 2)
+    return side, cur_h, cur_w
+
+
+def num_image_tokens(size, pinpoints=PINPOINTS, crop=CROP, patch=PATCH) -> int:
+    """Placeholders the LLaVA-NeXT processor emits for an image of size (H, W)."""
+    side, cur_h, cur_w = unpadded_grid(size, pinpoints, crop, patch)
     return side * side + cur_h * cur_w + cur_h
 
 

@@ -13,7 +13,7 @@ import math
 
 import torch
 from tiny_models import PAD, VOCAB, left_pad
-from tiny_models_next import _best_resolution
+from tiny_models_next import _best_resolution, unpadded_grid
 
 IMAGE = 120
 VIDEO = 121
@@ -51,16 +51,7 @@ def tiny_onevision(attn: str = "sdpa", seed: int = 0, layers: int = 4, aspect: s
 
 def num_image_tokens(size, aspect: str = "anyres_max_1", pinpoints=PINPOINTS, crop=CROP, patch=PATCH) -> int:
     """Placeholders the OneVision processor emits for one image of size (H, W) (SigLIP: no CLS)."""
-    h, w = size
-    bh, bw = _best_resolution(h, w, pinpoints)
-    side = crop // patch
-    cur_h, cur_w = side * (bh // crop), side * (bw // crop)
-    if w / h > cur_w / cur_h:
-        new_h = int(round(h * (cur_w / w), 7))
-        cur_h -= 2 * ((cur_h - new_h) // 2)
-    else:
-        new_w = int(round(w * (cur_h / h), 7))
-        cur_w -= 2 * ((cur_w - new_w) // 2)
+    side, cur_h, cur_w = unpadded_grid(size, pinpoints, crop, patch)
     unpadded, newlines = cur_h * cur_w, cur_h
     ratio = math.sqrt(cur_h * cur_w / (int(aspect[len("anyres_max_"):]) * side ** 2))
     if ratio > 1.1:
