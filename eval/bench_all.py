@@ -6,7 +6,8 @@
 
 Suites (:data:`SUITES`):
 
-- ``cpu``: every bundled ``configs/llava-1.5/*.yaml`` on LLaVA-1.5-7B shapes (fp32, batch 1, 64 text tokens),
+- ``cpu``: every bundled ``configs/llava-1.5/*.yaml`` on LLaVA-1.5-7B shapes (fp32, batch 1, 64 text tokens), and
+  one row per other family (:data:`FAMILY_ROWS`: its real-size preset and one of its configs),
   the LLM shortened to ``max(--min-layers, deepest stage layer + 1)`` decoder layers and the CLIP tower to the
   same share of its depth (``round(24 * L / 32)``, >= 2) so that the tower's share of the prefill stays what
   it is at full depth. Configs that would need more than ``--max-layers`` layers are listed as not run.
@@ -108,6 +109,14 @@ def _skip_reason(path: Path) -> str | None:
     return f"checkpoint(s) {', '.join(ckpts)} not available locally" if ckpts else None
 
 
+#: the CPU suite's one row per other family: (bench preset, config under configs/ without .yaml)
+FAMILY_ROWS: list[tuple[str, str]] = [
+    ("llava-next-7b", "llava-next/visionzip-320"),
+    ("qwen2-vl-7b", "qwen2-vl/visionzip-25"),
+    ("qwen2.5-vl-7b", "qwen2-vl/visionzip-25"),
+]
+
+
 def _family_configs(folder: str) -> list[Path]:
     return sorted((CONFIGS / folder).glob("*.yaml"))
 
@@ -116,9 +125,12 @@ def suite_jobs(suite: str, *, min_layers: int = 3, max_layers: int = 5) -> list[
     """The jobs of a suite (see the module docstring)."""
     jobs: list[Job] = []
     if suite == "cpu":
-        spec = B.ARCHS["llava-1.5-7b"]
-        for path in _family_configs("llava-1.5"):
-            job = Job("cpu", spec.name, str(path.relative_to(ROOT)))
+        plan = [("llava-1.5-7b", str(p.relative_to(ROOT))) for p in _family_configs("llava-1.5")]
+        plan += [(arch, f"configs/{config}.yaml") for arch, config in FAMILY_ROWS]
+        for arch, config in plan:
+            spec = B.ARCHS[arch]
+            path = ROOT / config
+            job = Job("cpu", spec.name, config)
             job.skip = _skip_reason(path)
             if job.skip is None:
                 need = max(min_layers, _config_layers(path))

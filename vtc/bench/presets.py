@@ -22,7 +22,7 @@ class ArchSpec:
     drawn from (no special tokens); ``bos`` an optional first token."""
 
     name: str
-    family: str  # llava | llava_next | qwen2_vl | qwen2_5_vl
+    family: str  # a key of FAMILY_CLASSES
     text: dict
     vision: dict
     top: dict = field(default_factory=dict)
@@ -114,6 +114,14 @@ ARCHS: dict[str, ArchSpec] = {
         image_size=(32, 32), text_ids=(3, 100), bos=None, description="tiny Qwen2.5-VL (tests): 16 merged tokens"),
 }
 
+#: ArchSpec.family -> the transformers model class a preset of that family builds (one entry per family)
+FAMILY_CLASSES: dict[str, str] = {
+    "llava": "LlavaForConditionalGeneration",
+    "llava_next": "LlavaNextForConditionalGeneration",
+    "qwen2_vl": "Qwen2VLForConditionalGeneration",
+    "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+}
+
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -145,22 +153,12 @@ def _hf_config(spec: ArchSpec, layers: int | None, vision_layers: int | None, at
                                                           if i < vision_layers} | {vision_layers - 1})
         else:
             vision["num_hidden_layers"] = int(vision_layers)
-    if spec.family == "llava":
-        cfg = tf.LlavaConfig(vision_config=tf.CLIPVisionConfig(**vision), text_config=tf.LlamaConfig(**text),
-                             **spec.top)
-        cls = tf.LlavaForConditionalGeneration
-    elif spec.family == "llava_next":
-        cfg = tf.LlavaNextConfig(vision_config=tf.CLIPVisionConfig(**vision), text_config=tf.LlamaConfig(**text),
-                                 **spec.top)
-        cls = tf.LlavaNextForConditionalGeneration
-    elif spec.family == "qwen2_vl":
-        cfg = tf.Qwen2VLConfig(text_config=text, vision_config=vision, **spec.top)
-        cls = tf.Qwen2VLForConditionalGeneration
-    elif spec.family == "qwen2_5_vl":
-        cfg = tf.Qwen2_5_VLConfig(text_config=text, vision_config=vision, **spec.top)
-        cls = tf.Qwen2_5_VLForConditionalGeneration
-    else:  # pragma: no cover - presets are fixed
-        raise ValueError(f"unknown family {spec.family!r}")
+    name = FAMILY_CLASSES.get(spec.family)
+    if name is None:  # pragma: no cover - presets are fixed
+        raise ValueError(f"unknown family {spec.family!r} (allowed: {', '.join(FAMILY_CLASSES)})")
+    cls = getattr(tf, name)
+    # sub-configs are dicts: each family's config class fills in its default model types (CLIP / Llama for LLaVA)
+    cfg = cls.config_class(text_config=text, vision_config=vision, **spec.top)
     cfg._attn_implementation = attn
     return cfg, cls
 
