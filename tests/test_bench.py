@@ -353,10 +353,16 @@ def test_bench_all_renders_markdown_between_markers(tmp_path, cli_run):
     assert BA.plot_summary(results, tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_cpu_suite_covers_every_llava_config():
+def test_cpu_suite_covers_every_llava_config_and_one_row_per_family():
     jobs = BA.suite_jobs("cpu", max_layers=5)
-    names = {j.label for j in jobs}
-    assert names == {p.stem for p in (ROOT / "configs" / "llava-1.5").glob("*.yaml")}
-    for j in jobs:
+    llava = [j for j in jobs if j.arch == "llava-1.5-7b"]
+    assert {j.label for j in llava} == {p.stem for p in (ROOT / "configs" / "llava-1.5").glob("*.yaml")}
+    others = [(j.arch, j.config) for j in jobs if j.arch != "llava-1.5-7b"]
+    assert others == [(a, f"configs/{c}.yaml") for a, c in BA.FAMILY_ROWS]
+    families = {B.ARCHS[a].family for a, _ in BA.FAMILY_ROWS} | {"llava"}
+    assert families == set(B.presets.FAMILY_CLASSES)  # every family with a preset has a row
+    for a, c in BA.FAMILY_ROWS:
+        assert (ROOT / "configs" / f"{c}.yaml").is_file()
+    for j in llava:
         if j.skip is None:
             assert j.layers >= 3 and j.vision_layers == max(2, round(24 * j.layers / 32))
