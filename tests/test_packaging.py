@@ -174,6 +174,26 @@ def test_one_model_loader(monkeypatch):
     assert calls == ["some/vlm", str(vtc.demo.ORDERED_MODEL_PATH)]
 
 
+def test_demo_and_eval_load_through_one_loader(monkeypatch):
+    """``vtc.demo.load`` and ``vtc eval``'s ``load_vlm`` are both :func:`vtc.loading.load_vlm`; its errors reach eval
+    as :class:`EvalError` with the same message."""
+    import vtc.demo
+    import vtc.loading
+    from vtc.evaluation import EvalError, generation
+
+    calls = []
+    monkeypatch.setattr(vtc.loading, "load_vlm", lambda path, **kw: calls.append((str(path), kw)) or ("m", "p"))
+    assert vtc.demo.load("1d") == ("m", "p")
+    assert generation.load_vlm("x/y", dtype="float16") == ("m", "p")
+    assert calls == [(str(vtc.demo.ORDERED_MODEL_PATH), {"attn": "sdpa", "dtype": "float32"}),
+                     ("x/y", {"device": "cpu", "dtype": "float16", "attn": "sdpa"})]
+    monkeypatch.undo()
+    with pytest.raises(EvalError, match="--dtype 'int3' is not supported"):
+        generation.load_vlm(vtc.demo.GRID_MODEL_PATH, dtype="int3")
+    with pytest.raises(vtc.ConfigError, match="--model .*is not a vision-language model|no usable config"):
+        vtc.loading.load_vlm(Path(__file__).parent)
+
+
 @pytest.mark.parametrize("family", ["llava", "llava_next", "qwen2_vl", "qwen2_5_vl"])
 def test_dummy_inputs_come_from_the_adapter(family):
     """Family-specific synthetic inputs live behind the adapter (``adapter.dummy_inputs``, used by ``vtc bench``

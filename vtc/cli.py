@@ -309,6 +309,13 @@ def cmd_show(args) -> int:
     return 0
 
 
+def _model_image_prompt(parser: argparse.ArgumentParser) -> None:
+    """The inputs ``generate`` and ``show`` share."""
+    parser.add_argument("--model", required=True, help="VLM folder, cached hub id, or vtc-tiny-llava / vtc-tiny-1d")
+    parser.add_argument("--image", required=True)
+    parser.add_argument("--prompt", required=True)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vtc", description="Visual token compression for Hugging Face VLMs.")
     p.add_argument("--debug", action="store_true",
@@ -325,17 +332,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_demo)
 
     g = sub.add_parser("generate", help="answer a prompt about an image, optionally compressed")
-    g.add_argument("--model", required=True, help="VLM folder, cached hub id, or vtc-tiny-llava / vtc-tiny-1d")
-    g.add_argument("--image", required=True)
-    g.add_argument("--prompt", required=True)
+    _model_image_prompt(g)
     g.add_argument("--config", default=None)
     g.add_argument("--max-new-tokens", type=int, default=32)
     g.set_defaults(func=cmd_generate)
 
     s = sub.add_parser("show", help="draw the kept / merged tokens of a config over the image")
-    s.add_argument("--model", required=True, help="VLM folder, cached hub id, or vtc-tiny-llava / vtc-tiny-1d")
-    s.add_argument("--image", required=True)
-    s.add_argument("--prompt", required=True)
+    _model_image_prompt(s)
     s.add_argument("--config", required=True)
     s.add_argument("--out", default="kept.png")
     s.add_argument("--stage", type=int, default=None,

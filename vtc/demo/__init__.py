@@ -19,21 +19,16 @@ __all__ = ["ASSETS", "GRID_MODEL_PATH", "ORDERED_MODEL_PATH", "load"]
 
 def load(kind: str = "grid", path: str | Path | None = None, *, attn: str = "sdpa", dtype: str = "float32"):
     """(model, processor) of a shipped demo VLM: ``kind`` "grid" (vtc-tiny-llava) or "1d" (vtc-tiny-1d), or of the
-    VLM saved at ``path`` (any family; ``vtc generate`` / ``vtc show`` load ``--model`` through here).
+    VLM saved at ``path`` (any family; ``vtc generate`` / ``vtc show`` load ``--model`` through here), both through
+    the one loader :func:`vtc.loading.load_vlm`.
 
     Registers the demo 1D model with the transformers Auto classes first (idempotent); the processor's tokenizer is
     set to left padding, as batched generation needs.
     """
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from ..loading import load_vlm
 
-    from .ordered_vlm import register
-
-    register()
     if path is None:
         if kind not in ("grid", "1d"):
             raise ValueError(f"demo model kind must be 'grid' or '1d', got {kind!r}")
         path = GRID_MODEL_PATH if kind == "grid" else ORDERED_MODEL_PATH
-    model = AutoModelForImageTextToText.from_pretrained(path, attn_implementation=attn, dtype=dtype).eval()
-    processor = AutoProcessor.from_pretrained(path)
-    processor.tokenizer.padding_side = "left"
-    return model, processor
+    return load_vlm(path, attn=attn, dtype=dtype)

@@ -22,69 +22,16 @@ __all__ = ["BatchAnswerer", "load_vlm", "build_prompt"]
 
 
 # ---- model ------------------------------------------------------------------------------------------------------
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-
-
-def _resolve_dtype(dtype: str | torch.dtype, device: str) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype == "auto":
-        return torch.float16 if str(device).startswith("cuda") else torch.float32
-    if dtype not in _DTYPES:
-        raise EvalError(f"--dtype {dtype!r} is not supported (allowed: auto, {', '.join(_DTYPES)})")
-    return _DTYPES[dtype]
-
-
 def load_vlm(path: str | os.PathLike, *, device: str = "cpu", dtype: str | torch.dtype = "auto",
              attn: str = "sdpa"):
-    """(model, processor) from a local folder, cached hub id or bundled name (``vtc-tiny-llava``), checked to
-    be a VLM that vtc supports.
-
-    Raises :class:`EvalError` if the path does not exist / cannot be loaded or the model is not a supported
-    vision-language model.
-    """
-    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
-
-    from vtc.demo.ordered_vlm import register
-    from vtc.errors import ConfigError
-    from vtc.model_names import resolve_model
-    from vtc.models import get_adapter, supported_models
-
-    register()  # the demo 1D model's classes, for AutoConfig / AutoModel
+    """:func:`vtc.loading.load_vlm` (the one loader), its errors raised as :class:`EvalError`."""
+    from vtc.loading import ModelLoadError
+    from vtc.loading import load_vlm as load
 
     try:
-        path = resolve_model(path)
-    except ValueError as err:
+        return load(path, device=device, dtype=dtype, attn=attn)
+    except ModelLoadError as err:
         raise EvalError(str(err)) from None
-    try:
-        config = AutoConfig.from_pretrained(path)
-    except (OSError, ValueError) as err:
-        where = "the folder has no usable config.json" if os.path.isdir(path) else \
-            "no such local folder, and not loadable as a hub id"
-        raise EvalError(f"--model {path}: {where} ({str(err).splitlines()[0]})") from None
-    vision = getattr(config, "vision_config", None)
-    if vision is None:
-        archs = ", ".join(getattr(config, "architectures", None) or [type(config).__name__])
-        raise EvalError(f"--model {path}: {archs} (model_type '{config.model_type}') is not a vision-language "
-                        f"model; vtc eval needs one of: {', '.join(supported_models())}")
-    torch_dtype = _resolve_dtype(dtype, device)
-    try:
-        model = AutoModelForImageTextToText.from_pretrained(
-            path, dtype=torch_dtype, attn_implementation=attn,
-            device_map=str(device) if str(device).startswith("cuda") else None)
-    except ValueError as err:
-        raise EvalError(f"--model {path}: cannot load it as an image-text-to-text model "
-                        f"({str(err).splitlines()[0]}); supported: {', '.join(supported_models())}") from None
-    try:
-        get_adapter(model)
-    except ConfigError as err:
-        raise EvalError(f"--model {path}: {err}") from None
-    processor = AutoProcessor.from_pretrained(path)
-    if not hasattr(processor, "image_processor"):
-        raise EvalError(f"--model {path}: its processor ({type(processor).__name__}) has no image processor")
-    processor.tokenizer.padding_side = "left"
-    return model.to(device).eval(), processor
 
 
 def build_prompt(processor, question: str) -> str:

@@ -257,7 +257,6 @@ class Method(BaseModel):
 
     Class attributes:
     - ``sides``: where the method can run. A method that supports both runs LLM-side when ``layer`` is set.
-    - ``paper``: citation shown in docs and errors.
     - ``keeps_prefix``: vision side, the output of an ordered sequence is still ordered (prefix truncation).
 
     Fields every method may have (typed here, accepted in a config only where the method declares them again):
@@ -271,7 +270,6 @@ class Method(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True, strict=True)
 
     sides: ClassVar[tuple[Side, ...]] = ("vision",)
-    paper: ClassVar[str] = ""
     keeps_prefix: ClassVar[bool] = False
 
     method: str

@@ -192,8 +192,6 @@ def encode_instructions(clip, tok, texts: list[str], device) -> tuple[torch.Tens
 @register_method("cdpruner")
 class CDPruner(Method):
     sides = ("vision",)
-    paper = ("Zhang et al., Beyond Attention or Similarity: Maximizing Conditional Diversity for Token Pruning in "
-             "MLLMs, NeurIPS 2025 (arXiv:2506.10967)")
 
     method: Literal["cdpruner"] = "cdpruner"
     #: tokens kept per unit (image / crop), or a keep fraction

@@ -131,8 +131,6 @@ class DART(Method):
     """DART: image and text pivots by key norm, each claiming its least similar visual tokens (LLM side)."""
 
     sides = ("llm",)
-    paper = ("Wen et al., Stop Looking for Important Tokens in Multimodal Language Models: Duplication Matters "
-             "More, 2025 (arXiv:2502.11494)")
 
     method: Literal["dart"] = "dart"
     #: 0-indexed decoder layer the survivors enter; pivots come from layer L-1's keys

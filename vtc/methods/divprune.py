@@ -94,8 +94,6 @@ def group_units(unit_image: torch.Tensor | None, U: int, device) -> tuple[torch.
 @register_method("divprune")
 class DivPrune(Method):
     sides = ("vision",)
-    paper = ("Alvar et al., DivPrune: Diversity-based Visual Token Pruning for Large Multimodal Models, CVPR 2025 "
-             "(arXiv:2503.02175)")
 
     method: Literal["divprune"] = "divprune"
     #: tokens kept per image (int) or keep ratio (float, official rounding: round(ratio * n))

@@ -58,7 +58,6 @@ def window_anchors(h: int, w: int, h2: int, w2: int, device=None) -> tuple[torch
 @register_method("downsample")
 class Downsample(Method):
     sides = ("vision",)
-    paper = "baseline (VTC-Bench, Liao et al., 2025)"
 
     method: Literal["downsample"] = "downsample"
     budget: Budget | None = None

@@ -62,8 +62,6 @@ def cls_scores(ctx: VisionContext, method: str) -> torch.Tensor:
 @register_method("fastervlm")
 class FasterVLM(ScorerMethod):
     sides = ("vision",)
-    paper = ("Zhang et al., [CLS] Attention is All You Need for Training-Free Visual Token Pruning: Make VLM "
-             "Inference Faster, arXiv:2412.01818")
 
     method: Literal["fastervlm"] = "fastervlm"
     #: tokens kept per unit (image / crop / frame), or a keep fraction

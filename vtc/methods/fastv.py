@@ -1,4 +1,4 @@
-"""``fastv``: FastV (Chen et al., "An Image is Worth 1/2 Tokens After Layer 2", ECCV 2024).
+"""``fastv``: FastV (Chen et al., "An Image is Worth 1/2 Tokens After Layer 2", ECCV 2024, arXiv:2403.06764).
 
 Score: the attention the **last prompt token** pays to each visual token in layer L-1, averaged over heads,
 a_j = mean_h softmax_j(q_last,h . k_j,h / sqrt(d)) over all tokens j <= last (RoPE applied as the model does).
@@ -29,7 +29,6 @@ def fastv_scores(ctx: LLMContext, query: str = "last") -> torch.Tensor:
 @register_method("fastv")
 class FastV(ScorerMethod):
     sides = ("llm",)
-    paper = "Chen et al., An Image is Worth 1/2 Tokens After Layer 2, ECCV 2024 (arXiv:2403.06764)"
 
     method: Literal["fastv"] = "fastv"
     budget: Budget = 0.5

@@ -236,8 +236,6 @@ class PACT(ScorerMethod):
     """PACT: EUTI pruning + DBDPC clustering + merging with proportional attention (LLM side, one layer)."""
 
     sides = ("llm",)
-    paper = ("Dhouib et al., PACT: Pruning and Clustering-Based Token Reduction for Faster Visual Language "
-             "Models, CVPR 2025 (arXiv:2504.08966)")
 
     method: Literal["pact"] = "pact"
     #: decoder layer L (0-indexed) whose input is reduced; layers < L see every token

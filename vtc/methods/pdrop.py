@@ -33,8 +33,6 @@ PAPER_KEEP: tuple[float, ...] = (0.5, 0.25, 0.125)
 class PyramidDrop(ScheduledScorer):
     """PyramidDrop: at each cut layer, keep the visual tokens the last prompt token attends to most."""
 
-    paper = ("Xing et al., PyramidDrop: Accelerating Your Large Vision-Language Models via Pyramid Visual "
-             "Redundancy Reduction, CVPR 2025 (arXiv:2410.17247)")
 
     method: Literal["pdrop"] = "pdrop"
     #: 0-indexed decoder layers the survivors enter, strictly increasing

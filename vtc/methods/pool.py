@@ -163,8 +163,6 @@ def weighted_kmeans(x: torch.Tensor, w: torch.Tensor, k: int, iters: int = 5, un
 @register_method("pool")
 class Pool(Method):
     sides = ("vision",)
-    paper = ("TokenFLEX (Hu et al., 2025); SimPool (Psomas et al., ICCV 2023); AdaPool; "
-             "Token Pooling in Vision Transformers (Marin et al., WACV 2023)")
 
     method: Literal["pool"] = "pool"
     budget: Budget | None = None

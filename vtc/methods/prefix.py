@@ -21,7 +21,6 @@ from .base import Budget, Method, VisionContext
 @register_method("prefix")
 class PrefixTruncate(Method):
     sides = ("vision",)
-    paper = "FlexTok (Bachmann et al., 2025); One-D-Piece; TiTok (Yu et al., 2024)"
     keeps_prefix: ClassVar[bool] = True
 
     method: Literal["prefix"] = "prefix"

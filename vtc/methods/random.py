@@ -19,7 +19,6 @@ from .base import Budget, LLMContext, ScorerMethod, Seed, VisionContext
 @register_method("random")
 class RandomPrune(ScorerMethod):
     sides = ("vision", "llm")
-    paper = "baseline"
 
     method: Literal["random"] = "random"
     budget: Budget

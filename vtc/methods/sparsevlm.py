@@ -84,8 +84,6 @@ class SparseVLMState(ScheduleState):
 class SparseVLM(ScheduledScorer):
     """SparseVLM v2: rater-guided, gravity-corrected, head-selected attention scores on a fixed schedule."""
 
-    paper = ("Zhang et al., SparseVLM: Visual Token Sparsification for Efficient Vision-Language Model Inference, "
-             "ICML 2025 (arXiv:2410.04417)")
 
     method: Literal["sparsevlm"] = "sparsevlm"
     #: an official schedule by its name (the printed layer average for 576 visual tokens); sets ``keep``

@@ -195,8 +195,6 @@ class TransPrune(ScheduledScorer):
     - ``ttv_weight``, ``iga_weight``: weights of the two normalised scores (>= 0, not both 0).
     """
 
-    paper = "Li et al., TransPrune: Token Transition Pruning for Efficient Large Vision-Language Model, 2025 " \
-            "(arXiv:2507.20630)"
 
     method: Literal["transprune"] = "transprune"
     layers: tuple[int, ...] = DEFAULT_LAYERS

@@ -176,8 +176,6 @@ def visionzip_tokens(x: torch.Tensor, scores: torch.Tensor, keys: torch.Tensor, 
 @register_method("visionzip")
 class VisionZip(Method):
     sides = ("vision",)
-    paper = ("Yang et al., VisionZip: Longer is Better but Not Necessary in Vision Language Models, CVPR 2025 "
-             "(arXiv:2412.04467)")
 
     method: Literal["visionzip"] = "visionzip"
     budget: Budget | None = None

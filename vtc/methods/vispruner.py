@@ -76,8 +76,6 @@ def vispruner_keep(scores: torch.Tensor, feats: torch.Tensor, budget: int, num_i
 @register_method("vispruner")
 class VisPruner(Method):
     sides = ("vision",)
-    paper = ("Zhang et al., Beyond Text-Visual Attention: Exploiting Visual Cues for Effective Token Pruning in "
-             "VLMs, ICCV 2025 (arXiv:2412.01818v2)")
 
     method: Literal["vispruner"] = "vispruner"
     #: tokens kept per unit (image / crop / frame), or a keep fraction
