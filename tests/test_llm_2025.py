@@ -241,3 +241,21 @@ def test_vision_stage_then_pdrop_then_dart(eager):
     with torch.no_grad(), vtc.compress(eager, cfg) as run:
         eager(**inputs)
     assert [s.tokens_out for s in run.stats.stages] == [[16, 16], [8, 8], [5, 5]]
+
+
+@pytest.mark.parametrize("vision,llm,counts", [
+    ({"method": "divprune", "budget": 16}, {"method": "pdrop", "layers": [1, 2], "keep": [0.5, 0.25]}, [16, 4]),
+    ({"method": "fastervlm", "budget": 20}, {"method": "dart", "layer": 2, "budget": 6, "pivots_image": 2}, [20, 6]),
+    ({"method": "vispruner", "budget": 12}, {"method": "sparsevlm", "layers": [1, 3], "keep": [0.5, 0.25]}, [12, 3]),
+])
+def test_2025_vision_stage_then_2025_llm_stage(eager, vision, llm, counts):
+    """Composition of the 2025 methods across sides (e.g. DivPrune then PyramidDrop): the LLM-side stage cuts the
+    vision stage's survivors at every cut, and ``generate`` gives the same tokens with ``use_cache=False`` (the
+    per-stage decode-vs-oracle invariants are in the matrix)."""
+    inputs = llava_inputs(eager, batch=2, seed=3)
+    with torch.no_grad(), vtc.compress(eager, [vision, llm]) as run:
+        cached = eager.generate(**inputs, max_new_tokens=4, do_sample=False)
+        stages = run.stats.stages
+        assert (stages[0].tokens_out, stages[-1].tokens_out) == ([counts[0]] * 2, [counts[1]] * 2)
+        uncached = eager.generate(**inputs, max_new_tokens=4, do_sample=False, use_cache=False)
+    assert torch.equal(cached, uncached)

@@ -220,3 +220,33 @@ def test_dummy_inputs_come_from_the_adapter(family):
     with torch.no_grad():
         out = model(**inputs)
     assert out.logits.shape[:2] == inputs["input_ids"].shape
+
+
+def test_readme_architecture_matches_the_code():
+    """Every file the README's architecture diagram names exists, and every name it places in a file is defined
+    there."""
+    import importlib
+    import re
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## Architecture", 1)[1].split("\n## ", 1)[0]
+    diagram = section.split("```", 2)[1]
+    root = Path(__file__).resolve().parents[1]
+    paths = set(re.findall(r"vtc/[\w/<>]+\.py", section))
+    assert len(paths) >= 8
+    for p in paths:
+        if "<" not in p:
+            assert (root / p).is_file(), p
+    where = {"Run": "vtc.runtime", "get_adapter": "vtc.models", "VisionRuntime": "vtc.runtime.vision",
+             "run_vision_stages": "vtc.functional", "rebuild_prompt": "vtc.runtime.vision",
+             "LLMRuntime": "vtc.runtime.llm", "_SlotSet": "vtc.runtime.llm", "VisionContext": "vtc.methods.base",
+             "LLMContext": "vtc.methods.base", "RunView": "vtc.runtime.view", "ScorerMethod": "vtc.methods.base",
+             "ScheduledScorer": "vtc.methods.schedule", "Reduction": "vtc.reduction", "compact": "vtc.reduction",
+             "LlavaAdapter": "vtc.models.llava", "load_vlm": "vtc.loading"}
+    for name, module in where.items():
+        assert name in section, name
+        assert hasattr(importlib.import_module(module), name), (module, name)
+    for field in ("anchor", "valid", "source", "features", "sizes"):
+        assert field in diagram and field in importlib.import_module("vtc.reduction").Reduction.__dataclass_fields__
+    for method in ("encode_images", "project", "pack_images", "new_state", "reduce_vision", "reduce_llm", "score"):
+        assert method in diagram
