@@ -123,19 +123,18 @@ def _set_generation_config(model, tokenizer) -> None:
     gc.max_new_tokens = 4
 
 
-def build_grid_processor(tokenizer=None):
+def _llava_processor(tokenizer, *, patch_size: int, strategy: str, additional: int):
+    """A ``LlavaProcessor`` over the demo tokenizer, image processor and chat template, writing
+    ``(IMAGE_SIZE / patch_size)^2 + additional`` (minus CLS for strategy ``default``) placeholders per image."""
     from transformers import LlavaProcessor
 
-    tokenizer = tokenizer or build_tokenizer()
-    return LlavaProcessor(
-        image_processor=_image_processor(),
-        tokenizer=tokenizer,
-        patch_size=PATCH,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
-        chat_template=CHAT_TEMPLATE,
-        image_token="<image>",
-    )
+    return LlavaProcessor(image_processor=_image_processor(), tokenizer=tokenizer or build_tokenizer(),
+                          patch_size=patch_size, vision_feature_select_strategy=strategy,
+                          num_additional_image_tokens=additional, chat_template=CHAT_TEMPLATE, image_token="<image>")
+
+
+def build_grid_processor(tokenizer=None):
+    return _llava_processor(tokenizer, patch_size=PATCH, strategy="default", additional=1)
 
 
 def build_ordered_model(tokenizer=None, n_latents: int = N_LATENTS):
@@ -162,15 +161,4 @@ def build_ordered_processor(tokenizer=None, n_latents: int = N_LATENTS):
     With ``patch_size = image size`` (one "patch"), ``num_additional_image_tokens = n_latents - 1`` and
     strategy ``"full"``, LlavaProcessor's count ``1 * 1 + (n_latents - 1)`` is exactly ``n_latents``.
     """
-    from transformers import LlavaProcessor
-
-    tokenizer = tokenizer or build_tokenizer()
-    return LlavaProcessor(
-        image_processor=_image_processor(),
-        tokenizer=tokenizer,
-        patch_size=IMAGE_SIZE,
-        vision_feature_select_strategy="full",
-        num_additional_image_tokens=n_latents - 1,
-        chat_template=CHAT_TEMPLATE,
-        image_token="<image>",
-    )
+    return _llava_processor(tokenizer, patch_size=IMAGE_SIZE, strategy="full", additional=n_latents - 1)

@@ -178,15 +178,21 @@ def _check_images(samples: list[EvalSample], task: str, pattern: str = "") -> No
 
 
 # ---- VQAv2 --------------------------------------------------------------------------------------------------------
-def read_vqav2(data: str | Path | None = None, *, questions: str | Path | None = None,
-               annotations: str | Path | None = None, images: str | Path | None = None) -> list[EvalSample]:
-    """VQAv2 (or VQAv1 / any VQA-format split): questions + optional annotations + COCO images."""
+def _questions_file(task: str, data, questions, patterns: list[str], what: str) -> tuple[Path | None, Path]:
+    """(the ``--data`` folder or None, the questions file): ``--questions`` if given, else the one file of
+    ``patterns`` in the folder."""
     folder = Path(data) if data is not None else None
     if questions is None:
         if folder is None:
-            raise DatasetError("vqav2: give --data FOLDER or --questions FILE")
-        questions = _one_file(folder, ["*questions*.json"], "questions", "--questions")
-    qpath = Path(questions)
+            raise DatasetError(f"{task}: give --data FOLDER or --questions FILE")
+        questions = _one_file(folder, patterns, what, "--questions")
+    return folder, Path(questions)
+
+
+def read_vqav2(data: str | Path | None = None, *, questions: str | Path | None = None,
+               annotations: str | Path | None = None, images: str | Path | None = None) -> list[EvalSample]:
+    """VQAv2 (or VQAv1 / any VQA-format split): questions + optional annotations + COCO images."""
+    folder, qpath = _questions_file("vqav2", data, questions, ["*questions*.json"], "questions")
     if annotations is None and folder is not None and folder.is_dir():
         annotations = _one_file(folder, ["*annotations*.json"], "annotations", "--annotations", required=False)
     qdoc = _read_json(qpath)
@@ -238,13 +244,8 @@ def read_vqav2(data: str | Path | None = None, *, questions: str | Path | None =
 def read_textvqa(data: str | Path | None = None, *, questions: str | Path | None = None,
                  images: str | Path | None = None, **_: Any) -> list[EvalSample]:
     """TextVQA 0.5.1 JSON (``data`` list with ``answers``; the test split has none)."""
-    folder = Path(data) if data is not None else None
-    if questions is None:
-        if folder is None:
-            raise DatasetError("textvqa: give --data FOLDER or --questions FILE")
-        questions = _one_file(folder, ["TextVQA_*val*.json", "TextVQA_*.json", "*textvqa*.json"], "TextVQA",
-                              "--questions")
-    path = Path(questions)
+    folder, path = _questions_file("textvqa", data, questions,
+                                   ["TextVQA_*val*.json", "TextVQA_*.json", "*textvqa*.json"], "TextVQA")
     doc = _read_json(path)
     rows = _field(doc, "data", path, "the top level")
     if not isinstance(rows, list):
@@ -269,13 +270,9 @@ def read_textvqa(data: str | Path | None = None, *, questions: str | Path | None
 def read_gqa(data: str | Path | None = None, *, questions: str | Path | None = None,
              images: str | Path | None = None, **_: Any) -> list[EvalSample]:
     """GQA balanced questions JSON (a mapping question id -> {imageId, question, answer})."""
-    folder = Path(data) if data is not None else None
-    if questions is None:
-        if folder is None:
-            raise DatasetError("gqa: give --data FOLDER or --questions FILE")
-        questions = _one_file(folder, ["testdev_balanced_questions.json", "*balanced_questions*.json",
-                                       "*questions*.json"], "GQA questions", "--questions")
-    path = Path(questions)
+    folder, path = _questions_file("gqa", data, questions, ["testdev_balanced_questions.json",
+                                                           "*balanced_questions*.json", "*questions*.json"],
+                                   "GQA questions")
     doc = _read_json(path)
     if not isinstance(doc, dict):
         raise DatasetError(f"{path}: the top level must be an object mapping question ids to questions")

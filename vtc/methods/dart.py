@@ -23,7 +23,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import field_validator
+from pydantic import Field
 
 from ..reduction import Reduction, compact, topk_per_group
 from . import register_method
@@ -137,22 +137,9 @@ class DART(Method):
     layer: int = 2
     #: visual tokens kept per image (pivots included); 132 = the official LLaVA-1.5 "128" setting
     budget: Budget = 132
-    pivots_image: int = 4
-    pivots_text: int = 4
-
-    @field_validator("pivots_image")
-    @classmethod
-    def _check_image(cls, v: int) -> int:
-        if v < 1:
-            raise ValueError("must be >= 1 (every image needs a pivot)")
-        return v
-
-    @field_validator("pivots_text")
-    @classmethod
-    def _check_text(cls, v: int) -> int:
-        if v < 0:
-            raise ValueError("must be >= 0")
-        return v
+    #: pivots per image (>= 1: every image needs one) and from the text (>= 0), by key norm
+    pivots_image: int = Field(4, ge=1)
+    pivots_text: int = Field(4, ge=0)
 
     def capture_layers(self) -> tuple[int, ...]:
         return (self.layer - 1,)
