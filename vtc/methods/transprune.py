@@ -59,6 +59,7 @@ import torch
 from pydantic import ValidationInfo, field_validator
 
 from ..errors import ConfigError
+from ..reduction import compact
 from ..scoring import attention_from_rows
 from . import register_method
 from .base import LLMContext
@@ -134,16 +135,6 @@ def l1_normalise(scores: torch.Tensor, valid: torch.Tensor, eps: float = 1e-8) -
     return s / (s.sum(-1, keepdim=True) + eps)
 
 
-def _rows_from_mask(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, M) bool -> slot indices (B, R) of the True entries (R = max count, >= 1) and their validity."""
-    B, M = mask.shape
-    R = max(int(mask.sum(-1).max()), 1) if B else 1  # one host sync per stage
-    idx = torch.arange(M, device=mask.device).expand(B, M)
-    rows = torch.where(mask, idx, idx + M).sort(-1).values[:, :R]
-    ok = rows < M
-    return torch.where(ok, rows, torch.zeros_like(rows)), ok
-
-
 def instruction_guided_attention(ctx: LLMContext) -> tuple[torch.Tensor, torch.Tensor]:
     """IGA at the pruning point entering layer ``ctx.layer_idx``: ((B, n) scores over the candidates, (B,) bool).
 
@@ -154,7 +145,7 @@ def instruction_guided_attention(ctx: LLMContext) -> tuple[torch.Tensor, torch.T
     """
     inst = ctx.instruction_mask()
     has = inst.any(-1)
-    rows, row_ok = _rows_from_mask(inst)
+    rows, row_ok = compact(inst)  # one host sync per stage
     M = inst.shape[1]
     q, k = ctx.adapter.project_qk(ctx.layer_idx, ctx.hidden_states, ctx.position_embeddings, rows)
     slots = torch.arange(M, device=inst.device)
