@@ -90,11 +90,16 @@ class VisualGroup:
 @dataclass
 class ImageFeatures:
     """One image's features for the LLM after reduction: (k, Dt) embeddings, (k,) protected flags, and
-    optional per-token info for positions (e.g. M-RoPE (3, k) ids) and drawing (source map per unit)."""
+    optional per-token info for positions (e.g. M-RoPE (3, k) ids) and drawing (source map per unit).
+
+    token_ids: (k,) the prompt id of every packed position, for families whose structural tokens are ordinary
+    prompt tokens that the rebuilt prompt must hold (Mistral 3's ``[IMG_BREAK]`` / ``[IMG_END]``; their rows of
+    ``embeds`` are those tokens' embeddings). None: every position keeps the id it had (the placeholder)."""
 
     embeds: torch.Tensor
     protected: torch.Tensor
     positions: torch.Tensor | None = None
+    token_ids: torch.Tensor | None = None
 
 
 def precomputed_counts(kwargs: dict, modality: str = "image") -> list[int] | None:

@@ -68,6 +68,13 @@ def rebuild_prompt(adapter: ModelAdapter, input_ids: torch.Tensor, attention_mas
     pad_id = 0 if pad_id is None else pad_id
     new_ids = torch.where(valid, torch.gather(input_ids, 1, order), torch.full_like(order, pad_id))
     new_mask = torch.where(valid, torch.gather(attention_mask, 1, order), torch.zeros_like(order))
+    if n_img and any(im.token_ids is not None for im in images):
+        # the ids of the packed positions (structural tokens that are prompt tokens, e.g. Mistral 3's row breaks)
+        kept_vis = torch.gather(tm.is_visual, 1, order) & valid
+        ids = torch.cat([im.token_ids if im.token_ids is not None else
+                         torch.full((im.embeds.shape[0],), adapter.placeholder_token_id(), dtype=torch.long)
+                         for im in images]).to(dev)
+        new_ids = new_ids.masked_scatter(kept_vis, ids)
     new_labels = None
     if labels is not None:
         new_labels = torch.where(valid, torch.gather(labels, 1, order), torch.full_like(order, -100))
