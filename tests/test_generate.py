@@ -1,6 +1,6 @@
 """Every ``generate`` mode under vtc (issue 17 §2): {greedy, beams, sampling, num_return_sequences, the three ways
 of passing the prompt, use_cache=False, output_scores / return_dict_in_generate} x {vision-side, LLM-side, both}
-x {LLaVA, LLaVA-NeXT, Qwen2-VL}.
+x {LLaVA, LLaVA-NeXT, Qwen2-VL, Mistral 3}.
 
 Each cell equals the same ``generate`` call on an oracle:
 - vision side: the unwrapped model fed the reduced prompt vtc built (captured ``inputs_embeds``, mask, positions),
@@ -34,7 +34,7 @@ from vtc.models import get_adapter
 from vtc.models.base import cache_kwarg_name
 
 FAMILY_BY_NAME = {f.name: f for f in discover()[0]}
-FAMILIES = ("llava", "llava_next", "qwen2_vl")
+FAMILIES = ("llava", "llava_next", "qwen2_vl", "mistral3")
 
 VISION = {"method": "random", "budget": 9}
 LLM = {"method": "random", "layer": 1, "budget": 0.5}
