@@ -114,6 +114,7 @@ FAMILY_ROWS: list[tuple[str, str]] = [
     ("llava-next-7b", "llava-next/visionzip-320"),
     ("qwen2-vl-7b", "qwen2-vl/visionzip-25"),
     ("qwen2.5-vl-7b", "qwen2-vl/visionzip-25"),
+    ("mistral-small-3.1-24b", "mistral3/visionzip-25"),
 ]
 
 

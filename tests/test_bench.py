@@ -319,6 +319,8 @@ def test_summary_is_computed_from_the_medians():
     [
         ("tiny-next", {"name": "vz", "stages": [{"method": "random", "budget": 8}]}),
         ("tiny-qwen2.5-vl", FASTV),
+        ("tiny-mistral3", {"name": "vz", "stages": [{"method": "visionzip", "budget": 8}]}),
+        ("tiny-mistral3", FASTV),
     ],
 )
 def test_bench_runs_on_other_families(arch, config):

@@ -41,6 +41,20 @@ def vision_flops(model, inputs: dict, *, projector_rows: int | None = None, visi
         rows = units * fed if projector_rows is None else projector_rows
         D_l = cfg.text_config.hidden_size
         projector = fl.mlp_flops(rows, [vc.hidden_size, D_l, D_l])
+    elif name.startswith("Mistral3"):  # Pixtral: each image at its own size (attention within it), gated MLP
+        p, m = vc.patch_size, cfg.spatial_merge_size
+        shape = fl.ViTShape(vision_layers or vc.num_hidden_layers, vc.hidden_size, vc.intermediate_size,
+                            vc.num_attention_heads, gated=True)
+        tower, merged = 0, 0
+        for H, W in inputs["image_sizes"].tolist():
+            hp, wp = int(H) // p, int(W) // p
+            tower += fl.vit_flops(shape, hp * wp) + fl.patch_embed_flops(hp * wp, 3 * p * p, vc.hidden_size)
+            merged += (hp // m) * (wp // m)
+        rows = merged if projector_rows is None else projector_rows
+        D_l = cfg.text_config.hidden_size
+        # the patch merger runs on every merged token before any vtc stage; the MLP on the tokens kept
+        projector = fl.mlp_flops(merged, [vc.hidden_size * m * m, vc.hidden_size]) + \
+            fl.mlp_flops(rows, [vc.hidden_size, D_l, D_l])
     else:  # Qwen2-VL / Qwen2.5-VL: attention per frame group, 2 x 2 merger
         p, m, tp = vc.patch_size, vc.spatial_merge_size, vc.temporal_patch_size
         qwen25 = hasattr(vc, "fullatt_block_indexes")

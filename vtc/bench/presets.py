@@ -56,6 +56,15 @@ _QWEN2_7B = dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, n
 _QWEN_TOP = dict(image_token_id=151655, video_token_id=151656, vision_start_token_id=151652,
                  vision_end_token_id=151653)
 
+_MISTRAL_SMALL_31_TEXT = dict(vocab_size=131072, hidden_size=5120, intermediate_size=32768, num_hidden_layers=40,
+                              num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                              max_position_embeddings=131072, rms_norm_eps=1e-5, sliding_window=None,
+                              rope_parameters={"rope_type": "default", "rope_theta": 1000000000.0})
+_PIXTRAL_MS31 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                     head_dim=64, patch_size=14, image_size=1540, hidden_act="silu")
+_MISTRAL3_TOP = dict(image_token_index=10, spatial_merge_size=2, vision_feature_layer=-1,
+                     projector_hidden_act="gelu", multimodal_projector_bias=False, tie_word_embeddings=False)
+
 #: the tiny shapes of tests/tiny_models*.py (for the benchmark's own tests)
 _TINY_CLIP = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=48,
                   patch_size=8, projection_dim=32)
@@ -92,6 +101,11 @@ ARCHS: dict[str, ArchSpec] = {
              fullatt_block_indexes=[7, 15, 23, 31], tokens_per_second=2),
         _QWEN_TOP, image_size=(672, 672), text_ids=(1000, 20000), bos=None,
         description="Qwen2.5-VL-7B: 32-block windowed ViT (SwiGLU), Qwen2-7B; 672 px = 576 tokens"),
+    "mistral-small-3.1-24b": ArchSpec(
+        "mistral-small-3.1-24b", "mistral3", _MISTRAL_SMALL_31_TEXT, _PIXTRAL_MS31, _MISTRAL3_TOP,
+        image_size=(896, 896), text_ids=(1000, 20000),
+        description="Mistral-Small-3.1-24B: Pixtral tower (24 layers, 2D RoPE), 2 x 2 patch merger, Mistral 24B "
+                    "(40 layers, GQA 32/8); 896 px = 32 x 32 tokens + 32 row separators"),
     "tiny": ArchSpec(
         "tiny", "llava", _TINY_LLAMA, _TINY_CLIP, dict(_LLAVA_TOP, image_token_id=120),
         image_size=(48, 48), text_ids=(3, 100), description="tiny LLaVA (tests): 36 visual tokens"),
@@ -112,6 +126,12 @@ ARCHS: dict[str, ArchSpec] = {
              fullatt_block_indexes=[1, 3], tokens_per_second=2),
         dict(image_token_id=120, video_token_id=121, vision_start_token_id=122, vision_end_token_id=123),
         image_size=(32, 32), text_ids=(3, 100), bos=None, description="tiny Qwen2.5-VL (tests): 16 merged tokens"),
+    "tiny-mistral3": ArchSpec(
+        "tiny-mistral3", "mistral3", dict(_TINY_LLAMA, head_dim=16, sliding_window=None),
+        dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, head_dim=8,
+             patch_size=4, image_size=64),
+        dict(image_token_index=120, spatial_merge_size=2), image_size=(32, 48), text_ids=(14, 100),
+        description="tiny Mistral 3 (tests): 32 x 48 px = 4 x 6 merged tokens + 4 row separators"),
 }
 
 #: ArchSpec.family -> the transformers model class a preset of that family builds (one entry per family)
@@ -120,6 +140,7 @@ FAMILY_CLASSES: dict[str, str] = {
     "llava_next": "LlavaNextForConditionalGeneration",
     "qwen2_vl": "Qwen2VLForConditionalGeneration",
     "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+    "mistral3": "Mistral3ForConditionalGeneration",
 }
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
