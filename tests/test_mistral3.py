@@ -242,12 +242,13 @@ def test_pool_features_are_the_pooled_merger_outputs():
     assert ids == [IMAGE] * 3 + [BREAK] + [IMAGE] * 3 + [END]
 
 
-@pytest.mark.parametrize("budget", [1, 7])
-def test_pruned_tokens_packed_in_their_rows_and_decode_consistent(budget):
-    """random keeps ``budget`` of 4 x 6 tokens: the rebuilt prompt keeps all 4 rows' separators (empty rows too:
-    consecutive breaks), each row holding exactly its survivors; cached generate = uncached recomputation."""
+@pytest.mark.parametrize("budget,per_row", [(1, 1), (7, 2)])
+def test_pruned_tokens_packed_in_their_rows_and_decode_consistent(budget, per_row):
+    """random keeps ``budget`` tokens of each image (4 x 6 / 5 x 4; one or two images per row): the rebuilt prompt
+    keeps every original row's separator (empty rows too: consecutive breaks), each row holding exactly its
+    survivors; cached generate = uncached recomputation over the kept tokens."""
     m = model()
-    inputs = mistral3_inputs(m, batch=2)
+    inputs = mistral3_inputs(m, batch=2, images_per_row=per_row)
     config = vtc.load_config({"stages": [{"method": "random", "budget": budget}]})
     with vtc.compress(m, config) as run:
         out = m.generate(**inputs, max_new_tokens=4, do_sample=False, output_logits=True,
@@ -255,7 +256,8 @@ def test_pruned_tokens_packed_in_their_rows_and_decode_consistent(budget):
         stats = run.stats
     with vtc.compress(m, config) as run, torch.no_grad():  # the packed images of the same selection
         images = run.vision.reduce_images(dict(inputs))
-    for img, (h, w) in enumerate([(4, 6), (5, 4)]):
+    for img, (H, W) in enumerate(inputs["image_sizes"].tolist()):
+        h, w = H // 8, W // 8
         [src] = token_groups(run.stats, img)
         kept_rows = torch.bincount((src >= 0).nonzero().flatten() // w, minlength=h)
         ids = images[img].token_ids
@@ -265,7 +267,7 @@ def test_pruned_tokens_packed_in_their_rows_and_decode_consistent(budget):
         assert torch.equal(run_len, kept_rows), (run_len, kept_rows)
     prompt = rebuild_prompt(run.adapter, inputs["input_ids"], inputs["attention_mask"], images, inputs)
     assert torch.equal(prompt.token_map.protected, (prompt.input_ids == BREAK) | (prompt.input_ids == END))
-    replay = replay_config(config, stats, key=f"mistral3-rows-{budget}")
+    replay = replay_config(config, stats, key=f"mistral3-rows-{budget}-{per_row}")
     new = out.sequences[:, inputs["input_ids"].shape[1]:]
     with vtc.compress(m, replay):
         for t in range(new.shape[1]):

@@ -263,6 +263,8 @@ class Mistral3Adapter(LlavaAdapter):
                                                                                               "amax")
             ok = bool((lo == hi).all())
             why = "rows of equal length in every image"
+        per_image = torch.zeros(n_img, dtype=run_len.dtype, device=run_len.device).index_add_(0, s_img, run_len)
+        ok = ok and per_image.tolist() == list(counts)  # no row runs across two images
         if not ok:
             raise ConfigError(f"mistral3: the image rows hold {run_len.tolist()} [IMG] tokens, the visual inputs need "
                               f"{why}, each row followed by [IMG_BREAK] and the last by [IMG_END]; {hint}")
