@@ -277,6 +277,32 @@ class Mistral3Adapter(LlavaAdapter):
                         protected=sep)
 
     def check_placeholders(self, input_ids: torch.Tensor, kwargs: dict) -> None:
+        """The base checks in its wording ([IMG] totals as the model counts them; every run of an image's tokens,
+        separators included, holds whole images), then the row structure (:meth:`token_map`)."""
+        grids = self._token_grids(kwargs)
+        if grids is not None:
+            img = input_ids == self.placeholder_token_id()
+            rows = [int(c) for c in img.sum(-1).tolist()]
+            need = [h * w for h, w in grids]
+            context = (f"vtc, {self.family}: the prompt rows hold {rows} image placeholder tokens, the {len(need)} "
+                       f"image(s) given need {need} [IMG] tokens, each row followed by [IMG_BREAK] and the last by "
+                       "[IMG_END]; build the prompt with the model's processor")
+            if sum(rows) != sum(need):
+                raise ConfigError(f"Image features and image tokens do not match, tokens: {sum(rows)}, features: "
+                                  f"{sum(need)} ({context})")
+            prev = torch.zeros_like(img)
+            prev[:, 1:] = img[:, :-1]
+            vis = img | (prev & ~img)
+            nxt = torch.zeros_like(vis)
+            nxt[:, :-1] = vis[:, 1:]
+            ends = (vis & ~nxt).flatten()
+            running = vis.flatten().long().cumsum(0)[ends]
+            bounds = torch.tensor([h * (w + 1) for h, w in grids], device=img.device).cumsum(0)
+            whole = torch.isin(running, bounds)
+            if not bool(whole.all()):
+                row = int(ends.nonzero()[int((~whole).long().argmax()), 0]) // img.shape[1]
+                raise ConfigError(f"Image features and image tokens do not match in row {row}: a run of image "
+                                  f"placeholder tokens ends inside an image ({context})")
         self.token_map(input_ids, kwargs)
 
     def check_stage(self, stage) -> None:
