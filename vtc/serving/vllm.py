@@ -7,7 +7,7 @@ or ``LLM(model=..., hf_overrides={"vtc_config": ...})`` offline (a bundled confi
 a dict). Without ``vtc_config`` the model runs exactly as stock vLLM.
 
 How: :func:`register` registers, for each supported architecture name, a subclass of vLLM's own model class (in
-``vtc.serving.vllm_llava`` / ``vtc.serving.vllm_qwen``) whose image embeddings go through vtc's vision-side stages
+``vtc.serving.vllm_llava`` / ``vtc.serving.vllm_qwen2_vl``) whose image embeddings go through vtc's vision-side stages
 (the same ``Method.reduce_vision`` maths and :class:`vtc.runtime.vision.VisionRuntime` loop as with transformers,
 fed by a small vLLM-side adapter that scores on vLLM's own vision modules), and a processing-info subclass whose
 ``get_num_image_tokens`` returns the reduced count, so vLLM expands each image's placeholder to exactly that many
@@ -38,8 +38,9 @@ __all__ = ["register", "SUPPORTED_ARCHITECTURES", "config_from_hf", "reduced_cou
 SUPPORTED_ARCHITECTURES: dict[str, str] = {
     "LlavaForConditionalGeneration": "vtc.serving.vllm_llava:VtcLlavaForConditionalGeneration",
     "LlavaNextForConditionalGeneration": "vtc.serving.vllm_llava:VtcLlavaNextForConditionalGeneration",
+    "Qwen2VLForConditionalGeneration": "vtc.serving.vllm_qwen2_vl:VtcQwen2VLForConditionalGeneration",
+    "Qwen2_5_VLForConditionalGeneration": "vtc.serving.vllm_qwen2_vl:VtcQwen2_5_VLForConditionalGeneration",
 }
-# Not yet: Qwen2-VL / Qwen2.5-VL (survivors' M-RoPE positions through vLLM's SupportsMultiModalPruning interface).
 
 
 def register() -> None:
