@@ -37,22 +37,27 @@ KV_BYTES = 64 << 20
 SAMPLES = [get_sample("test", i) for i in range(3)]
 
 
-def vllm_llm(model: str | Path, config=None, **kw):
+def vllm_llm(model: str | Path, config=None, images_per_prompt: int = 1, **kw):
     from vllm import LLM
 
     overrides = {"vtc_config": config} if config is not None else None
     return LLM(model=str(model), dtype="float32", max_model_len=512, enforce_eager=True, seed=0,
-               gpu_memory_utilization=0.05, kv_cache_memory_bytes=KV_BYTES, limit_mm_per_prompt={"image": 1},
-               hf_overrides=overrides, **kw)
+               gpu_memory_utilization=0.05, kv_cache_memory_bytes=KV_BYTES,
+               limit_mm_per_prompt={"image": images_per_prompt}, hf_overrides=overrides, **kw)
 
 
-def vllm_generate(llm, prompts: list[str], images) -> list[tuple[list[int], list[int]]]:
-    """(prompt token ids, generated token ids) per request, greedy, one batch."""
+def vllm_generate(llm, prompts: list[str], images, logprobs: bool = False) -> list[tuple]:
+    """(prompt token ids, generated token ids) per request, greedy, one batch; with ``logprobs``, also the
+    log-probability of every generated token."""
     from vllm import SamplingParams
 
     reqs = [{"prompt": p, "multi_modal_data": {"image": im}} for p, im in zip(prompts, images)]
-    outs = llm.generate(reqs, SamplingParams(temperature=0.0, max_tokens=MAX_NEW), use_tqdm=False)
-    return [(list(o.prompt_token_ids), list(o.outputs[0].token_ids)) for o in outs]
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, logprobs=0 if logprobs else None)
+    outs = llm.generate(reqs, params, use_tqdm=False)
+    if not logprobs:
+        return [(list(o.prompt_token_ids), list(o.outputs[0].token_ids)) for o in outs]
+    return [(list(o.prompt_token_ids), list(o.outputs[0].token_ids),
+             [d[t].logprob for d, t in zip(o.outputs[0].logprobs, o.outputs[0].token_ids)]) for o in outs]
 
 
 def release(llm) -> None:
@@ -288,3 +293,151 @@ def test_vllm_serve_chat_with_image(demo, tmp_path):
     assert answer.strip() == want_text.strip()
     assert resp["usage"]["prompt_tokens"] == len(want_prompt)
     assert want_prompt.count(model.config.image_token_id) == 64  # the config's budget, not the stock 196
+
+
+# ---- Qwen2-VL / Qwen2.5-VL: tiny random-weight checkpoints (eval/serving/checkpoints.py) --------------------------
+# Greedy tokens of a tiny random model barely depend on the visual tokens' M-RoPE positions, so these tests also
+# compare the log-probability of every generated token: fp32 vLLM vs transformers agree to ~1e-7, while a kept
+# token placed at a wrong position moves them by ~1e-4.
+LOGPROB_TOL = 1e-5
+QWEN_IMAGE_SIZES = [[(40, 56), (32, 40)], [(48, 48)], [(32, 48)]]  # request 0: two images with text between
+
+
+@pytest.fixture(scope="module", params=["2", "2.5"], ids=["qwen2_vl", "qwen2_5_vl"])
+def qwen_model(request, tmp_path_factory):
+    from eval.serving.checkpoints import save_tiny_qwen2_vl
+
+    path = tmp_path_factory.mktemp(f"tiny-qwen{request.param}")
+    model, processor = save_tiny_qwen2_vl(path, version=request.param)
+    return model, processor, path
+
+
+def _qwen_requests():
+    from PIL import Image
+
+    from eval.serving.checkpoints import qwen_prompt
+
+    g = torch.Generator().manual_seed(0)
+    images = [[Image.fromarray((torch.rand(h, w, 3, generator=g) * 255).to(torch.uint8).numpy()) for h, w in sizes]
+              for sizes in QWEN_IMAGE_SIZES]
+    prompts = []
+    for i, ims in enumerate(images):
+        p = qwen_prompt(f"what is shown {i}")
+        for _ in ims[1:]:
+            p = p.replace(" ASSISTANT:", " and <|vision_start|><|image_pad|><|vision_end|> ASSISTANT:")
+        prompts.append(p)
+    return prompts, images
+
+
+def _runs_to(ids: list[int], token: int, counts: list[int]) -> list[int]:
+    """``ids`` with its i-th run of ``token`` shortened to ``counts[i]`` tokens (the prompt the LLM saw)."""
+    out, run = [], -1
+    for j, t in enumerate(ids):
+        if t == token:
+            if j == 0 or ids[j - 1] != token:
+                run += 1
+                out += [token] * counts[run]
+        else:
+            out.append(t)
+    assert run + 1 == len(counts)
+    return out
+
+
+def qwen_reference(model, processor, config, prompts, images) -> list[tuple[list[int], list[int], list[float]]]:
+    """vtc in transformers, one request at a time: (prompt ids the LLM saw, greedy ids, their log-probs)."""
+    image_token = model.config.image_token_id
+    out = []
+    for p, ims in zip(prompts, images):
+        inputs = processor(images=ims, text=p, return_tensors="pt")
+        ids = inputs["input_ids"][0].tolist()
+        kw = dict(max_new_tokens=MAX_NEW, do_sample=False, output_scores=True, return_dict_in_generate=True)
+        with torch.no_grad():
+            if config is None:
+                gen = model.generate(**inputs, **kw)
+                counts = [ids.count(image_token)] if len(ims) == 1 else None
+            else:
+                with vtc.compress(model, config) as run:
+                    gen = model.generate(**inputs, **kw)
+                counts = list(run.stats.image_tokens)
+        toks = gen.sequences[0, len(ids):].tolist()
+        logprobs = [torch.log_softmax(sc[0].float(), -1)[t].item() for sc, t in zip(gen.scores, toks)]
+        prompt = ids if counts is None else _runs_to(ids, image_token, counts)
+        out.append((prompt, toks, logprobs))
+    return out
+
+
+def check_qwen(model, got, want) -> None:
+    eos = model.generation_config.eos_token_id
+    for (gp, gg, gl), (wp, wg, wl) in zip(got, want):
+        assert gp == wp
+        n = len(until_eos(wg, eos))
+        assert until_eos(gg, eos) == wg[:n]
+        assert max(abs(a - b) for a, b in zip(gl[:n], wl[:n])) < LOGPROB_TOL
+
+
+QWEN_CONFIGS = {
+    "visionzip-0.5": {"stages": [{"method": "visionzip", "budget": 0.5}]},
+    "pool-avg-4": {"stages": [{"method": "pool", "budget": 4}]},
+    "random-0.3": {"stages": [{"method": "random", "budget": 0.3}], "seed": 3},
+}
+
+
+@pytest.mark.parametrize("name", list(QWEN_CONFIGS))
+def test_qwen_matches_transformers(qwen_model, name):
+    """vLLM (one batch, one request with two images) vs vtc in transformers (per request): equal prompt ids (the
+    reduced counts), greedy tokens and their log-probs (the kept tokens' M-RoPE positions)."""
+    model, processor, path = qwen_model
+    prompts, images = _qwen_requests()
+    config = QWEN_CONFIGS[name]
+    want = qwen_reference(model, processor, config, prompts, images)
+    llm = vllm_llm(path, config, images_per_prompt=2)
+    try:
+        got = vllm_generate(llm, prompts, images, logprobs=True)
+    finally:
+        release(llm)
+    check_qwen(model, got, want)
+    stock = [sum((h // 8) * (w // 8) for h, w in sizes) for sizes in QWEN_IMAGE_SIZES]
+    assert all(gp.count(model.config.image_token_id) < n for (gp, _, _), n in zip(got, stock))
+
+
+def test_qwen_keep_all_equals_stock_vllm(qwen_model):
+    model, processor, path = qwen_model
+    prompts, images = _qwen_requests()
+    results = []
+    for config in (None, {"stages": [{"method": "pool", "budget": 1.0}]}):
+        llm = vllm_llm(path, config, images_per_prompt=2)
+        try:
+            results.append(vllm_generate(llm, prompts, images, logprobs=True))
+        finally:
+            release(llm)
+    stock, keep_all = results
+    assert [(p, g) for p, g, _ in keep_all] == [(p, g) for p, g, _ in stock]
+    assert max(abs(a - b) for (_, _, x), (_, _, y) in zip(keep_all, stock) for a, b in zip(x, y)) < LOGPROB_TOL
+    check_qwen(model, stock, qwen_reference(model, processor, None, prompts, images))
+
+
+def test_qwen_content_dependent_count_refused_at_load(qwen_model):
+    """A vision-side method whose count depends on the image content cannot tell vLLM its placeholder count."""
+    from typing import Literal
+
+    from vtc.methods import Method, register_method
+    from vtc.reduction import Reduction
+
+    @register_method("above_mean", overwrite=True)
+    class AboveMean(Method):
+        sides = ("vision",)
+        method: Literal["above_mean"] = "above_mean"
+
+        def reduce_vision(self, ctx):
+            f = ctx.features[..., 0]
+            keep = f > f.mean(-1, keepdim=True)
+            k = int(keep.sum(-1).max())
+            idx = torch.sort(torch.where(keep, torch.arange(f.shape[1]), f.shape[1]), dim=-1).values[:, :k]
+            return Reduction.select(idx.clamp(max=f.shape[1] - 1), f.shape[1], valid=idx < f.shape[1])
+
+    _, _, path = qwen_model
+    with pytest.raises(Exception) as err:
+        vllm_llm(path, {"stages": [{"method": "above_mean"}]})
+    text = "".join(str(e) for e in _chain(err.value))
+    assert "depends on the" in text and "image content" in text
+    assert any(isinstance(e, vtc.ConfigError) for e in _chain(err.value)) or "ConfigError" in text
