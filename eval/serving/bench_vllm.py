@@ -6,7 +6,9 @@
 ```
 
 Per family, at the bundled demo model's shape (LLaVA-1.5: the demo model itself; LLaVA-NeXT: a random-weight
-anyres model with the demo's tower and LLM sizes, 112 px crops, 224 x 224 images = base + 2 x 2 crops), the same
+anyres model with the demo's tower and LLM sizes, 112 px crops, 224 x 224 images = base + 2 x 2 crops; Qwen2-VL /
+Qwen2.5-VL: random weights at the demo's tower / LLM sizes, 4 px patches merged 2 x 2, 112 x 112 images = 196
+tokens like the demo's), the same
 batch of requests (one image each, greedy, ``max_tokens`` output tokens with ``ignore_eos`` so both variants decode
 the same number) goes through a baseline engine (no ``vtc_config``: stock vLLM) and a vtc engine (``hf_overrides=
 {"vtc_config": ...}``), each built once in this process, warmed up, then timed:
@@ -39,26 +41,41 @@ FAMILIES = {
     # family: (default config, image size (H, W), max_model_len)
     "llava": ("llava-1.5/visionzip-64", (112, 112), 512),
     "llava-next": ({"stages": [{"method": "visionzip", "budget": 64}]}, (224, 224), 2048),
+    "qwen2-vl": ({"stages": [{"method": "visionzip", "budget": 64}]}, (112, 112), 512),
+    "qwen2.5-vl": ({"stages": [{"method": "visionzip", "budget": 64}]}, (112, 112), 512),
 }
+QWEN_VERSION = {"qwen2-vl": "2", "qwen2.5-vl": "2.5"}
 
 
 def _checkpoint(family: str, tmp: Path) -> Path:
-    from eval.serving.checkpoints import GRID_MODEL_PATH, save_tiny_llava_next
+    from eval.serving.checkpoints import GRID_MODEL_PATH, save_tiny_llava_next, save_tiny_qwen2_vl
 
     if family == "llava":
         return Path(GRID_MODEL_PATH)
+    if family in QWEN_VERSION:
+        path = tmp / f"tiny-{family}-demo-shape"
+        save_tiny_qwen2_vl(path, version=QWEN_VERSION[family], vision_hidden=128, vision_depth=4, text_hidden=256,
+                           text_layers=4, heads=4, kv_heads=4, max_pixels=112 * 112)
+        return path
     path = tmp / "tiny-llava-next-demo-shape"
     save_tiny_llava_next(path, crop=112, patch=8, vision_hidden=128, text_hidden=256, text_layers=4, heads=4,
                          kv_heads=4, pinpoints=((112, 112), (112, 224), (224, 112), (224, 224)))
     return path
 
 
-def _requests(n: int, size: tuple[int, int], seed: int = 0):
+def _prompt(family: str, i: int) -> str:
+    from eval.serving.checkpoints import qwen_prompt
+
+    question = f"Describe picture {i}."
+    return qwen_prompt(question) if family in QWEN_VERSION else f"USER: <image>\n{question} ASSISTANT:"
+
+
+def _requests(family: str, n: int, size: tuple[int, int], seed: int = 0):
     import numpy as np
     from PIL import Image
 
     rng = np.random.default_rng(seed)
-    return [{"prompt": f"USER: <image>\nDescribe picture {i}. ASSISTANT:",
+    return [{"prompt": _prompt(family, i),
              "multi_modal_data": {"image": Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8))}}
             for i in range(n)]
 
@@ -71,7 +88,7 @@ def _engine(path: Path, config, max_len: int):
                hf_overrides={"vtc_config": config} if config is not None else None)
 
 
-def _measure(llm, requests, max_tokens: int, ttft_requests: int) -> dict:
+def _measure(llm, family: str, requests, max_tokens: int, ttft_requests: int) -> dict:
     from vllm import SamplingParams
 
     full = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
@@ -83,7 +100,7 @@ def _measure(llm, requests, max_tokens: int, ttft_requests: int) -> dict:
     wall = time.perf_counter() - t0
     n_out = sum(len(o.outputs[0].token_ids) for o in outs)
     ttft = []
-    for r in _requests(ttft_requests, requests[0]["multi_modal_data"]["image"].size[::-1], seed=1):
+    for r in _requests(family, ttft_requests, requests[0]["multi_modal_data"]["image"].size[::-1], seed=1):
         t0 = time.perf_counter()
         llm.generate([r], first, use_tqdm=False)
         ttft.append(time.perf_counter() - t0)
@@ -102,11 +119,11 @@ def run_family(family: str, config, requests: int, max_tokens: int, ttft_request
     config = default_config if config is None else config
     with tempfile.TemporaryDirectory() as tmp:
         path = _checkpoint(family, Path(tmp))
-        reqs = _requests(requests + 2, size)
+        reqs = _requests(family, requests + 2, size)
         rows = {}
         for variant, cfg in (("baseline", None), ("vtc", config)):
             llm = _engine(path, cfg, max_len)
-            rows[variant] = _measure(llm, reqs, max_tokens, ttft_requests)
+            rows[variant] = _measure(llm, family, reqs, max_tokens, ttft_requests)
             del llm
             gc.collect()
     b, v = rows["baseline"], rows["vtc"]

@@ -179,11 +179,22 @@ class VllmQwenScores(_TowerScores):
         qkv = qkv.reshape(N, 3, self.heads, self.head_dim)  # the fused (q | k | v) x heads x head_dim layout
         return qkv[:, 0], qkv[:, 1]  # (N, h, d) each, before RoPE
 
-    def received_attention(self) -> torch.Tensor:
+    @cached_property
+    def _received(self) -> torch.Tensor:
         q, k = self._qk
         rot = self.block.attn.apply_rotary_emb(torch.stack([q, k]), self.cos, self.sin)  # (2, N, h, d)
         p = segment_received_attention(rot[0], rot[1], self.segment, self.num_segments, self.head_dim ** -0.5)
         return self._merged(p)
+
+    def received_attention(self) -> torch.Tensor:
+        return self._received
+
+    @cached_property
+    def _keys(self) -> torch.Tensor:
+        return super().keys()
+
+    def keys(self) -> torch.Tensor:
+        return self._keys
 
 
 def run_tower(visual, pixel_values: torch.Tensor, grid_thw: list[list[int]], score_block: int,
