@@ -213,6 +213,7 @@ def test_keep_all_equals_stock_vllm(demo):
     ({"stages": [{"method": "fastv", "layer": 2, "budget": 0.5}]}, "vision-side stages only"),
     ({"stages": [{"method": "visionzip", "budget": 0}]}, "budget"),
     ("no-such/config", "config file not found"),
+    ({"stages": [{"method": "cdpruner", "budget": 0.5, "text_encoder": "unused"}]}, "read(s) the prompt text"),
 ])
 def test_bad_config_fails_at_load_with_vtc_message(config, message):
     with pytest.raises(Exception) as err:

@@ -15,8 +15,8 @@ tokens and allocates KV cache for them only. That count must be known before the
 :func:`reduced_count`, a dry run of the stages on the image's layout.
 
 Limits (each a :class:`vtc.ConfigError` at model load): LLM-side stages (vLLM allocates the paged KV cache per
-prompt token before the first decoder layer runs, so a stage inside the LLM cannot shrink the prompt), and
-vision-side stages whose delivered count depends on the image content.
+prompt token before the first decoder layer runs, so a stage inside the LLM cannot shrink the prompt), vision-side
+stages whose delivered count depends on the image content, and stages that read the prompt text (``cdpruner``).
 """
 
 from __future__ import annotations
@@ -84,6 +84,12 @@ def config_from_hf(hf_config) -> Config | None:
             + " act(s) inside the LLM, but vLLM allocates the paged KV cache for every prompt token before the first "
             "decoder layer runs, so a stage there cannot shrink the prompt (run it with vtc.compress in transformers)"
         )
+    readers = [f"stages[{cfg.stages.index(s)}] ({s.method})" for s in cfg.vision_stages
+               if getattr(s, "reads_prompt", False)]
+    if readers:
+        raise ConfigError(", ".join(readers) + " read(s) the prompt text, but vLLM runs the vision encoder without the "
+                          "prompt (and must know each image's token count before); run it with vtc.compress in "
+                          "transformers")
     return cfg
 
 

@@ -26,8 +26,8 @@
   :meth:`forward` adds them to those tokens' positions. The same on every step of a chunked prefill; a prefix-cache
   hit skips both (its KV already holds the right positions).
 
-Without ``vtc_config`` every method is the parent's (stock vLLM). Refused (:class:`vtc.ConfigError` at load, or at
-the request for inputs): precomputed ``image_embeds`` / ``video_embeds`` with a config (nothing to score), a
+Without ``vtc_config`` every method is the parent's (stock vLLM). Refused (:class:`vtc.ConfigError` at load):
+precomputed ``image_embeds`` / ``video_embeds`` (``enable_mm_embeds``) with a config (nothing to score), a
 tower split by tensor parallelism (the scores need all heads: ``mm_encoder_tp_mode="data"`` or TP 1), pipeline
 parallelism (positions are set on the first stage), a config together with EVS (``video_pruning_rate``), and
 embeddings whose dtype cannot hold the position offsets exactly (bf16: offsets up to 256).
@@ -306,6 +306,9 @@ class _VtcQwenModel:
             if mm_config.is_multimodal_pruning_enabled():
                 raise ConfigError("vtc_config and vLLM's video pruning (video_pruning_rate > 0, EVS) cannot be "
                                   "combined: both prune the same visual tokens; drop one of them")
+            if getattr(mm_config, "enable_mm_embeds", False):
+                raise ConfigError("vtc_config needs the images / videos as pixels (its scores come from the vision "
+                                  "tower): serve without enable_mm_embeds, or without vtc_config")
             if vllm_config.parallel_config.pipeline_parallel_size != 1:
                 raise ConfigError("vtc_config on Qwen2-VL / Qwen2.5-VL needs pipeline_parallel_size 1 (the kept "
                                   "tokens' M-RoPE positions are set on the first pipeline stage only)")
