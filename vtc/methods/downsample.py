@@ -1,11 +1,12 @@
-"""``downsample``: bilinear resize of the feature grid from (h, w) to (h', w') with h' * w' = k.
+"""``downsample``: bilinear resize of the feature grid from (h, w) to (h', w') with h' * w' = k (a baseline).
 
-A strong baseline in VTC-Bench (Liao et al., 2025): it matches many published pruning methods at equal budget.
-(h', w') is the factor pair of k closest to the grid's aspect ratio, or ``grid: [h', w']`` (then ``budget`` may
-be left out; given too, it must name the same count). Video: per frame.
+A strong baseline in VTC-Bench (Liao et al., 2025, arXiv:2510.07143): it matches many published pruning methods at
+equal budget. (h', w') is the factor pair of k closest to the grid's aspect ratio, or ``grid: [h', w']`` (then
+``budget`` may be left out; given too, it must name the same count). Video: per frame.
 By default it acts on the tower features before the projector (``feature_space: vision``), like pooling
 projectors; ``feature_space: llm`` resizes the projected embeddings. Every output token takes the grid cell of
-the input token nearest its centre (its anchor) for positions and drawing.
+the input token nearest its centre (its anchor) for positions and drawing. Why it is a baseline, the geometry,
+VTC-Bench's image-level variant: docs/methods/downsample.md.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
 """``fastv``: FastV (Chen et al., "An Image is Worth 1/2 Tokens After Layer 2", ECCV 2024, arXiv:2403.06764).
+LLM side, one cut entering decoder layer L.
 
 Score: the attention the **last prompt token** pays to each visual token in layer L-1, averaged over heads,
 a_j = mean_h softmax_j(q_last,h . k_j,h / sqrt(d)) over all tokens j <= last (RoPE applied as the model does).
@@ -7,7 +8,7 @@ Keep the top k visual tokens of each image by a_j; prune before layer L. Default
 Flash-compatible: q is re-projected for the single last row and k for all rows from layer L-1's input (its
 input norm, q/k projections, rotary): one 1 x N row per head, never N x N, never ``output_attentions``.
 ``query: text`` averages the rows of all instruction tokens (text after the last image) instead, as later
-papers do.
+papers do. Paper K / R to config, official quirks: docs/methods/fastv.md.
 """
 
 from __future__ import annotations

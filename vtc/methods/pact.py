@@ -1,52 +1,26 @@
 """``pact``: PACT (Dhouib et al., "PACT: Pruning and Clustering-Based Token Reduction for Faster Visual Language
 Models", CVPR 2025, arXiv:2504.08966). LLM side: prune unimportant visual tokens, cluster the rest, merge clusters.
 
-At decoder layer L (``layer``, default 4) during prefill, from the hidden states H (B, M, D) entering layer L:
+At decoder layer L (``layer``, default 4) during prefill, from the hidden states H entering layer L, with layer L's
+own input norm and q / k projections:
 
-1. **EUTI** (Efficient Unimportant Token Identification), no RoPE. P = the real tokens 0..last visual token of
-   each sample. With layer L's own input norm and q / k projections, the global query is the mean query
-   q̄_h = mean_{i∈P} Q_{i,h} (computed as q_proj(mean_{i∈P} norm(H_i)): q_proj is affine, so this is exact),
-   g_j = mean_h softmax_{j∈P}(q̄_h · K_{j,h} · scale) in fp32 (GQA keys shared), and the score of visual token j
-   is s_j = g_j · ‖H_j‖₂ (raw hidden state). The top ⌊keep · n⌋ visual tokens of every image (``scope: sample``: of
-   the sample) are kept, ties by lower index (:meth:`ScorerMethod.keep_mask`).
-2. **DBDPC** (Distance Bounded Density Peak Clustering) on the kept tokens. Features: layer-L keys **after**
-   the model's RoPE (M-RoPE for Qwen2-VL, via the adapter), flattened over KV heads, L2-normalised; distance
-   D_ij = max(0, 1 - ẑ_i · ẑ_j). Density ρ_i = Σ_j exp(-(D_ij / 2)²), replaced by its rank (only the order
-   matters; equal densities: the lower index counts as denser). Centres: the sequential greedy "in decreasing
-   density, a point becomes a centre iff its distance to every existing centre is > ``cutoff``" computed in
-   vectorised rounds (:func:`dbdpc_centres`), which reproduces the greedy exactly. Every other point joins its
-   nearest centre (ties: lower index). With ``scope: image`` (default) clusters never span two image units
-   (cross-image distances are +inf); ``scope: sample`` clusters all visual tokens of a sample together (e.g.
-   to merge across the frames of a video, which the Qwen2-VL adapter numbers as separate units).
-3. **Retrieval**: a token pruned by EUTI joins its nearest centre if that distance is ≤ ``coef_pruned · cutoff``
-   (default 1.5 · cutoff), else it is discarded.
-4. **Merge**: each cluster becomes one token in its centre's slot, keeping the centre's original position id
-   (M-RoPE triple for Qwen2-VL; the runtime keeps anchors' positions). ``merge: mean`` (default) = the mean of
-   the members' H (weighted by their current sizes, which are all 1 unless an earlier stage merged);
-   ``merge: centre`` keeps the centre's own H (ablation). Text and image-newline tokens are never candidates,
-   so they are untouched.
-5. **Proportional attention** (``proportional: true``): the Reduction carries cluster sizes s; the runtime adds
-   log s_j to the attention logits of key j in every layer ≥ L, in prefill and in every decode step (sdpa and
-   eager take it as an additive float mask; when nothing merged in the whole batch no sizes are returned, so no
-   bias and no float mask are needed). flash_attention_2 cannot take an additive mask: attaching PACT with
-   proportional attention to a flash-attention-2 model raises a ConfigError (use sdpa, or ``proportional:
-   false``). The exact flash construction (an extra head dimension: q gets √d, k_j gets log s_j) is not
-   implemented.
+1. **EUTI**, no RoPE: P = the real tokens up to the last visual token; q̄_h = mean_{i∈P} Q_{i,h} (one row);
+   s_j = mean_h softmax_{j∈P}(q̄_h · K_{j,h} · scale) · ‖H_j‖₂ (fp32). Keep the top ⌊keep · n⌋ visual tokens of
+   every image (``scope: sample``: of the sample), ties by lower index.
+2. **DBDPC** on the kept tokens: D_ij = max(0, 1 - ẑ_i · ẑ_j) on the L2-normalised post-RoPE keys of layer L
+   (flattened over KV heads); density ρ_i = Σ_j exp(-(D_ij / 2)²); in decreasing density a point is a centre iff
+   it is farther than ``cutoff`` from every centre so far (computed in exact vectorised rounds); the others join
+   their nearest centre. ``scope: image`` (default): clusters never span two image units.
+3. **Retrieval**: a pruned token joins its nearest centre if within ``coef_pruned · cutoff``, else it is dropped.
+4. **Merge**: each cluster becomes one token in its centre's slot and position: the size-weighted mean of its
+   members' H (``merge: mean``) or the centre's own H (``merge: centre``). Text and newline tokens are untouched.
+5. **Proportional attention** (``proportional: true``): every layer >= L adds log s_j (cluster size) to the logits
+   of key j, in prefill and decoding (sdpa / eager; flash_attention_2 is refused with a ConfigError).
 
-Modes (ablations): ``pact`` (1-4), ``euti`` (pruning only: exactly ⌊keep · n⌋ per image), ``dbdpc``
-(clustering of all visual tokens, no EUTI, no retrieval). The token count of ``pact`` / ``dbdpc`` is
-content-adaptive; ``run.stats`` reports the delivered count and reduction ratio per sample.
-
-Defaults (official code): LLaVA family keep 0.55, cutoff 0.21; Qwen2-VL keep 0.80, cutoff 0.10; L = 4.
-
-Cost and memory (m = kept tokens of a sample, p = pruned ones, n = m + p, B samples): EUTI O(|P| · D · h_kv · d)
-for the key projection plus O(h · |P| · d) for the single mean-query row (never an N x N attention map);
-DBDPC O(m² · h_kv · d) time and O(B · m²) memory, over the kept tokens only: the fp32 distance matrix plus two
-bool matrices and short-lived temporaries, ≈ 12 bytes · B · m² at peak (31 MB for m = 1600, 300 MB for m = 5000);
-nearest-centre assignment and retrieval work on (B, m, c) and (B, p, c) distances to the c centres only.
-Host syncs: one per compaction (kept set, centres, pruned set, outputs) and one per DBDPC round — not per
-cluster: the number of rounds is the longest chain of "denser undecided neighbour within cutoff" dependencies,
-typically a few (see eval/bench_pact.py).
+Modes: ``pact`` (1-4), ``euti`` (pruning only, exactly ⌊keep · n⌋ per image), ``dbdpc`` (clustering only). The
+``pact`` / ``dbdpc`` count is content-adaptive (``run.stats`` reports it). Defaults (official code): LLaVA family
+keep 0.55, cutoff 0.21; Qwen2-VL keep 0.80, cutoff 0.10; L = 4; ``coef_pruned: 1.5``.
+The rounds' proof, cost and memory, host syncs, backends: docs/methods/pact.md.
 """
 
 from __future__ import annotations

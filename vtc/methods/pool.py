@@ -1,44 +1,23 @@
 """``pool``: training-free adaptive pooling of the visual tokens to an exact budget (vision side).
 
-Acts on the vision features **before the projector** by default (``feature_space: vision``), as TokenFLEX
-(Hu et al., 2025) and pooling projectors do, so the projector sees pooled tokens; ``feature_space: llm`` pools the
-projected embeddings instead. The tokens pooled are the ones the model feeds (LLaVA's ``default`` drops CLS).
+Acts on the vision features **before the projector** by default (``feature_space: vision``, as TokenFLEX, Hu et
+al., 2025, arXiv:2504.03154, and pooling projectors do); ``feature_space: llm`` pools the projected embeddings.
 
-Window modes (the output grid is the factor pair (h', w') of k closest to the grid's aspect ratio, or
-``grid: [h', w']``; windows are those of torch's adaptive pooling, ``[floor(i h / h'), ceil((i + 1) h / h'))``
-per axis, so they overlap when h' does not divide h, exactly like ``adaptive_avg_pool2d``):
+Window modes, on the output grid (h', w') = the factor pair of k closest to the grid's aspect ratio, or
+``grid: [h', w']``, with torch's adaptive-pooling windows ``[floor(i h / h'), ceil((i + 1) h / h'))`` per axis:
 
-- ``avg``: adaptive average pooling (TokenFLEX's projector input: 64 / 144 / 256 tokens from 24 x 24).
-- ``max``: adaptive max pooling.
-- ``attn``: parameter-free attention pooling inside each window (SimPool, Psomas et al., ICCV 2023, in its
-  training-free form): keys k_i = LayerNorm(x_i) and query q = LayerNorm(mean_i x_i), both without affine;
-  w_i = softmax_i(q . k_i / sqrt(D)); output ``sum_i w_i x_i`` (values are the raw features, so the pooled token
-  stays in the space the projector expects). Tokens that disagree with the window's majority get less weight
-  than in ``avg`` (AdaPool's robustness argument); a single token large enough to set the mean's direction is
-  not down-weighted (the query is the mean).
+- ``avg`` (default; TokenFLEX's projector input) and ``max``: adaptive average / max pooling;
+- ``attn``: SimPool (Psomas et al., ICCV 2023, arXiv:2309.06891), training-free: k_i = LN(x_i), q = LN(mean_i x_i)
+  (no affine), w_i = softmax_i(q . k_i / sqrt(D)), output ``sum_i w_i x_i``.
 
-``cluster`` (Token Pooling, Marin et al., WACV 2023): layout-free weighted k-means of a unit's tokens into k
-clusters. Weights ``weights: uniform | cls | received`` (uniform, the CLS-row attention, or the attention received
-from a mean query, from the tower extras). Initialisation: the top-k tokens by weight (ties by index); with
-uniform weights every ``n / k``-th token (an even spread). ``iters`` Lloyd iterations (default 5), each: assign
-every token to its nearest centre (squared Euclidean), then centre = weighted mean of its members (an emptied
-cluster keeps its previous centre). Output: the centres, ordered by their anchor = the member nearest the centre
-(near-ties within 1e-4 relative go to the lower index; an empty cluster keeps its initial token as anchor).
-Distances are (n x k), never n x n.
+``cluster``: Token Pooling (Marin et al., WACV 2023, arXiv:2110.03860), weighted k-means of a unit's tokens into k
+clusters (``weights: uniform | cls | received``, init = the top-k by weight, ``iters: 5`` Lloyd steps); outputs
+the centres, each at its nearest member (its anchor). Distances (n x k), never n x n.
 
-Layouts: ``Grid`` (h, w); LLaVA-NeXT multi-crop: every crop grid separately (each unit is a crop); ``Video``
-(t, h, w): spatially per frame, or ``temporal: 2`` to also pool frame pairs ``(0, 1), (2, 3), ...`` (an odd last
-frame alone), so t' = ceil(t / 2); an unordered 1D ``Sequence``: adaptive 1D pooling of neighbours to k.
-Budgets: an int k is the tokens per grid (per frame for a Video: a Video gives t' * k tokens); a float is a
-fraction of the grid's (frame's) tokens; more than available is clamped with a warning (``cluster``: an int
-k > n is a :class:`vtc.ConfigError`).
-
-Positions and source map: every pooled token takes the position (and, for M-RoPE models, the position ids) of
-its window's **anchor**, the input token nearest the window centre (first frame of a temporal pair). The source
-map sends every input token to the window of the partition ``r -> r * h' // h`` (always a window that contains
-it; with overlapping windows a token also contributes to a neighbour, which the one-slot source map cannot say);
-``sizes`` holds the number of tokens each window pools. ``output_layout`` is the pooled ``Grid`` / ``Video``
-(``Sequence`` for 1D and ``cluster``).
+Layouts: ``Grid``; multi-crop: every crop grid; ``Video``: per frame, or ``temporal: 2`` to also pool frame pairs;
+unordered 1D ``Sequence``: adaptive 1D pooling. Budget: an int k per grid (per frame), a float fraction; clamped
+with a warning (``cluster``: an int k > n is a ConfigError). Pooled tokens take their window anchor's position
+(the input token nearest the window centre). Windows, anchors, source map, cluster details: docs/methods/pool.md.
 """
 
 from __future__ import annotations

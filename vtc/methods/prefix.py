@@ -1,8 +1,9 @@
-"""``prefix``: keep the first k tokens of an **ordered** 1D sequence.
+"""``prefix``: keep the first k tokens of an **ordered** 1D sequence (a baseline for ordered tokenizers).
 
-For 1D tokenizers / resamplers trained with nested dropout (FlexTok, One-D-Piece, TiTok-style), where every
-prefix is a valid coarser description. Refused (ConfigError) on layouts not declared ordered, where a prefix
-would just be the top rows of an image.
+For 1D tokenizers / resamplers trained with nested dropout (TiTok, arXiv:2406.07550; FlexTok, arXiv:2502.13967;
+One-D-Piece), where every prefix is a valid coarser description. Refused (ConfigError) on layouts not declared
+ordered, where a prefix would just be the top rows of an image. Why it is the baseline there:
+docs/methods/prefix.md.
 """
 
 from __future__ import annotations

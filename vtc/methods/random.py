@@ -1,9 +1,10 @@
-"""``random``: a uniformly random subset of k visual tokens per image, kept in original order.
+"""``random``: a uniformly random subset of k visual tokens per image, kept in original order (a baseline, no paper).
 
 The honest baseline every token-reduction paper should beat. Seeded: a ``torch.Generator`` seeded with the
 stage's ``seed`` (or the config's ``seed``) draws one random score per token *rank within its image*, so the
 subset depends only on the seed and the image's token count, never on batch composition or padding (batched
 results equal per-sample results). Vision side (per image / crop / frame unit) or LLM side (``layer`` set).
+Why it is the baseline, choices: docs/methods/random.md.
 """
 
 from __future__ import annotations

@@ -1,50 +1,27 @@
 """``transprune``: TransPrune (Li et al., "TransPrune: Token Transition Pruning for Efficient Large
 Vision-Language Model", 2025, arXiv:2507.20630). LLM side, progressive, with an attention-free core score.
 
-**Token transition variation (TTV).** For each sub-module m in {attention, MLP} of a decoder layer, with
-x (B, M, D) the module's input *after* its pre-norm (``input_layernorm`` / ``post_attention_layernorm``: it is
-exactly what the module receives) and y (B, M, D) its output *before* the residual add:
+**Token transition variation (TTV)** of a sub-module m in {attention, MLP}, with x its input after its pre-norm and
+y its output before the residual add (per-instance forward hooks on ``self_attn`` / ``mlp``, removed on exit):
 
-    r_i = ||y_i|| / ||x_i||                          (magnitude of the transition)
-    p_i = softmax_i(1 - cos(x_i, y_i))               (direction, softmax over the real tokens of the row)
-    TTV_m,i = r_i * p_i,          TTV_l,i = TTV_attn,i + TTV_mlp,i
+    r_i = ||y_i|| / ||x_i||,   p_i = softmax_i(1 - cos(x_i, y_i)) over the real tokens of the row,
+    TTV_m,i = r_i * p_i,       TTV_l,i = TTV_attn,i + TTV_mlp,i
 
-summed over the accumulation layers seen so far (default: paper layers 7-12), for the tokens still alive in
-each layer, then L1-normalised over the visual candidates: T_i = acc_i / (sum_{j in V} acc_j + 1e-8).
-O(N * D) per sub-module; no attention weights are needed: per-instance forward hooks on each accumulation
-layer's ``self_attn`` and ``mlp`` (removed on exit) read x and y. The accumulator is indexed by *original*
-sequence position (the run view's :meth:`~vtc.runtime.view.RunView.current_slots`) in the stage's per-run state
-(``ctx.state``), so it survives the sequence shrinking at each pruning point. Decode steps never accumulate.
+summed over the accumulation layers (by original position, in ``ctx.state``; prefill only), then L1-normalised over
+the visual candidates: T_i = acc_i / (sum_{j in V} acc_j + 1e-8).
 
-**Instruction-guided attention (IGA)**, at each pruning point entering 0-indexed layer L: with layer L's input
-norm, q/k projections and (M-)RoPE (``adapter.project_qk``), the instruction tokens (real text tokens after the
-last visual token) attend causally to all tokens; the probabilities are averaged over heads and instruction
-rows, restricted to the visual candidates and L1-normalised: I_i. Only those |T| query rows are computed
-(flash-compatible, never N x N).
+**Instruction-guided attention (IGA)** at a pruning point entering 0-indexed layer L: the instruction tokens (real
+text after the last visual token) attend causally to all tokens with layer L's input norm, q / k and (M-)RoPE;
+averaged over heads and rows, restricted to the candidates, L1-normalised: I_i (|T| query rows, never N x N).
 
-**Score** = ``ttv_weight`` * T_i + ``iga_weight`` * I_i (defaults 1, 1). ``iga_weight: 0`` is the attention-free
-variant (no q/k projection at all); ``ttv_weight: 0`` skips the hooks (IGA only). At pruning point j the top
-``floor(keep[j] * n0)`` candidates of every image are kept in original order, where n0 is the image's
-candidate count entering the *first* pruning point (the original count unless an earlier stage reduced it).
-The same k applies to every sample of a batch with the same image size; scores are per sample.
+**Score** = ``ttv_weight`` * T_i + ``iga_weight`` * I_i (defaults 1, 1; ``iga_weight: 0`` = attention-free). At
+pruning point j the top ``floor(keep[j] * n0)`` candidates of every image survive in original order, n0 = the
+image's candidate count entering the first pruning point. Survivors keep their original position ids.
 
-**Layer convention (the one place where the paper's 1-indexed layers are converted):** vtc's ``layers`` are
-0-indexed decoder layers the survivors *enter* (like every LLM-side method's ``layer``). "Prune after paper
-layer k" (1-indexed) = after 0-indexed layer k - 1 = entering 0-indexed layer k, so the paper's pruning points
-[7, 9, 12] are ``layers: [7, 9, 12]`` unchanged. ``accumulate: [first, last]`` is an inclusive range of
-0-indexed decoder layers whose TTV is summed: the paper's layers 7-12 are ``accumulate: [6, 11]``.
-:func:`from_paper_layers` does this conversion and produces the defaults.
-
-Defaults (every shipped LLaVA-1.5-7B / LLaVA-NeXT-7B script of the official code): ``layers: [7, 9, 12]``,
-``keep: [0.875, 0.625, 0.125]`` (576 -> 504 -> 360 -> 72 visual tokens), ``accumulate: [6, 11]``.
-
-Positions: survivors keep their original position ids (like FastV and PACT in vtc). The official code is
-batch-size-1 only and compacts position ids after pruning; vtc does not offer compaction (decoding continues at
-the original length, which keeps the KV cache and batching exact).
-
-Bad input: ``layers`` not strictly increasing, ``keep`` increasing or outside (0, 1], lengths that differ,
-an accumulation range that starts at or after the first pruning layer: ``ConfigError``. A prompt with no
-instruction tokens after the image falls back to TTV only for that sample (warned once per attached run).
+Defaults (every official LLaVA-1.5-7B / LLaVA-NeXT-7B script): ``layers: [7, 9, 12]`` (0-indexed layers the
+survivors enter = the paper's "prune after layers 7, 9, 12", 1-indexed), ``keep: [0.875, 0.625, 0.125]``
+(576 -> 504 -> 360 -> 72), ``accumulate: [6, 11]`` (the paper's layers 7-12; :func:`from_paper_layers` converts).
+Layer convention, official quirks, bad input: docs/methods/transprune.md.
 """
 
 from __future__ import annotations

@@ -2,50 +2,23 @@
 Models", CVPR 2025, arXiv:2412.04467). Vision side, before the projector.
 
 Everything comes from the vision-tower layer the model takes its features from (LLaVA: ``vision_feature_layer
-= -2``): that layer's output hidden states, the CLS row of its attention and its keys averaged over heads, all
-computed flash-compatibly by the adapter (:mod:`vtc.models.vision_towers`: one recomputed query row, never
-``output_attentions``). Per unit (an image, a LLaVA-NeXT crop, a video frame), with T the tokens VisionZip sees
-(CLS + n patches on CLIP-style towers):
+= -2``): its output hidden states, the CLS row of its attention and its keys averaged over heads, computed
+flash-compatibly by the adapter (one recomputed query row, never ``output_attentions``). Per unit (an image, a
+LLaVA-NeXT crop, a video frame), T = the tokens VisionZip sees (CLS + n patches on CLIP-style towers):
 
-1. **Dominant** (D tokens in total, *CLS included*, as in the official code where 54 dominant = CLS + 53
-   patches): score every patch by the CLS row of the layer's attention **summed over heads**; keep the CLS token
-   itself plus the top D - 1 patches (ties by index), in raster order.
-2. **Contextual** (C tokens) from the R = T - D remaining tokens, in raster order: the targets are every
-   ``max(1, R // C)``-th remaining token (the first C of them); every other remaining token is assigned to the
-   target with the highest cosine similarity of the head-averaged keys (argmax; ties to the first target);
-   contextual token = **target's own hidden state + mean of the hidden states assigned to it** (a target with
-   nothing assigned stays itself).
-3. Output per unit: ``[CLS, dominant patches (raster order), contextual tokens (target order)]`` = exactly
-   D + C tokens, then the model's projector. Positions in the LLM are consecutive (LLaVA) or the anchors'
-   (M-RoPE families; a contextual token takes its target's position).
+1. **Dominant** (D tokens, *CLS included*): the CLS token + the top D - 1 patches by the CLS attention row
+   **summed over heads** (ties by index), in raster order.
+2. **Contextual** (C tokens) from the R = T - D remaining: targets = every ``max(1, R // C)``-th remaining token
+   (the first C); every other one joins the target of highest key cosine similarity; contextual token =
+   **target + mean of the assigned hidden states**.
+3. Output ``[CLS, dominant (raster), contextual (target order)]`` = exactly D + C tokens, then the projector.
 
-Counting: ``budget`` / ``dominant`` / ``contextual`` count the tokens the LLM receives, CLS included.
-LLaVA's ``default`` feature strategy feeds the projector the 576 patches without CLS; VisionZip (like the
-official implementation) puts the CLS hidden state back as its first token, so ``budget: 64`` gives the LLM
-64 tokens = CLS + 53 patches + 10 contextual tokens. ``keep_cls: false`` drops it (D patches, still scored by
-the CLS row), which is what ``budget >= all`` needs to reproduce the unwrapped model.
-
-Budgets: ``budget: k`` splits like the paper's 54/10, 108/20, 162/30: ``D = max(1, round(k * 54 / 64))``,
-``C = k - D`` (k = 64 / 128 / 192 give exactly the paper's splits); or give ``dominant`` and ``contextual``
-(with or without a matching int ``budget``), or a float ``budget`` with ``contextual`` (D = the rest; e.g.
-``budget: 1.0, contextual: 0, keep_cls: false`` keeps everything). A float budget is a fraction of the unit's fed
-tokens. An int
-budget larger than the tokens available is clamped with a warning (the library-wide rule); explicit
-``dominant`` / ``contextual`` that do not fit are a :class:`vtc.ConfigError`.
-
-Towers without CLS (SigLIP, Qwen2-VL / Qwen2.5-VL): tokens are scored by the attention they *receive* from a
-mean query (``received_attention``; Qwen: aggregated by the adapter to the 2 x 2 merged tokens), the output is D
-dominant + C contextual tokens, no CLS. ``keep_cls`` is ignored there.
-
-LLaVA-NeXT: ``per: crop`` (default, the paper's setting): every unit (the base image and each crop) gets the
-budget, so 5 units x (54 + 10) = 320 tokens (plus the newline tokens the adapter adds after each crop row;
-they are counted by the adapter, not here). ``per: image``: the budget is per image and is split over its units
-**jointly**: the CLS of every unit is kept (so D must be >= the number of units when ``keep_cls``), the other
-dominant slots go to the image's top patches over all its units (CLS-attention rows are distributions, so
-comparable across crops), and the C contextual slots are split over the units in proportion to their
-remaining tokens (largest remainder, ties to the lower unit). Units then deliver different counts (the
-Reduction is padded, ``valid`` marks the real tokens). On a ``Video`` layout the unit is one frame:
-``per: crop`` applies the budget to every frame, ``per: image`` spreads one budget over the video's frames.
+Budget: counts the tokens the LLM receives, CLS included (``budget: 64`` = CLS + 53 patches + 10 contextual);
+``budget: k`` splits D = max(1, round(k * 54 / 64)), C = k - D (the paper's 54/10, 108/20, 162/30), or give
+``dominant`` / ``contextual``. ``keep_cls: false`` drops the CLS token. ``per: crop`` (default, the paper's):
+every unit gets the budget; ``per: image``: one budget per image, split jointly over its units.
+Towers without CLS (SigLIP, Qwen2-VL / 2.5-VL): scores = the attention each token receives from a mean query.
+Counting, per-image split, budgets, official quirks: docs/methods/visionzip.md.
 """
 
 from __future__ import annotations
