@@ -370,3 +370,63 @@ def test_bench_dummy_inputs_are_processor_prompts():
     with vtc.compress(m, {"stages": [{"method": "visionzip", "budget": 5}]}) as run:
         logits(m, inputs)
     assert run.stats.image_tokens == [5 + 5, 5 + 5]
+
+
+# ---- Pixtral 12B: LLaVA with a Pixtral tower (no merger) -------------------------------------------------------------
+@functools.cache
+def pixtral(attn: str = "sdpa"):
+    from tiny_models_mistral3 import tiny_pixtral_llava
+
+    return tiny_pixtral_llava(attn)
+
+
+def _row(inputs: dict, b: int) -> dict:
+    keep = inputs["attention_mask"][b].bool()
+    return {"input_ids": inputs["input_ids"][b:b + 1, keep], "attention_mask": inputs["attention_mask"][b:b + 1, keep],
+            "pixel_values": inputs["pixel_values"][b:b + 1], "image_sizes": inputs["image_sizes"][b:b + 1]}
+
+
+def test_pixtral_llava_selected_and_keep_all_is_the_model():
+    from tiny_models import tiny_llava
+
+    from vtc.models.llava import LlavaAdapter
+    from vtc.models.mistral3 import PixtralLlavaAdapter
+
+    m = pixtral()
+    assert isinstance(get_adapter(m), PixtralLlavaAdapter) and type(get_adapter(tiny_llava())) is LlavaAdapter
+    inputs = mistral3_inputs(m, batch=3)
+    ref = logits(m, inputs)
+    for stage in ({"method": "random", "budget": 1.0}, {"method": "random", "layer": 1, "budget": 1.0}):
+        with vtc.compress(m, {"stages": [stage]}):
+            torch.testing.assert_close(logits(m, inputs), ref, atol=1e-5, rtol=1e-5)
+    m.config.vision_feature_select_strategy = "default"
+    try:
+        with vtc.compress(m, {"stages": [{"method": "random", "budget": 4}]}), \
+                pytest.raises(vtc.ConfigError, match="vision_feature_select_strategy='default'"):
+            logits(m, inputs)
+    finally:
+        m.config.vision_feature_select_strategy = "full"
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("stage", [{"method": "visionzip", "budget": 8}, {"method": "pool", "mode": "avg", "budget": 6},
+                                   {"method": "fastv", "layer": 1, "budget": 0.5}], ids=lambda s: s["method"])
+def test_pixtral_llava_batch_equals_single_and_decode(stage, attn):
+    """A representative subset of the invariants on Pixtral 12B's layout (the full matrix runs on Mistral 3, which
+    shares every line but the projector): batch of 3 = each row alone, cached decoding = uncached recomputation."""
+    m = pixtral(attn)
+    inputs = mistral3_inputs(m, batch=3)
+    config = vtc.load_config({"stages": [stage]})
+    with vtc.compress(m, config) as run:
+        batched = logits(m, inputs)[:, -1]
+        for b in range(3):
+            torch.testing.assert_close(logits(m, _row(inputs, b))[0, -1], batched[b], atol=1e-4, rtol=1e-4)
+    with vtc.compress(m, config) as run:
+        out = m.generate(**inputs, max_new_tokens=3, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    assert all(o < i for st in run.stats.stages for i, o in zip(st.tokens_in, st.tokens_out))
+    new = out.sequences[:, inputs["input_ids"].shape[1]:]
+    with vtc.compress(m, replay_config(config, run.stats, key=f"pixtral-{stage['method']}-{attn}")):
+        for t in range(new.shape[1]):
+            step = dict(inputs, input_ids=torch.cat([inputs["input_ids"], new[:, :t]], 1),
+                        attention_mask=torch.cat([inputs["attention_mask"], torch.ones_like(new[:, :t])], 1))
+            torch.testing.assert_close(logits(m, step, use_cache=False)[:, -1], out.logits[t], atol=1e-4, rtol=1e-4)

@@ -73,3 +73,26 @@ def mistral3_inputs(model, batch: int = 1, seed: int = 0, images_per_row: int = 
     for i, (H, W) in enumerate(sizes):
         pv[i, :, :H, :W] = torch.randn(3, H, W, generator=g)
     return {"input_ids": ids, "attention_mask": mask, "pixel_values": pv, "image_sizes": torch.tensor(sizes)}
+
+
+def tiny_pixtral_llava(attn: str = "sdpa", seed: int = 0, layers: int = 4):
+    """Pixtral 12B's layout (``LlavaForConditionalGeneration`` + Pixtral tower, no merger): 8 px patches, so one
+    token per 8 x 8 px as above and the same prompts; LLaVA's MLP projector on every patch."""
+    from transformers import LlavaConfig, LlavaForConditionalGeneration, MistralConfig, PixtralVisionConfig
+
+    torch.manual_seed(seed)
+    vision = PixtralVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                 head_dim=8, patch_size=CELL, image_size=64)
+    text = MistralConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+                         pad_token_id=PAD, eos_token_id=EOS, bos_token_id=1, rms_norm_eps=1e-6, sliding_window=None)
+    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMAGE, vision_feature_layer=-1,
+                      vision_feature_select_strategy="full")
+    cfg._attn_implementation = attn
+    model = LlavaForConditionalGeneration(cfg).eval()
+    model.set_attn_implementation(attn) if hasattr(model, "set_attn_implementation") else None
+    with torch.no_grad():
+        for lin in (model.model.multi_modal_projector.linear_1, model.model.multi_modal_projector.linear_2):
+            lin.weight.normal_(0, 0.1)
+    model.generation_config.suppress_tokens = SUPPRESS
+    return model

@@ -33,6 +33,9 @@ MLP. The prompt of an image of ``h x w`` merged tokens is ``([IMG] * w + [IMG_BR
   so an image always takes ``k + h`` positions. The rebuilt prompt holds those ids (``ImageFeatures.token_ids``)
   and the separators' own embeddings; positions are the plain 1D positions of the rebuilt prompt.
 - **LLM side.** Survivors keep their original 1D positions; separators are kept.
+
+Pixtral 12B (``LlavaForConditionalGeneration`` with a Pixtral tower, :class:`PixtralLlavaAdapter`) is the same
+without the merger: a token is one patch, the features are the selected layer's patches, ``project`` is LLaVA's MLP.
 """
 
 from __future__ import annotations
@@ -52,7 +55,7 @@ from .llava import LlavaAdapter
 from .llava_next import LlavaNextAdapter
 from .qwen2_vl import segment_received_attention
 
-__all__ = ["Mistral3Adapter", "merge_patch_values", "pack_rows", "RELEASED_SEPARATOR_IDS"]
+__all__ = ["Mistral3Adapter", "PixtralLlavaAdapter", "merge_patch_values", "pack_rows", "RELEASED_SEPARATOR_IDS"]
 
 #: ([IMG_BREAK], [IMG_END]) ids of the released Mistral 3 tokenizer (Tekken); used for synthetic prompts only
 RELEASED_SEPARATOR_IDS = (12, 13)
@@ -158,7 +161,7 @@ class Mistral3Adapter(LlavaAdapter):
         grids = [(int(h) // p, int(w) // p) for h, w in sizes]
         bad = [s for s, (hp, wp) in zip(sizes, grids) if hp < m or wp < m]
         if bad:
-            raise ConfigError(f"mistral3: image_sizes {bad} are smaller than one merged token "
+            raise ConfigError(f"{self.family}: image_sizes {bad} are smaller than one merged token "
                               f"({p * m} x {p * m} px); the processor never emits such images")
         return grids
 
@@ -216,7 +219,7 @@ class Mistral3Adapter(LlavaAdapter):
         known = self._sep_ids[key]
         if len(values) > 1 or (known is not None and values[0] != known):
             expected = f"{known}" if known is not None else "one id"
-            raise ConfigError(f"mistral3: the prompt has {values} as {what} (expected {expected}); build the prompt "
+            raise ConfigError(f"{self.family}: the prompt has {values} as {what} (expected {expected}); build the prompt "
                               "with the model's processor")
         self._sep_ids[key] = values[0]
 
@@ -229,11 +232,11 @@ class Mistral3Adapter(LlavaAdapter):
         sep = prev & ~img  # the token right after a run of [IMG]
         hint = "build the prompt with the model's processor"
         if bool(img[:, -1].any()):
-            raise ConfigError(f"mistral3: a prompt row ends inside an image (every image ends with [IMG_END]); {hint}")
+            raise ConfigError(f"{self.family}: a prompt row ends inside an image (every image ends with [IMG_END]); {hint}")
         counts = self._image_counts(kwargs)
         if counts is None:
             if bool(img.any()):
-                raise ConfigError("mistral3: the prompt has image tokens but the call gives neither image_sizes nor "
+                raise ConfigError(f"{self.family}: the prompt has image tokens but the call gives neither image_sizes nor "
                                   "precomputed image features")
             return TokenMap.from_placeholders(img)
         found = int(img.sum())
@@ -266,13 +269,13 @@ class Mistral3Adapter(LlavaAdapter):
         per_image = torch.zeros(n_img, dtype=run_len.dtype, device=run_len.device).index_add_(0, s_img, run_len)
         ok = ok and per_image.tolist() == list(counts)  # no row runs across two images
         if not ok:
-            raise ConfigError(f"mistral3: the image rows hold {run_len.tolist()} [IMG] tokens, the visual inputs need "
+            raise ConfigError(f"{self.family}: the image rows hold {run_len.tolist()} [IMG] tokens, the visual inputs need "
                               f"{why}, each row followed by [IMG_BREAK] and the last by [IMG_END]; {hint}")
         sep_ids = input_ids[sep]
         self._learn("end", sep_ids[last], "[IMG_END] (the token after each image's last row)")
         self._learn("break", sep_ids[~last], "[IMG_BREAK] (the token after each inner row)")
         if self._sep_ids["break"] is not None and self._sep_ids["break"] == self._sep_ids["end"]:
-            raise ConfigError(f"mistral3: [IMG_BREAK] and [IMG_END] have the same id {self._sep_ids['end']}; {hint}")
+            raise ConfigError(f"{self.family}: [IMG_BREAK] and [IMG_END] have the same id {self._sep_ids['end']}; {hint}")
         return TokenMap(is_visual=img | sep, image_id=torch.where(img | sep, image_id, torch.full_like(image_id, -1)),
                         protected=sep)
 
@@ -308,7 +311,7 @@ class Mistral3Adapter(LlavaAdapter):
     def check_stage(self, stage) -> None:
         super().check_stage(stage)
         if stage.side == "llm" and getattr(self.text_config, "sliding_window", None) is not None:
-            raise ConfigError("mistral3: LLM-side stages on a text model with sliding_window="
+            raise ConfigError(f"{self.family}: LLM-side stages on a text model with sliding_window="
                               f"{self.text_config.sliding_window} are not supported (allowed: sliding_window None, "
                               "as in Mistral Small 3.1); use vision-side stages")
 
@@ -319,15 +322,15 @@ class Mistral3Adapter(LlavaAdapter):
     def encode_images(self, kwargs: dict) -> list[VisualGroup]:
         grids = self._grids(kwargs)
         if grids is None:
-            raise ConfigError("mistral3: vision-side stages need image_sizes (the processor returns them)")
+            raise ConfigError(f"{self.family}: vision-side stages need image_sizes (the processor returns them)")
         pv, sizes = kwargs["pixel_values"], kwargs["image_sizes"]
         if pv.dim() != 4 or pv.shape[0] != len(grids):
-            raise ConfigError(f"mistral3: pixel_values must be (images, C, H, W) with one image per image_sizes row "
+            raise ConfigError(f"{self.family}: pixel_values must be (images, C, H, W) with one image per image_sizes row "
                               f"({len(grids)}), got {tuple(pv.shape)}")
         layer = kwargs.get("vision_feature_layer")
         layer = self.model.config.vision_feature_layer if layer is None else layer
         if not isinstance(layer, int):
-            raise ConfigError(f"mistral3: vision_feature_layer={layer!r} is not supported (allowed: one int; the "
+            raise ConfigError(f"{self.family}: vision_feature_layer={layer!r} is not supported (allowed: one int; the "
                               "projector's norm and merger take one layer's features)")
         tower = self.vision_tower
         blocks = tower.transformer.layers
@@ -344,8 +347,7 @@ class Mistral3Adapter(LlavaAdapter):
         finally:
             if handle is not None:
                 handle.remove()
-        proj = self.inner.multi_modal_projector
-        merged = proj.patch_merger(proj.norm(out.hidden_states[layer].squeeze(0)), sizes)  # as the model, pre-MLP
+        merged = self._unit_features(out.hidden_states[layer].squeeze(0), sizes, kwargs)
         m = self._merge
         dev = merged.device
         n_patches = torch.tensor([hp * wp for hp, wp in grids], device=dev)
@@ -361,7 +363,7 @@ class Mistral3Adapter(LlavaAdapter):
 
         def need(name: str):
             if scores is None:
-                raise ConfigError(f"mistral3: no {name} at vision_feature_layer={layer} (the patch embeddings have no "
+                raise ConfigError(f"{self.family}: no {name} at vision_feature_layer={layer} (the patch embeddings have no "
                                   "attention, or the tower's block inputs could not be read)")
             return getattr(scores, name)
 
@@ -380,6 +382,12 @@ class Mistral3Adapter(LlavaAdapter):
                 keys=lambda offs=offs, hp=hp, wp=wp: merge_patch_values(need("keys"), offs, hp, wp, m))
             groups.append(VisualGroup(merged[idx], Grid(h, w), images, [0] * len(images), extras))
         return groups
+
+    def _unit_features(self, hidden: torch.Tensor, sizes, kwargs: dict) -> torch.Tensor:
+        """(tokens, D) the features of every image's tokens from the selected tower layer (N patches, D), as the
+        model computes them before the part of the projector that :meth:`project` applies: norm + patch merger."""
+        proj = self.inner.multi_modal_projector
+        return proj.patch_merger(proj.norm(hidden), sizes)
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
         """The projector after its norm and patch merger: linear, activation, linear (per token)."""
@@ -424,7 +432,7 @@ class Mistral3Adapter(LlavaAdapter):
     def _ids(self, n_rows: int) -> tuple[int, int, int]:
         brk, end = self._sep_ids["break"], self._sep_ids["end"]
         if end is None or (n_rows > 1 and brk is None):
-            raise ConfigError("mistral3: the [IMG_BREAK] / [IMG_END] ids are unknown (set config.image_break_token_id "
+            raise ConfigError(f"{self.family}: the [IMG_BREAK] / [IMG_END] ids are unknown (set config.image_break_token_id "
                               "and config.image_end_token_id, e.g. from the processor)")
         return self.placeholder_token_id(), end if brk is None else brk, end
 
@@ -432,3 +440,33 @@ class Mistral3Adapter(LlavaAdapter):
         _, brk, end = self._ids(n_rows)
         ids = torch.tensor([[brk, end]], device=like.device)
         return self.embed_tokens(ids)[0].to(like.dtype)
+
+
+@register_adapter
+class PixtralLlavaAdapter(Mistral3Adapter):
+    """Pixtral 12B (``LlavaForConditionalGeneration`` with a Pixtral tower): the same tower, image sizes and rows of
+    ``[IMG]`` + ``[IMG_BREAK]`` / ``[IMG_END]``, but no patch merger (a token is one patch) and LLaVA's MLP projector
+    on the selected layer's patches (``vision_feature_select_strategy: full``). Everything else is Mistral 3's."""
+
+    family = "pixtral"
+    model_class_names = ("LlavaForConditionalGeneration",)
+    vision_only_keys = ("image_sizes", "vision_feature_layer", "vision_feature_select_strategy")
+
+    @classmethod
+    def matches(cls, model) -> bool:
+        vcfg = getattr(getattr(model, "config", None), "vision_config", None)
+        return super().matches(model) and getattr(vcfg, "model_type", None) == "pixtral"
+
+    @property
+    def _merge(self) -> int:
+        return 1
+
+    def _unit_features(self, hidden: torch.Tensor, sizes, kwargs: dict) -> torch.Tensor:
+        strategy = kwargs.get("vision_feature_select_strategy") or self.model.config.vision_feature_select_strategy
+        if strategy != "full":
+            raise ConfigError(f"pixtral: vision_feature_select_strategy={strategy!r} is not supported (allowed: 'full'; "
+                              "the Pixtral tower has no CLS token to drop)")
+        return hidden
+
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        return self.inner.multi_modal_projector(features)
