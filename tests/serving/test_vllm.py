@@ -442,3 +442,42 @@ def test_qwen_content_dependent_count_refused_at_load(qwen_model):
     text = "".join(str(e) for e in _chain(err.value))
     assert "depends on the" in text and "image content" in text
     assert any(isinstance(e, vtc.ConfigError) for e in _chain(err.value)) or "ConfigError" in text
+
+
+def test_qwen_video_matches_transformers(qwen_model):
+    """A video is reduced frame by frame (each temporal patch group a unit, as ``video_units="frame"`` in
+    transformers): equal prompt ids, greedy tokens and log-probs (the kept tokens' (t, h, w) positions)."""
+    import numpy as np
+
+    from eval.serving.checkpoints import qwen_prompt
+
+    model, processor, path = qwen_model
+    config = {"stages": [{"method": "visionzip", "budget": 0.5}]}
+    video = np.random.default_rng(0).integers(0, 255, (4, 32, 40, 3), dtype=np.uint8)  # 2 frames of 4 x 5 tokens
+    prompt = qwen_prompt("what happens", "video")
+    inputs = processor(videos=[video], text=prompt, return_tensors="pt", do_sample_frames=False)
+    ids = inputs["input_ids"][0].tolist()
+    kw = dict(max_new_tokens=MAX_NEW, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    with torch.no_grad(), vtc.compress(model, config) as run:
+        gen = model.generate(**inputs, **kw)
+    toks = gen.sequences[0, len(ids):].tolist()
+    want = [(_runs_to(ids, model.config.video_token_id, [sum(run.stats.image_tokens)]), toks,
+             [torch.log_softmax(sc[0].float(), -1)[t].item() for sc, t in zip(gen.scores, toks)])]
+    assert len(run.stats.image_tokens) == 2  # two frame units
+    # Qwen2.5-VL's data parser wants the video's metadata (its processor derives second_per_grid_ts from fps)
+    meta = {"fps": 2.0, "total_num_frames": 4, "frames_indices": list(range(4)), "duration": 2.0,
+            "video_backend": "opencv", "do_sample_frames": False}
+    data = video if type(model).__name__ == "Qwen2VLForConditionalGeneration" else (video, meta)
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(model=str(path), dtype="float32", max_model_len=512, enforce_eager=True, seed=0,
+              gpu_memory_utilization=0.05, kv_cache_memory_bytes=KV_BYTES,
+              limit_mm_per_prompt={"image": 0, "video": 1}, hf_overrides={"vtc_config": config})
+    try:
+        (o,) = llm.generate([{"prompt": prompt, "multi_modal_data": {"video": data}}],
+                            SamplingParams(temperature=0.0, max_tokens=MAX_NEW, logprobs=0), use_tqdm=False)
+    finally:
+        release(llm)
+    out = o.outputs[0]
+    got = [(list(o.prompt_token_ids), list(out.token_ids), [d[t].logprob for d, t in zip(out.logprobs, out.token_ids)])]
+    check_qwen(model, got, want)
