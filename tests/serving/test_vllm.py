@@ -481,3 +481,29 @@ def test_qwen_video_matches_transformers(qwen_model):
     out = o.outputs[0]
     got = [(list(o.prompt_token_ids), list(out.token_ids), [d[t].logprob for d, t in zip(out.logprobs, out.token_ids)])]
     check_qwen(model, got, want)
+
+
+def test_qwen_chunked_prefill_and_prefix_cache(qwen_model):
+    """Prefill in chunks of 16 tokens (boundaries inside the images: the kept tokens' offsets are applied chunk by
+    chunk), then the same requests again (prefix-cache hits of 32-token blocks: the cached part skips the encoder,
+    the rest and the decode offset come from the grid alone): both equal vtc in transformers."""
+    model, processor, path = qwen_model
+    prompts, images = _qwen_requests()
+    config = QWEN_CONFIGS["visionzip-0.5"]
+    want = qwen_reference(model, processor, config, prompts, images)
+    from vllm import SamplingParams
+
+    llm = vllm_llm(path, config, images_per_prompt=2, max_num_batched_tokens=16, enable_prefix_caching=True,
+                   block_size=32)
+    try:
+        first = vllm_generate(llm, prompts, images, logprobs=True)
+        reqs = [{"prompt": p, "multi_modal_data": {"image": im}} for p, im in zip(prompts, images)]
+        params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, logprobs=0)
+        outs = llm.generate(reqs, params, use_tqdm=False)
+    finally:
+        release(llm)
+    check_qwen(model, first, want)
+    again = [(list(o.prompt_token_ids), list(o.outputs[0].token_ids),
+              [d[t].logprob for d, t in zip(o.outputs[0].logprobs, o.outputs[0].token_ids)]) for o in outs]
+    check_qwen(model, again, want)
+    assert outs[0].num_cached_tokens >= 32  # the two-image request: a whole block, through its first image
