@@ -156,9 +156,10 @@ class VtcQwen2_5_VLMultiModalProcessor(_VtcQwenProcessor, Qwen2_5_VLMultiModalPr
 class VllmQwenScores(_TowerScores):
     """The transformers adapter's tower extras, computed on a vLLM Qwen2-VL / Qwen2.5-VL scoring block.
 
-    xn: (N, 1, D) the block's normalised input (what its attention receives, in its token order); segment: (N,) frame of every patch (the full-attention
-    segments); cos / sin: the block's rotary tables, applied with the block's own rotary op; order: merged-group
-    index (block order) of each tower output token (Qwen2.5-VL's windows), or None.
+    xn: (N, 1, D) the block's normalised input (what its attention receives, in its token order); segment: (N,)
+    frame of every patch (the full-attention segments); cos / sin: the block's rotary tables, applied with the
+    block's own rotary op; order: merged-group index (block order) of each tower output token (Qwen2.5-VL's
+    windows), or None.
     """
 
     def __init__(self, block, xn, segment: torch.Tensor, num_segments: int, cos, sin, merge_unit: int,
