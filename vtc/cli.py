@@ -159,7 +159,8 @@ def _compressed(model, processor, image, inputs, config, stage: int | None = Non
         except ValueError as err:
             raise CLIError(f"--stage: {err}") from None
         side = "vision" if any(s.side == "vision" for s in chosen) else "llm"
-        layouts = run.adapter.picture_layouts(inputs, 0, side)
+        # the image's size, for families whose inputs do not carry the crop arrangement (InternVL's tiles)
+        layouts = run.adapter.picture_layouts({**inputs, "vtc_image_sizes": [(image.height, image.width)]}, 0, side)
     n_visual = int((inputs["input_ids"] == model.config.image_token_id).sum())
     groups = token_groups(stats, 0, num_tokens=[lay.num_tokens for lay in layouts], stage=stage)
     return {"answer": answer, "ms": ms, "kv": kv, "stats": stats, "layouts": layouts, "groups": groups,

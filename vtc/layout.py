@@ -95,7 +95,8 @@ class Sequence(Layout):
 
 @dataclass(frozen=True)
 class MultiCrop(Layout):
-    """LLaVA-NeXT anyres features of one image: ``base`` grid then ``crops`` grids, concatenated in that order.
+    """Multi-crop features of one image: ``base`` grid then ``crops`` grids, concatenated in that order (LLaVA-NeXT
+    anyres), or the crops then the base when ``base_last`` (InternVL: the tiles, then the thumbnail).
 
     ``crop_rows x crop_cols`` is the arrangement of the crops over the (resized, padded) image, used for drawing;
     ``image_box`` = (top, bottom, left, right), in cells of the tiled ``(crop_rows * h) x (crop_cols * w)`` crop
@@ -107,10 +108,12 @@ class MultiCrop(Layout):
     crop_rows: int = 1
     crop_cols: int = 1
     image_box: tuple[int, int, int, int] | None = None
+    base_last: bool = False
 
     @property
     def parts(self) -> tuple[Grid, ...]:
-        return (self.base, *self.crops)
+        """The grids in token order."""
+        return (*self.crops, self.base) if self.base_last else (self.base, *self.crops)
 
     @property
     def num_tokens(self) -> int:

@@ -254,7 +254,8 @@ def draw_kept(image: Image.Image | list[Image.Image], groups: list[torch.Tensor]
 
     - :class:`Grid`: the image at its own aspect ratio, the cells over ``view`` (the fractions x0, y0, x1, y1 of
       the image the model saw, e.g. a centre crop; default: all of it);
-    - :class:`MultiCrop` (LLaVA-NeXT): the base grid, then every crop in place over the padded image;
+    - :class:`MultiCrop` (LLaVA-NeXT, InternVL): the base grid (InternVL's thumbnail), then every crop in place over
+      the padded image;
     - :class:`Video`: one panel per frame (``image`` may be the list of frames; a single image is reused);
     - :class:`Sequence`: a strip of cells in token order under the panels (black: dropped).
 
@@ -264,7 +265,7 @@ def draw_kept(image: Image.Image | list[Image.Image], groups: list[torch.Tensor]
 
     ``style="both"``: one row, kept tokens outlined and merged groups coloured in the same picture.
     ``groups`` come from :func:`token_groups`, one tensor per unit; a :class:`MultiCrop` takes one group per part
-    (base, crops...) or one group of all its tokens.
+    (in token order, ``parts``) or one group of all its tokens.
     """
     frames = list(image) if isinstance(image, (list, tuple)) else [image]
     still = frames[0]
@@ -282,9 +283,10 @@ def draw_kept(image: Image.Image | list[Image.Image], groups: list[torch.Tensor]
                     parts = list(torch.split(queue.pop(0), [p.num_tokens for p in layout.parts]))
                 else:
                     parts, queue = queue[: len(layout.parts)], queue[len(layout.parts):]
-                panels.append(_grid_panel(still, parts[0], layout.base.h, layout.base.w, size, colors, style=style))
+                base, crops = (parts[-1], parts[:-1]) if layout.base_last else (parts[0], parts[1:])
+                panels.append(_grid_panel(still, base, layout.base.h, layout.base.w, size, colors, style=style))
                 if layout.crops:
-                    panels.append(_crops_panel(still, parts[1:], layout, size, colors))
+                    panels.append(_crops_panel(still, crops, layout, size, colors))
                 continue
             g = queue.pop(0)
             if g.shape[0] != layout.num_tokens:

@@ -64,6 +64,15 @@ _PIXTRAL_MS31 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers
                      head_dim=64, patch_size=14, image_size=1540, hidden_act="silu")
 _MISTRAL3_TOP = dict(image_token_index=10, spatial_merge_size=2, vision_feature_layer=-1,
                      projector_hidden_act="gelu", multimodal_projector_bias=False, tie_word_embeddings=False)
+_QWEN25_7B_INTERNVL = dict(vocab_size=151674, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                          num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=32768,
+                          rms_norm_eps=1e-6, pad_token_id=151643, bos_token_id=151643, eos_token_id=151645,
+                          rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})
+_INTERNVIT_300M = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                       image_size=448, patch_size=14, attention_bias=True, norm_type="layer_norm",
+                       use_qk_norm=False, layer_norm_eps=1e-6, hidden_act="gelu")
+_INTERNVL_TOP = dict(image_token_id=151667, downsample_ratio=0.5, projector_hidden_act="gelu",
+                     vision_feature_layer=-1, vision_feature_select_strategy="default")
 
 #: the tiny shapes of tests/tiny_models*.py (for the benchmark's own tests)
 _TINY_CLIP = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=48,
@@ -106,6 +115,11 @@ ARCHS: dict[str, ArchSpec] = {
         image_size=(896, 896), text_ids=(1000, 20000),
         description="Mistral-Small-3.1-24B: Pixtral tower (24 layers, 2D RoPE), 2 x 2 patch merger, Mistral 24B "
                     "(40 layers, GQA 32/8); 896 px = 32 x 32 tokens + 32 row separators"),
+    "internvl3-8b": ArchSpec(
+        "internvl3-8b", "internvl", _QWEN25_7B_INTERNVL, _INTERNVIT_300M, _INTERNVL_TOP,
+        image_size=(896, 896), text_ids=(1000, 20000), bos=None,
+        description="InternVL3-8B: InternViT-300M-448px-V2.5 (24 layers), pixel shuffle 0.5 + 2-layer GELU MLP, "
+                    "Qwen2.5-7B; 896 px = 2 x 2 tiles + thumbnail = 1280 tokens"),
     "tiny": ArchSpec(
         "tiny", "llava", _TINY_LLAMA, _TINY_CLIP, dict(_LLAVA_TOP, image_token_id=120),
         image_size=(48, 48), text_ids=(3, 100), description="tiny LLaVA (tests): 36 visual tokens"),
@@ -141,6 +155,7 @@ FAMILY_CLASSES: dict[str, str] = {
     "qwen2_vl": "Qwen2VLForConditionalGeneration",
     "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
     "mistral3": "Mistral3ForConditionalGeneration",
+    "internvl": "InternVLForConditionalGeneration",
 }
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

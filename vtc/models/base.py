@@ -266,7 +266,9 @@ class ModelAdapter:
 
     def picture_layouts(self, kwargs: dict, image: int, side: str = "vision") -> list[Layout]:
         """Layouts for drawing image ``image`` (``vtc show``): ``side="vision"`` after vision-side stages,
-        ``"llm"`` for LLM-side stages only. Default: :meth:`unit_layouts` (families with crops override)."""
+        ``"llm"`` for LLM-side stages only. Default: :meth:`unit_layouts` (families with crops override).
+        ``kwargs["vtc_image_sizes"]`` (set by ``vtc show``): the (H, W) px of each image, for families whose inputs
+        do not carry the crop arrangement (InternVL's tiles)."""
         return self.unit_layouts(kwargs, image)
 
     def placeholder_token_id(self) -> int:

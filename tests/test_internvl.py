@@ -1,0 +1,312 @@
+"""InternVL specifics (the invariant matrix runs every method on it: tests/cases/internvl.py): the pixel-shuffle
+mapping of the tower scores (a planted patch score makes its shuffled token the top one; the scores equal the
+model's own q / k), the tiles read off the prompt (bad runs refused), ``<img>`` / ``</img>`` as text, the rebuilt
+prompt against the real ``InternVLProcessor`` for the reduced count, the tile arrangement against the processor's
+rule, the ``vtc show`` picture (tiles in place, the thumbnail as the base panel), the from_pretrained / AutoProcessor
+/ ``vtc generate`` / ``vtc show`` round trip, and the shipped configs."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from roundtrip import cli_generate
+from tiny_models_internvl import END, IMAGE, PER_TILE, START, TILE, internvl_inputs, tiny_internvl
+
+import vtc
+from vtc.layout import Grid, MultiCrop
+from vtc.models import get_adapter
+from vtc.models.internvl import InternViTScorer, InternVLAdapter, shuffle_scores, tile_grid
+from vtc.viz import draw_kept, token_groups
+
+
+@functools.cache
+def model(attn: str = "sdpa", qk_norm: bool = False):
+    return tiny_internvl(attn, qk_norm=qk_norm)
+
+
+@torch.no_grad()
+def logits(m, inputs, **kw):
+    return m(**inputs, **kw).logits
+
+
+def test_adapter_selected_and_geometry():
+    ad = get_adapter(model())
+    assert isinstance(ad, InternVLAdapter)
+    assert (ad.patch_side, ad.token_side, ad.tokens_per_tile) == (8, 4, PER_TILE)
+    inputs = internvl_inputs(model(), batch=3)
+    assert ad.tiles(inputs["input_ids"], inputs) == [3, 1, 1]
+    assert ad.unit_layouts(inputs, 0) == [Grid(4, 4)] * 3
+
+
+# ---- scores and the pixel shuffle -------------------------------------------------------------------------------
+def test_planted_patch_makes_its_shuffled_token_the_top_one():
+    """Every one of the 8 x 8 patches in turn carries a high score: the top shuffled token is the one whose 2 x 2
+    block holds it, and the model's pixel_shuffle puts that patch's features into that token's channels."""
+    shuffle = model().model.pixel_shuffle
+    planted = torch.eye(64) * 10 + torch.rand(64, 64) * 0.1  # unit u: patch u planted
+    top = shuffle_scores(shuffle, planted, 8, 0.5, "sum").argmax(-1)
+    r, c = torch.arange(64) // 8, torch.arange(64) % 8
+    assert torch.equal(top, (r // 2) * 4 + c // 2)
+    feats = torch.eye(64).view(64, 8, 8, 1)  # unit u: the feature lit at patch u only
+    lit = shuffle(feats, scale_factor=0.5).reshape(64, 16, -1).abs().sum(-1).argmax(-1)
+    assert torch.equal(lit, top)
+    assert torch.equal(shuffle_scores(shuffle, torch.ones(2, 64, 3), 8, 0.5, "mean"), torch.ones(2, 16, 3))
+
+
+def test_planted_score_end_to_end(monkeypatch):
+    """Through vtc.compress: FasterVLM keeping 1 token per tile keeps the shuffled token of the planted patch."""
+    m = model()
+    inputs = internvl_inputs(m, batch=1)  # 3 tiles
+    patches = torch.tensor([9, 46, 63])  # (1, 1) -> 0; (5, 6) -> 2*4+3 = 11; (7, 7) -> 15
+
+    def planted(self):
+        s = torch.rand(3, 64) * 0.01
+        s[torch.arange(3), patches] = 1.0
+        return s
+
+    monkeypatch.setattr(InternViTScorer, "received_attention", planted)
+    with vtc.compress(m, {"stages": [{"method": "fastervlm", "budget": 1}]}) as run:
+        m(**inputs)
+    [src] = run.stats.stages[0].sources
+    assert torch.equal((src >= 0).int().argmax(-1), torch.tensor([0, 11, 15]))
+
+
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_scores_are_the_models_attention_mapped_through_the_shuffle(qk_norm):
+    """received_attention / keys of the adapter == the mean-query attention and head-mean keys computed from the q, k
+    the model's last tower block really produced (hooked), CLS dropped, 2 x 2 blocks summed / averaged."""
+    m = model("eager", qk_norm)
+    inputs = internvl_inputs(m, batch=1)
+    ad = get_adapter(m)
+    attn = m.model.vision_tower.encoder.layer[-1].attention
+    seen = {}
+    hooks = [attn.q_norm.register_forward_hook(lambda mod, a, out: seen.__setitem__("q", out)),
+             attn.k_norm.register_forward_hook(lambda mod, a, out: seen.__setitem__("k", out))]
+    try:
+        with torch.no_grad():
+            [group] = ad.encode_images(inputs)
+            m.model.get_image_features(pixel_values=inputs["pixel_values"])
+    finally:
+        for h in hooks:
+            h.remove()
+    U, N, _ = seen["q"].shape
+    q = seen["q"].view(U, N, 4, 8).transpose(1, 2)
+    k = seen["k"].view(U, N, 4, 8).transpose(1, 2)
+    probs = (q.mean(2, keepdim=True) @ k.transpose(-1, -2) * attn.scale).softmax(-1)[:, :, 0].mean(1)[:, 1:]
+    ref = probs.view(U, 4, 2, 4, 2).sum((2, 4)).reshape(U, 16)
+    torch.testing.assert_close(group.extras.received_attention(), ref, atol=1e-6, rtol=1e-5)
+    keys = k.mean(1)[:, 1:].reshape(U, 4, 2, 4, 2, 8).mean((2, 4)).reshape(U, 16, 8)
+    torch.testing.assert_close(group.extras.keys(), keys, atol=1e-6, rtol=1e-5)
+    # the features are the model's shuffled features (what its projector reads)
+    with torch.no_grad():
+        ref_emb = m.model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output
+        torch.testing.assert_close(ad.project(group.features), ref_emb)
+
+
+def test_cls_only_stages_refused_at_attach():
+    with pytest.raises(vtc.ConfigError, match="CLS attention row is not a trained score"):
+        vtc.compress(model(), {"stages": [{"method": "pool", "mode": "cluster", "budget": 4, "weights": "cls"}]})
+
+
+# ---- prompt -------------------------------------------------------------------------------------------------------
+def test_img_tokens_are_text_and_images_are_runs():
+    m = model()
+    inputs = internvl_inputs(m, batch=2, images_per_row=2, tiles=[3, 1, 1, 3])
+    ad = get_adapter(m)
+    tm = ad.token_map(inputs["input_ids"], inputs)
+    ids = inputs["input_ids"]
+    assert not tm.is_visual[(ids == START) | (ids == END)].any() and not tm.protected.any()
+    counts = torch.bincount(tm.image_id[tm.is_visual]).tolist()
+    assert counts == [48, 16, 16, 48]
+    with vtc.compress(m, {"stages": [{"method": "random", "budget": 2}]}) as run:
+        captured = {}
+        h = m.model.language_model.register_forward_pre_hook(
+            lambda mod, a, kw: captured.update(kw), with_kwargs=True)
+        try:
+            with torch.no_grad():
+                m(**inputs)
+        finally:
+            h.remove()
+    assert run.stats.image_tokens == [6, 2, 2, 6]
+    assert captured["inputs_embeds"].shape[1] == ids.shape[1] - 64 + 8  # both rows: 64 placeholders -> 8
+
+
+def test_bad_prompts_are_errors():
+    """A run of 2 tiles (the processor emits 1, or >= 2 tiles + a thumbnail), a run that is not whole tiles, and
+    pixel_values with more tiles than the prompt holds: ConfigError before any stage runs."""
+    m = model()
+    two = internvl_inputs(m, batch=1, tiles=[2])
+    ragged = internvl_inputs(m, batch=1, tiles=[1])
+    ids = ragged["input_ids"].clone()
+    ids[0, (ids[0] == IMAGE).nonzero()[0]] = 5  # a run of 15 placeholders
+    extra = dict(ragged, pixel_values=torch.cat([ragged["pixel_values"]] * 3))
+    for bad, match in ((two, "not one image"), (dict(ragged, input_ids=ids), "not one image"),
+                       (extra, "do not match, tokens: 16, features: 48")):
+        with vtc.compress(m, {"stages": [{"method": "random", "budget": 4}]}):
+            with pytest.raises(vtc.ConfigError, match=match):
+                m(**bad)
+
+
+@pytest.mark.parametrize("size", [(40, 90), (90, 40), (30, 30), (33, 200), (200, 61), (64, 64), (50, 110)])
+@pytest.mark.parametrize("top", [4, 6, 12])
+def test_tile_grid_is_the_processors_choice(size, top):
+    """tile_grid over 1..top tiles == the image processor's canvas; and given only the resulting tile count (what
+    the prompt tells), it re-derives the same canvas."""
+    from transformers.models.got_ocr2.image_processing_got_ocr2 import get_optimal_tiled_canvas
+
+    ref = get_optimal_tiled_canvas(size, (TILE, TILE), 1, top)
+    assert tile_grid(size, TILE, range(1, top + 1)) == tuple(ref)
+    assert tile_grid(size, TILE, [ref[0] * ref[1]]) == tuple(ref)
+
+
+# ---- the real processor ---------------------------------------------------------------------------------------------
+TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'user' %}USER: {% for c in m['content'] %}"
+            "{% if c['type'] == 'image' %}<IMG_CONTEXT>{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}"
+            "{% endfor %}{% endif %}{% endfor %}{% if add_generation_prompt %} ASSISTANT:{% endif %}")
+
+
+def _processor(per_tile: int = PER_TILE):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import GotOcr2ImageProcessor, InternVLProcessor, InternVLVideoProcessor, PreTrainedTokenizerFast
+
+    from vtc.demo.task import vocabulary
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>", "<img>", "<IMG_CONTEXT>", "</img>", "<video>"]
+    vocab = {t: i for i, t in enumerate(specials + vocabulary())}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace(), pre_tokenizers.Punctuation()])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+        extra_special_tokens={"start_image_token": "<img>", "context_image_token": "<IMG_CONTEXT>",
+                              "end_image_token": "</img>", "video_token": "<video>"}, padding_side="left")
+    fast.add_special_tokens({"additional_special_tokens": specials[4:]})
+    size = {"height": TILE, "width": TILE}
+    return InternVLProcessor(image_processor=GotOcr2ImageProcessor(size=size, crop_to_patches=True, max_patches=4),
+                             video_processor=InternVLVideoProcessor(size=size), tokenizer=fast,
+                             image_seq_length=per_tile, chat_template=TEMPLATE)
+
+
+def _model_for_processor():
+    m = tiny_internvl("sdpa")
+    m.config.image_token_id = 5
+    m.generation_config.suppress_tokens = [2, 4, 5, 6, 7]
+    return m
+
+
+def _image(h: int = 40, w: int = 90):
+    import numpy as np
+
+    return Image.fromarray((np.random.default_rng(0).random((h, w, 3)) * 255).astype("uint8"))
+
+
+def test_vision_side_prompt_equals_processor_prompt_for_k_tokens():
+    """pool avg to 2 x 2 per tile on a 3-tile image: the LLM gets exactly what the processor's prompt for 4 tokens
+    per tile (<img> + 12 <IMG_CONTEXT> + </img>) with the model's shuffled features pooled 2 x 2 and projected
+    gives; generate returns [prompt, new]."""
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    m = _model_for_processor()
+    text = "USER: <IMG_CONTEXT> what colour ? ASSISTANT:"
+    inputs = _processor()(images=_image(), text=text, return_tensors="pt")
+    assert inputs["pixel_values"].shape[0] == 3 and int((inputs["input_ids"] == 5).sum()) == 48
+    with vtc.compress(m, {"stages": [{"method": "pool", "mode": "avg", "budget": 4}]}):
+        out = logits(m, inputs)
+        seq = m.generate(**inputs, max_new_tokens=3, do_sample=False)
+    seen = {}
+    h = m.model.multi_modal_projector.register_forward_pre_hook(lambda mod, a: seen.__setitem__("x", a[0]))
+    try:
+        logits(m, inputs)  # unwrapped: the model's own shuffled features
+    finally:
+        h.remove()
+    x = seen["x"]  # (3, 16, 4C)
+    pooled = torch.nn.functional.avg_pool2d(x.transpose(1, 2).reshape(3, -1, 4, 4), 2).flatten(2).transpose(1, 2)
+    with torch.no_grad():
+        emb = m.model.multi_modal_projector(pooled)
+    small = _processor(per_tile=4)(images=_image(), text=text, return_tensors="pt")
+    assert int((small["input_ids"] == 5).sum()) == 12
+    ref = logits(m, {"input_ids": small["input_ids"], "attention_mask": small["attention_mask"],
+                     "mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=emb)}})
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    ids = inputs["input_ids"][0]
+    assert seq.shape[1] == ids.shape[0] + 3 and torch.equal(seq[0, :ids.shape[0]], ids)
+
+
+def test_show_picture_tiles_in_place_and_thumbnail_as_base():
+    """A 40 x 80 image: 2 x 1 tiles + the thumbnail. The picture's first panel (the whole image) shows the thumbnail's
+    kept tokens (the image's last unit), the second the two tiles side by side, every cell where it is."""
+    m = model()
+    inputs = internvl_inputs(m, batch=1)
+    ad = get_adapter(m)
+    with pytest.raises(vtc.ConfigError, match="vtc_image_sizes"):
+        ad.picture_layouts(inputs, 0)
+    [layout] = ad.picture_layouts(dict(inputs, vtc_image_sizes=[(40, 80)]), 0)
+    assert layout == MultiCrop(Grid(4, 4), (Grid(4, 4), Grid(4, 4)), 1, 2, base_last=True)
+    assert layout.parts[-1] is layout.base
+    with vtc.compress(m, {"stages": [{"method": "fastervlm", "budget": 5}]}) as run:
+        m(**inputs)
+    groups = token_groups(run.stats, 0)
+    assert [int((g >= 0).sum()) for g in groups] == [5, 5, 5]
+    assert len({tuple((g >= 0).tolist()) for g in groups}) > 1  # the units differ: the test can tell them apart
+    grey = (200, 200, 200)
+    pic = draw_kept(Image.new("RGB", (80, 40), grey), groups, [layout], size=80)
+
+    def kept(px) -> bool:
+        return all(abs(a - b) <= 40 for a, b in zip(px, grey))
+
+    thumb = groups[2].view(4, 4)
+    tiled = torch.cat([groups[0].view(4, 4), groups[1].view(4, 4)], dim=1)
+    for r in range(4):
+        for c in range(4):  # base panel: 80 x 40, cells 20 x 10
+            assert kept(pic.getpixel((c * 20 + 10, r * 10 + 5))) == bool(thumb[r, c] >= 0), ("thumb", r, c)
+        for c in range(8):  # crops panel after 4 px: 8 x 4 cells of 10 x 10
+            assert kept(pic.getpixel((84 + c * 10 + 5, r * 10 + 5))) == bool(tiled[r, c] >= 0), ("tiles", r, c)
+
+
+# ---- from_pretrained round trip ---------------------------------------------------------------------------------
+def test_from_pretrained_roundtrip_and_cli(tmp_path):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from vtc.cli import main
+
+    _model_for_processor().save_pretrained(tmp_path)
+    _processor().save_pretrained(tmp_path)
+    _image().save(tmp_path / "img.png")
+    m = AutoModelForImageTextToText.from_pretrained(tmp_path, attn_implementation="sdpa").eval()
+    proc = AutoProcessor.from_pretrained(tmp_path)
+    inputs = proc(images=Image.open(tmp_path / "img.png"), text="USER: <IMG_CONTEXT> what colour ? ASSISTANT:",
+                  return_tensors="pt")
+    assert inputs["pixel_values"].shape[0] == 3
+    with vtc.compress(m, {"stages": [{"method": "fastv", "layer": 1, "budget": 4}]}) as run:
+        m.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert run.stats.stages[0].tokens_out == [4]
+    cli_generate(tmp_path, "{method: visionzip, budget: 6}")
+    cfg = tmp_path / "show.yaml"
+    cfg.write_text("stages:\n  - {method: fastervlm, budget: 5}\n")
+    out = tmp_path / "kept.png"
+    assert main(["show", "--model", str(tmp_path), "--image", str(tmp_path / "img.png"), "--prompt",
+                 "what colour ?", "--config", str(cfg), "--out", str(out)]) == 0
+    pic = Image.open(out)
+    assert pic.width > 336  # the thumbnail panel and the tiles panel side by side
+
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "vtc" / "configs" / "internvl3").glob("*.yaml"))
+
+
+@functools.cache
+def deep_model():
+    return tiny_internvl("sdpa", layers=6)  # room for the configs' deeper LLM-side stages
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_shipped_configs_run(path):
+    m = deep_model()
+    inputs = internvl_inputs(m, batch=2)
+    with vtc.compress(m, path) as run:
+        out = m.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert out.shape[1] == inputs["input_ids"].shape[1] + 3
+    assert all(o <= i for st in run.stats.stages for i, o in zip(st.tokens_in, st.tokens_out))
