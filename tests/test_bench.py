@@ -101,7 +101,7 @@ def test_build_model_matches_a_normally_built_model(tiny):
     assert abs(float(w.detach().std()) - 0.02) < 2e-3
 
 
-@pytest.mark.parametrize("arch", ["tiny-next", "tiny-qwen2-vl"])
+@pytest.mark.parametrize("arch", ["tiny-next", "tiny-qwen2-vl", "tiny-internvl"])
 def test_synthetic_inputs_fit_the_model(arch):
     """The placeholder count matches what the model produces (the forward checks it) and rows are identical."""
     model = B.build_model(arch, layers=2)
@@ -113,6 +113,8 @@ def test_synthetic_inputs_fit_the_model(arch):
     n_vis = int((inputs["input_ids"][0] == model.config.image_token_id).sum())
     if arch == "tiny-next":  # 96 x 96 px: base + 2 x 2 crops of 6 x 6, 12 rows + 12 newlines
         assert n_vis == 36 + 12 * 12 + 12
+    elif arch == "tiny-internvl":  # 40 x 90 px: 2 x 1 tiles + the thumbnail, 8 x 8 patches shuffled to 4 x 4 each
+        assert n_vis == 3 * 16 and inputs["pixel_values"].shape[0] == 2 * 3
     else:  # 32 px / 4 px patches = 8 x 8, merged 2 x 2
         assert n_vis == 16
 
@@ -321,6 +323,7 @@ def test_summary_is_computed_from_the_medians():
         ("tiny-qwen2.5-vl", FASTV),
         ("tiny-mistral3", {"name": "vz", "stages": [{"method": "visionzip", "budget": 8}]}),
         ("tiny-mistral3", FASTV),
+        ("tiny-internvl", {"name": "vz", "stages": [{"method": "visionzip", "budget": 8}]}),
     ],
 )
 def test_bench_runs_on_other_families(arch, config):

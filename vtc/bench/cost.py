@@ -55,6 +55,19 @@ def vision_flops(model, inputs: dict, *, projector_rows: int | None = None, visi
         # the patch merger runs on every merged token before any vtc stage; the MLP on the tokens kept
         projector = fl.mlp_flops(merged, [vc.hidden_size * m * m, vc.hidden_size]) + \
             fl.mlp_flops(rows, [vc.hidden_size, D_l, D_l])
+    elif name.startswith("InternVL"):  # every tile: CLS + P x P patches; pixel shuffle, then LN + 2-layer MLP
+        size = vc.image_size[0] if isinstance(vc.image_size, (list, tuple)) else vc.image_size
+        patch = vc.patch_size[0] if isinstance(vc.patch_size, (list, tuple)) else vc.patch_size
+        side = size // patch
+        T = side * side + 1
+        units = inputs["pixel_values"].shape[0]
+        shape = fl.ViTShape(vision_layers or vc.num_hidden_layers, vc.hidden_size, vc.intermediate_size,
+                            vc.num_attention_heads)
+        tower = fl.vit_flops(shape, T, units) + units * fl.patch_embed_flops(T - 1, 3 * patch ** 2, vc.hidden_size)
+        group = round(1 / cfg.downsample_ratio) ** 2
+        rows = units * (side * side // group) if projector_rows is None else projector_rows
+        D_l = cfg.text_config.hidden_size
+        projector = fl.mlp_flops(rows, [vc.hidden_size * group, D_l, D_l])
     else:  # Qwen2-VL / Qwen2.5-VL: attention per frame group, 2 x 2 merger
         p, m, tp = vc.patch_size, vc.spatial_merge_size, vc.temporal_patch_size
         qwen25 = hasattr(vc, "fullatt_block_indexes")

@@ -127,6 +127,12 @@ ARCHS: dict[str, ArchSpec] = {
         "tiny-next", "llava_next", _TINY_LLAMA, _TINY_CLIP,
         dict(_LLAVA_TOP, image_token_id=120, image_grid_pinpoints=[[48, 48], [48, 96], [96, 48], [96, 96]]),
         image_size=(96, 96), text_ids=(3, 100), description="tiny LLaVA-NeXT (tests): base + 2 x 2 crops"),
+    "tiny-internvl": ArchSpec(
+        "tiny-internvl", "internvl", dict(_TINY_QWEN_TEXT, rope_parameters={"rope_type": "default", "rope_theta": 1e4}),
+        dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32,
+             patch_size=4),
+        dict(image_token_id=120, downsample_ratio=0.5), image_size=(40, 90), text_ids=(3, 100), bos=None,
+        description="tiny InternVL (tests): 2 x 1 tiles + thumbnail of 4 x 4 shuffled tokens = 48"),
     "tiny-qwen2-vl": ArchSpec(
         "tiny-qwen2-vl", "qwen2_vl", _TINY_QWEN_TEXT,
         dict(depth=3, embed_dim=32, hidden_size=64, num_heads=4, mlp_ratio=2, in_channels=3, patch_size=4,
