@@ -140,11 +140,15 @@ def test_bad_prompts_are_errors():
     pixel_values with more tiles than the prompt holds: ConfigError before any stage runs."""
     m = model()
     two = internvl_inputs(m, batch=1, tiles=[2])
-    ragged = internvl_inputs(m, batch=1, tiles=[1])
+    ragged = internvl_inputs(m, batch=1, tiles=[3, 1], images_per_row=2)
     ids = ragged["input_ids"].clone()
-    ids[0, (ids[0] == IMAGE).nonzero()[0]] = 5  # a run of 15 placeholders
-    extra = dict(ragged, pixel_values=torch.cat([ragged["pixel_values"]] * 3))
-    for bad, match in ((two, "not one image"), (dict(ragged, input_ids=ids), "not one image"),
+    pos = (ids[0] == IMAGE).nonzero().flatten()
+    ids[0, pos[47]] = 5  # runs of 47 and 17 placeholders: the total (4 tiles) still matches
+    ids[0, pos[-1] + 1] = IMAGE
+    one = internvl_inputs(m, batch=1, tiles=[1])
+    extra = dict(one, pixel_values=torch.cat([one["pixel_values"]] * 3))
+    for bad, match in ((two, "in row 0: a run of image placeholder tokens holds 32, which is not one image"),
+                       (dict(ragged, input_ids=ids), "holds 47, which is not one image"),
                        (extra, "do not match, tokens: 16, features: 48")):
         with vtc.compress(m, {"stages": [{"method": "random", "budget": 4}]}):
             with pytest.raises(vtc.ConfigError, match=match):

@@ -154,39 +154,42 @@ class InternVLAdapter(LlavaAdapter):
     def _tokens_per_image(self) -> int:
         return self.tokens_per_tile
 
-    def _run_lengths(self, input_ids: torch.Tensor) -> list[int]:
-        """Placeholder count of every run of placeholders (one image each), in row-major order (one host sync)."""
-        flat = (input_ids == self.placeholder_token_id()).flatten().long()
-        starts = flat.clone()
-        starts[1:] = flat[1:] & (1 - flat[:-1])
-        run = starts.cumsum(0) - 1
-        n = int(starts.sum())
-        return torch.zeros(n, dtype=torch.long, device=flat.device).index_add_(
-            0, run[flat.bool()], torch.ones_like(run[flat.bool()])).tolist() if n else []
+    def _runs(self, input_ids: torch.Tensor) -> tuple[list[int], list[int]]:
+        """(placeholder count, batch row) of every run of placeholders (one image each), in row-major order."""
+        mask = input_ids == self.placeholder_token_id()
+        prev = torch.zeros_like(mask)
+        prev[:, 1:] = mask[:, :-1]
+        starts = mask & ~prev
+        run = starts.flatten().long().cumsum(0) - 1
+        on = mask.flatten()
+        lengths = torch.zeros(int(starts.sum()), dtype=torch.long, device=mask.device).index_add_(
+            0, run[on], torch.ones_like(run[on]))
+        return lengths.tolist(), starts.nonzero()[:, 0].tolist()
 
     def tiles(self, input_ids: torch.Tensor, kwargs: dict | None = None) -> list[int]:
-        """Tiles of every image of the prompt (thumbnail included); ConfigError when a placeholder run is not a tile
-        count the processor emits, or (given ``pixel_values``) the runs do not hold its tiles."""
+        """Tiles of every image of the prompt (thumbnail included). ConfigError (before any stage runs) when the
+        placeholders do not hold ``pixel_values``' tiles (the model's own check, in its wording), or a run is not a
+        tile count the processor emits (1, or >= 2 tiles + a thumbnail)."""
         per = self.tokens_per_tile
-        runs = self._run_lengths(input_ids)
-        for r in runs:
+        runs, rows = self._runs(input_ids)
+        pv = (kwargs or {}).get("pixel_values")
+        context = (f"vtc, internvl: the prompt rows hold {(input_ids == self.placeholder_token_id()).sum(-1).tolist()} "
+                   f"image placeholder tokens, {per} per tile between <img> and </img>; build the prompt with the "
+                   "model's processor")
+        if pv is not None and sum(runs) != pv.shape[0] * per:
+            raise ConfigError(f"Image features and image tokens do not match, tokens: {sum(runs)}, features: "
+                              f"{pv.shape[0] * per} ({context}; pixel_values has {pv.shape[0]} tiles)")
+        for r, row in zip(runs, rows):
             if r % per or r // per == 2:
                 raise ConfigError(
-                    f"internvl: a run of {r} image placeholder tokens is not one image: an image is 1 tile or >= 2 "
-                    f"tiles + a thumbnail, {per} tokens per tile, between <img> and </img> (allowed counts: {per}, "
-                    f"{3 * per}, {4 * per}, ...); build the prompt with the model's processor")
-        tiles = [r // per for r in runs]
-        pv = (kwargs or {}).get("pixel_values")
-        if pv is not None and sum(tiles) != pv.shape[0]:
-            raise ConfigError(
-                f"Image features and image tokens do not match, tokens: {sum(runs)}, features: {pv.shape[0] * per} "
-                f"(vtc, internvl: the prompt's {len(runs)} image(s) hold {tiles} tiles, pixel_values has "
-                f"{pv.shape[0]}; build the prompt with the model's processor)")
-        return tiles
+                    f"Image features and image tokens do not match in row {row}: a run of image placeholder tokens "
+                    f"holds {r}, which is not one image: 1 tile or >= 2 tiles + a thumbnail (allowed: {per}, "
+                    f"{3 * per}, {4 * per}, ...) ({context})")
+        return [r // per for r in runs]
 
     def tokens_per_image(self, kwargs: dict) -> list[int] | None:
         ids = kwargs.get("input_ids")
-        return None if ids is None else self._run_lengths(ids)
+        return None if ids is None else self._runs(ids)[0]
 
     def token_map(self, input_ids: torch.Tensor, kwargs: dict) -> TokenMap:
         """One image per run of ``<IMG_CONTEXT>`` placeholders (``<img>`` / ``</img>`` around each: text)."""
