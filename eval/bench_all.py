@@ -116,6 +116,7 @@ FAMILY_ROWS: list[tuple[str, str]] = [
     ("qwen2.5-vl-7b", "qwen2-vl/visionzip-25"),
     ("mistral-small-3.1-24b", "mistral3/visionzip-25"),
     ("internvl3-8b", "internvl3/visionzip-64"),
+    ("smolvlm2-2.2b", "smolvlm/visionzip-18"),
 ]
 
 

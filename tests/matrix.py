@@ -30,6 +30,9 @@ class Family:
     #: row(inputs, b) -> sample b of a padded batch as an unpadded batch of one, for families whose visual
     #: inputs are not batched per row (e.g. Qwen's packed pixel_values); None: the generic split
     row: Callable[[dict, int], dict] | None = None
+    #: the method cases the expensive invariants (detach, decode consistency, batch = single) run on for this family
+    #: (a representative subset, to keep the suite's time); None: every case. The cheap ones run every case.
+    heavy_cases: tuple[str, ...] | None = None
 
 
 @dataclass

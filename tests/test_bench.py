@@ -324,6 +324,8 @@ def test_summary_is_computed_from_the_medians():
         ("tiny-mistral3", {"name": "vz", "stages": [{"method": "visionzip", "budget": 8}]}),
         ("tiny-mistral3", FASTV),
         ("tiny-internvl", {"name": "vz", "stages": [{"method": "visionzip", "budget": 8}]}),
+        ("tiny-smolvlm", {"name": "vz", "stages": [{"method": "visionzip", "budget": 6}]}),
+        ("tiny-smolvlm", FASTV),
     ],
 )
 def test_bench_runs_on_other_families(arch, config):

@@ -34,7 +34,7 @@ from vtc.models import get_adapter
 from vtc.models.base import cache_kwarg_name
 
 FAMILY_BY_NAME = {f.name: f for f in discover()[0]}
-FAMILIES = ("llava", "llava_next", "qwen2_vl", "mistral3", "internvl")
+FAMILIES = ("llava", "llava_next", "qwen2_vl", "mistral3", "internvl", "smolvlm")
 
 VISION = {"method": "random", "budget": 9}
 LLM = {"method": "random", "layer": 1, "budget": 0.5}

@@ -68,6 +68,17 @@ def vision_flops(model, inputs: dict, *, projector_rows: int | None = None, visi
         rows = units * (side * side // group) if projector_rows is None else projector_rows
         D_l = cfg.text_config.hidden_size
         projector = fl.mlp_flops(rows, [vc.hidden_size * group, D_l, D_l])
+    elif name.startswith(("SmolVLM", "Idefics3")):  # every real sub-image: P x P patches (no CLS); pixel shuffle,
+        side = vc.image_size // vc.patch_size       # then one linear map of the f^2-concatenated patches
+        pv = inputs["pixel_values"].flatten(0, 1)
+        units = int(((pv == 0).flatten(1).sum(-1) != pv[0].numel()).sum())  # all-zero sub-images are padding
+        shape = fl.ViTShape(vision_layers or vc.num_hidden_layers, vc.hidden_size, vc.intermediate_size,
+                            vc.num_attention_heads)
+        tower = fl.vit_flops(shape, side * side, units) + units * fl.patch_embed_flops(
+            side * side, 3 * vc.patch_size ** 2, vc.hidden_size)
+        f = int(cfg.scale_factor)
+        rows = units * (side * side // (f * f)) if projector_rows is None else projector_rows
+        projector = fl.mlp_flops(rows, [vc.hidden_size * f * f, cfg.text_config.hidden_size])
     else:  # Qwen2-VL / Qwen2.5-VL: attention per frame group, 2 x 2 merger
         p, m, tp = vc.patch_size, vc.spatial_merge_size, vc.temporal_patch_size
         qwen25 = hasattr(vc, "fullatt_block_indexes")

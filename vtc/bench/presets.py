@@ -120,6 +120,16 @@ ARCHS: dict[str, ArchSpec] = {
         image_size=(896, 896), text_ids=(1000, 20000), bos=None,
         description="InternVL3-8B: InternViT-300M-448px-V2.5 (24 layers), pixel shuffle 0.5 + 2-layer GELU MLP, "
                     "Qwen2.5-7B; 896 px = 2 x 2 tiles + thumbnail = 1280 tokens"),
+    "smolvlm2-2.2b": ArchSpec(
+        "smolvlm2-2.2b", "smolvlm",
+        dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=24, num_attention_heads=32,
+             num_key_value_heads=32, vocab_size=49280, max_position_embeddings=8192, rms_norm_eps=1e-5,
+             pad_token_id=2, bos_token_id=1, eos_token_id=2),
+        dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16, image_size=384,
+             patch_size=14),
+        dict(image_token_id=49190, scale_factor=3), image_size=(1536, 1536), text_ids=(3, 49000),
+        description="SmolVLM2-2.2B-Instruct: SigLIP so400m (27 layers, 384 px sub-images of 27 x 27 patches), pixel "
+                    "shuffle 3 -> 81 tokens per sub-image, SmolLM2-1.7B; 1536 px = 4 x 4 crops + global = 1377"),
     "tiny": ArchSpec(
         "tiny", "llava", _TINY_LLAMA, _TINY_CLIP, dict(_LLAVA_TOP, image_token_id=120),
         image_size=(48, 48), text_ids=(3, 100), description="tiny LLaVA (tests): 36 visual tokens"),
@@ -133,6 +143,12 @@ ARCHS: dict[str, ArchSpec] = {
              patch_size=4),
         dict(image_token_id=120, downsample_ratio=0.5), image_size=(40, 90), text_ids=(3, 100), bos=None,
         description="tiny InternVL (tests): 2 x 1 tiles + thumbnail of 4 x 4 shuffled tokens = 48"),
+    "tiny-smolvlm": ArchSpec(
+        "tiny-smolvlm", "smolvlm", _TINY_LLAMA,
+        dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=48,
+             patch_size=4),
+        dict(image_token_id=120, scale_factor=3), image_size=(96, 48), text_ids=(3, 100),
+        description="tiny SmolVLM (tests): 2 x 1 crops + global view of 4 x 4 shuffled tokens each"),
     "tiny-qwen2-vl": ArchSpec(
         "tiny-qwen2-vl", "qwen2_vl", _TINY_QWEN_TEXT,
         dict(depth=3, embed_dim=32, hidden_size=64, num_heads=4, mlp_ratio=2, in_channels=3, patch_size=4,
@@ -162,6 +178,7 @@ FAMILY_CLASSES: dict[str, str] = {
     "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
     "mistral3": "Mistral3ForConditionalGeneration",
     "internvl": "InternVLForConditionalGeneration",
+    "smolvlm": "SmolVLMForConditionalGeneration",
 }
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

@@ -94,12 +94,17 @@ class ImageFeatures:
 
     token_ids: (k,) the prompt id of every packed position, for families whose structural tokens are ordinary
     prompt tokens that the rebuilt prompt must hold (Mistral 3's ``[IMG_BREAK]`` / ``[IMG_END]``; their rows of
-    ``embeds`` are those tokens' embeddings). None: every position keeps the id it had (the placeholder)."""
+    ``embeds`` are those tokens' embeddings). None: every position keeps the id it had (the placeholder).
+
+    runs: for an image whose placeholders are several runs separated by text tokens (SmolVLM's sub-images with
+    row / column tokens between them), the tokens each run keeps, in order (summing to k): the rebuilt prompt keeps
+    the first ``runs[j]`` placeholders of run j. None: the first k placeholders of the image."""
 
     embeds: torch.Tensor
     protected: torch.Tensor
     positions: torch.Tensor | None = None
     token_ids: torch.Tensor | None = None
+    runs: list[int] | None = None
 
 
 def precomputed_counts(kwargs: dict, modality: str = "image") -> list[int] | None:

@@ -57,7 +57,10 @@ def rebuild_prompt(adapter: ModelAdapter, input_ids: torch.Tensor, attention_mas
     if n_img:
         first.scatter_reduce_(0, img[flat_vis.bool()], running[flat_vis.bool()], reduce="amin", include_self=False)
     rank = running - first[img]
-    keep = (~tm.is_visual.flatten()) | (rank < k[img] if n_img else torch.zeros_like(rank, dtype=torch.bool))
+    kept = rank < k[img] if n_img else torch.zeros_like(rank, dtype=torch.bool)
+    if any(im.runs is not None for im in images):
+        kept = _keep_per_run(tm, images, running, kept)
+    keep = (~tm.is_visual.flatten()) | kept
     keep = keep.view(B, N)
     if attention_mask is None:
         attention_mask = torch.ones(B, N, dtype=torch.long, device=dev)
@@ -91,6 +94,34 @@ def rebuild_prompt(adapter: ModelAdapter, input_ids: torch.Tensor, attention_mas
         new_tm.protected = protected
     pos = adapter.position_ids_for(new_ids, new_mask, images, kwargs)
     return RebuiltPrompt(new_ids, new_mask, embeds, new_tm, pos, new_labels)
+
+
+def _keep_per_run(tm: TokenMap, images: list[ImageFeatures], running: torch.Tensor,
+                  kept: torch.Tensor) -> torch.Tensor:
+    """``kept`` (flattened placeholders to keep) with the images that give ``runs`` kept run by run: the first
+    ``runs[j]`` placeholders of the image's j-th run (a run: adjacent placeholders of one image)."""
+    vis = tm.is_visual
+    start = vis.clone()
+    start[:, 1:] &= ~vis[:, :-1] | (tm.image_id[:, 1:] != tm.image_id[:, :-1])
+    start, flat_vis = start.flatten(), vis.flatten()
+    run = start.long().cumsum(0) - 1
+    run_img = tm.image_id.flatten()[start]
+    per_image = torch.bincount(run_img, minlength=len(images)).tolist()
+    k_run: list[int] = []
+    for i, (im, n) in enumerate(zip(images, per_image)):
+        if im.runs is None:
+            k_run += [-1] * n
+            continue
+        if len(im.runs) != n or sum(im.runs) != im.embeds.shape[0]:
+            raise ConfigError(f"image {i}: {len(im.runs)} runs of {sum(im.runs)} reduced tokens for "
+                              f"{n} placeholder runs and {im.embeds.shape[0]} features")
+        k_run += list(im.runs)
+    k_run_t = torch.tensor(k_run, dtype=torch.long, device=kept.device)
+    run = run.clamp(min=0)
+    first = torch.zeros(len(k_run), dtype=torch.long, device=kept.device).scatter_reduce(
+        0, run[flat_vis], running[flat_vis], reduce="amin", include_self=False)
+    limit = k_run_t[run]
+    return torch.where(flat_vis & (limit >= 0), running - first[run] < limit, kept)
 
 
 class VisionRuntime:
