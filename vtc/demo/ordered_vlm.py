@@ -35,14 +35,48 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, PreTrainedConfig, PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
-from transformers.configuration_utils import SubConfigSpec
 from transformers.generation import GenerationMixin
-from transformers.modeling_outputs import (
-    BaseModelOutputWithPooling,
-    MultimodalBaseModelOutputWithPast,
-    MultimodalCausalLMOutputWithPast,
-)
+from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling
 from transformers.utils.deprecation import deprecate_kwarg
+
+# transformers 5.17 - 5.19 lack ``SubConfigSpec``, the ``Multimodal*OutputWithPast`` classes and the ``cache``
+# keyword (they call it ``past_key_values``); the fallbacks below give the same model there. Detected by feature,
+# never by version number.
+try:
+    from transformers.configuration_utils import SubConfigSpec
+except ImportError:  # transformers < 5.2x: ``sub_configs = {name: AutoConfig}`` plus a ``__post_init__``
+    SubConfigSpec = None
+
+# "cache" where the transformers base outputs (and so LlamaModel and generate) use the new name
+CACHE_KW = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+try:
+    from transformers.modeling_outputs import MultimodalBaseModelOutputWithPast, MultimodalCausalLMOutputWithPast
+except ImportError:  # transformers < 5.2x: the same fields, under the cache name of that version
+    from dataclasses import dataclass
+
+    from transformers.utils import ModelOutput
+
+    @dataclass
+    class MultimodalBaseModelOutputWithPast(BaseModelOutputWithPast):
+        """``BaseModelOutputWithPast`` plus the encoders' outputs (``image_outputs`` is the one this model fills)."""
+
+        image_outputs: BaseModelOutputWithPooling | None = None
+        video_outputs: BaseModelOutputWithPooling | None = None
+        audio_outputs: BaseModelOutputWithPooling | None = None
+
+    @dataclass
+    class MultimodalCausalLMOutputWithPast(ModelOutput):
+        """Causal-LM output (loss, logits, past_key_values, hidden_states, attentions) plus the encoders' outputs."""
+
+        loss: torch.FloatTensor | None = None
+        logits: torch.FloatTensor | None = None
+        past_key_values: Cache | None = None
+        hidden_states: tuple[torch.FloatTensor, ...] | None = None
+        attentions: tuple[torch.FloatTensor, ...] | None = None
+        image_outputs: BaseModelOutputWithPooling | None = None
+        video_outputs: BaseModelOutputWithPooling | None = None
+        audio_outputs: BaseModelOutputWithPooling | None = None
 
 __all__ = [
     "OrderedVLMConfig",
@@ -59,10 +93,13 @@ class OrderedVLMConfig(PreTrainedConfig):
     """Config of the ordered-1D-token VLM: a CLIP vision config, a Llama text config and the resampler."""
 
     model_type = MODEL_TYPE
-    sub_configs_defaults = {
-        "vision_config": SubConfigSpec(config_class=AutoConfig, model_type="clip_vision_model"),
-        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama"),
-    }
+    if SubConfigSpec is not None:
+        sub_configs_defaults = {
+            "vision_config": SubConfigSpec(config_class=AutoConfig, model_type="clip_vision_model"),
+            "text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama"),
+        }
+    else:
+        sub_configs = {"vision_config": AutoConfig, "text_config": AutoConfig}
 
     vision_config: dict | PreTrainedConfig | None = None
     text_config: dict | PreTrainedConfig | None = None
@@ -75,6 +112,21 @@ class OrderedVLMConfig(PreTrainedConfig):
     projector_hidden_act: str = "gelu"
     multimodal_projector_bias: bool = True
     tie_word_embeddings: bool = False
+
+    if SubConfigSpec is None:
+
+        def __post_init__(self, **kwargs):
+            """Older transformers: build the sub-configs from dicts (or defaults) as ``SubConfigSpec`` does."""
+            from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+            for key, default_type in (("vision_config", "clip_vision_model"), ("text_config", "llama")):
+                value = getattr(self, key)
+                if isinstance(value, dict):
+                    value = CONFIG_MAPPING[value.get("model_type", default_type)](**value)
+                elif value is None:
+                    value = CONFIG_MAPPING[default_type]()
+                setattr(self, key, value)
+            super().__post_init__(**kwargs)
 
 
 # ----------------------------------------------------------------------------------------- vision side
@@ -235,17 +287,44 @@ class OrderedVLMModel(OrderedVLMPreTrainedModel):
             )
         return special_image_mask.unsqueeze(-1).to(inputs_embeds.device)
 
-    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
-    def forward(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        pixel_values: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        cache: Cache | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None = None,
-        **kwargs,
+    if CACHE_KW == "cache":
+
+        @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+        def forward(
+            self,
+            input_ids: torch.LongTensor | None = None,
+            pixel_values: torch.Tensor | None = None,
+            attention_mask: torch.Tensor | None = None,
+            position_ids: torch.LongTensor | None = None,
+            cache: Cache | None = None,
+            inputs_embeds: torch.Tensor | None = None,
+            mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None = None,
+            **kwargs,
+        ) -> MultimodalBaseModelOutputWithPast:
+            return self._forward(
+                input_ids, pixel_values, attention_mask, position_ids, cache, inputs_embeds, mm_encoder_outputs, **kwargs
+            )
+
+    else:  # transformers < 5.2x name the cache keyword ``past_key_values``
+
+        def forward(
+            self,
+            input_ids: torch.LongTensor | None = None,
+            pixel_values: torch.Tensor | None = None,
+            attention_mask: torch.Tensor | None = None,
+            position_ids: torch.LongTensor | None = None,
+            past_key_values: Cache | None = None,
+            inputs_embeds: torch.Tensor | None = None,
+            mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None = None,
+            **kwargs,
+        ) -> MultimodalBaseModelOutputWithPast:
+            return self._forward(
+                input_ids, pixel_values, attention_mask, position_ids, past_key_values, inputs_embeds,
+                mm_encoder_outputs, **kwargs,
+            )
+
+    def _forward(
+        self, input_ids, pixel_values, attention_mask, position_ids, cache, inputs_embeds, mm_encoder_outputs, **kwargs
     ) -> MultimodalBaseModelOutputWithPast:
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
@@ -268,13 +347,13 @@ class OrderedVLMModel(OrderedVLMPreTrainedModel):
         outputs = self.language_model(
             attention_mask=attention_mask,
             position_ids=position_ids,
-            cache=cache,
             inputs_embeds=inputs_embeds,
+            **{CACHE_KW: cache},
             **kwargs,
         )
         return MultimodalBaseModelOutputWithPast(
             last_hidden_state=outputs.last_hidden_state,
-            cache=outputs.cache,
+            **{CACHE_KW: getattr(outputs, CACHE_KW)},
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             image_outputs=mm_encoder_outputs.get("image"),
@@ -304,28 +383,59 @@ class OrderedVLMForConditionalGeneration(OrderedVLMPreTrainedModel, GenerationMi
         """Projected ordered latents as one (B, n_latents, D_text) tensor."""
         return torch.stack(self.get_image_features(pixel_values).pooler_output, dim=0)
 
-    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
-    def forward(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        pixel_values: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        cache: Cache | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        labels: torch.LongTensor | None = None,
-        logits_to_keep: int | torch.Tensor = 0,
-        mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None = None,
-        **kwargs,
+    if CACHE_KW == "cache":
+
+        @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+        def forward(
+            self,
+            input_ids: torch.LongTensor | None = None,
+            pixel_values: torch.Tensor | None = None,
+            attention_mask: torch.Tensor | None = None,
+            position_ids: torch.LongTensor | None = None,
+            cache: Cache | None = None,
+            inputs_embeds: torch.Tensor | None = None,
+            labels: torch.LongTensor | None = None,
+            logits_to_keep: int | torch.Tensor = 0,
+            mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None = None,
+            **kwargs,
+        ) -> MultimodalCausalLMOutputWithPast:
+            return self._forward(
+                input_ids, pixel_values, attention_mask, position_ids, cache, inputs_embeds, labels, logits_to_keep,
+                mm_encoder_outputs, **kwargs,
+            )
+
+    else:  # transformers < 5.2x name the cache keyword ``past_key_values``
+
+        def forward(
+            self,
+            input_ids: torch.LongTensor | None = None,
+            pixel_values: torch.Tensor | None = None,
+            attention_mask: torch.Tensor | None = None,
+            position_ids: torch.LongTensor | None = None,
+            past_key_values: Cache | None = None,
+            inputs_embeds: torch.Tensor | None = None,
+            labels: torch.LongTensor | None = None,
+            logits_to_keep: int | torch.Tensor = 0,
+            mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None = None,
+            **kwargs,
+        ) -> MultimodalCausalLMOutputWithPast:
+            return self._forward(
+                input_ids, pixel_values, attention_mask, position_ids, past_key_values, inputs_embeds, labels,
+                logits_to_keep, mm_encoder_outputs, **kwargs,
+            )
+
+    def _forward(
+        self, input_ids, pixel_values, attention_mask, position_ids, cache, inputs_embeds, labels, logits_to_keep,
+        mm_encoder_outputs, **kwargs,
     ) -> MultimodalCausalLMOutputWithPast:
         outputs = self.model(
             input_ids=input_ids,
             pixel_values=pixel_values,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            cache=cache,
             inputs_embeds=inputs_embeds,
             mm_encoder_outputs=mm_encoder_outputs,
+            **{CACHE_KW: cache},
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
@@ -342,7 +452,7 @@ class OrderedVLMForConditionalGeneration(OrderedVLMPreTrainedModel, GenerationMi
         return MultimodalCausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            cache=outputs.cache,
+            **{CACHE_KW: getattr(outputs, CACHE_KW)},
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             image_outputs=outputs.image_outputs,
