@@ -117,6 +117,8 @@ FAMILY_ROWS: list[tuple[str, str]] = [
     ("mistral-small-3.1-24b", "mistral3/visionzip-25"),
     ("internvl3-8b", "internvl3/visionzip-64"),
     ("smolvlm2-2.2b", "smolvlm/visionzip-18"),
+    ("llava-onevision-7b", "llava-onevision/visionzip-25"),
+    ("gemma3-4b", "gemma3/visionzip-64"),
 ]
 
 

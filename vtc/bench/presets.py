@@ -74,6 +74,26 @@ _INTERNVIT_300M = dict(hidden_size=1024, intermediate_size=4096, num_hidden_laye
 _INTERNVL_TOP = dict(image_token_id=151667, downsample_ratio=0.5, projector_hidden_act="gelu",
                      vision_feature_layer=-1, vision_feature_select_strategy="default")
 
+#: Qwen2-7B as the LLM of LLaVA-OneVision-7B (no M-RoPE)
+_QWEN2_7B_TEXT = dict(model_type="qwen2", hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                      num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=32768,
+                      rms_norm_eps=1e-6, rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+                      pad_token_id=151643, bos_token_id=151643, eos_token_id=151645)
+_SIGLIP_SO400M_384 = dict(model_type="siglip_vision_model", hidden_size=1152, intermediate_size=4304,
+                          num_hidden_layers=26, num_attention_heads=16, image_size=384, patch_size=14,
+                          vision_use_head=False)
+_ONEVISION_TOP = dict(image_token_id=151646, video_token_id=151647, vision_feature_layer=-1,
+                      vision_feature_select_strategy="full", vision_aspect_ratio="anyres_max_9",
+                      image_grid_pinpoints=[[384 * i, 384 * j] for i in range(1, 7) for j in range(1, 7)])
+_SIGLIP_SO400M_896 = dict(_SIGLIP_SO400M_384, num_hidden_layers=27, image_size=896)
+_GEMMA3_4B = dict(hidden_size=2560, intermediate_size=10240, num_hidden_layers=34, num_attention_heads=8,
+                  num_key_value_heads=4, head_dim=256, vocab_size=262208, sliding_window=1024,
+                  query_pre_attn_scalar=256, max_position_embeddings=131072, rms_norm_eps=1e-6,
+                  pad_token_id=0, bos_token_id=2, eos_token_id=1)
+_GEMMA3_12B = dict(_GEMMA3_4B, hidden_size=3840, intermediate_size=15360, num_hidden_layers=48,
+                   num_attention_heads=16, num_key_value_heads=8)
+_GEMMA3_TOP = dict(mm_tokens_per_image=256, image_token_id=262144, boi_token_id=255999, eoi_token_id=256000)
+
 #: the tiny shapes of tests/tiny_models*.py (for the benchmark's own tests)
 _TINY_CLIP = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=48,
                   patch_size=8, projection_dim=32)
@@ -130,6 +150,20 @@ ARCHS: dict[str, ArchSpec] = {
         dict(image_token_id=49190, scale_factor=3), image_size=(1536, 1536), text_ids=(3, 49000),
         description="SmolVLM2-2.2B-Instruct: SigLIP so400m (27 layers, 384 px sub-images of 27 x 27 patches), pixel "
                     "shuffle 3 -> 81 tokens per sub-image, SmolLM2-1.7B; 1536 px = 4 x 4 crops + global = 1377"),
+    "llava-onevision-7b": ArchSpec(
+        "llava-onevision-7b", "llava_onevision", dict(_QWEN2_7B_TEXT, vocab_size=152128),
+        _SIGLIP_SO400M_384, _ONEVISION_TOP, image_size=(768, 768), text_ids=(1000, 20000), bos=None,
+        description="LLaVA-OneVision-7B: SigLIP-so400m/14-384 (26 layers, 729 tokens per crop), anyres_max_9, "
+                    "Qwen2-7B; a 768 x 768 image = base + 2 x 2 crops + newlines = 3699 tokens"),
+    "gemma3-4b": ArchSpec(
+        "gemma3-4b", "gemma3", _GEMMA3_4B, _SIGLIP_SO400M_896, _GEMMA3_TOP, image_size=(896, 896),
+        text_ids=(1000, 20000), bos=2,
+        description="Gemma-3-4B: SigLIP-so400m/14-896 (4096 patches pooled 4 x 4 to 256 tokens), 34 layers "
+                    "(5 sliding-window : 1 global), GQA 8 / 4 heads of 256"),
+    "gemma3-12b": ArchSpec(
+        "gemma3-12b", "gemma3", _GEMMA3_12B, _SIGLIP_SO400M_896, _GEMMA3_TOP, image_size=(896, 896),
+        text_ids=(1000, 20000), bos=2,
+        description="Gemma-3-12B: the 4B's tower, 48 layers 3840 wide, GQA 16 / 8 heads of 256"),
     "tiny": ArchSpec(
         "tiny", "llava", _TINY_LLAMA, _TINY_CLIP, dict(_LLAVA_TOP, image_token_id=120),
         image_size=(48, 48), text_ids=(3, 100), description="tiny LLaVA (tests): 36 visual tokens"),
@@ -179,6 +213,8 @@ FAMILY_CLASSES: dict[str, str] = {
     "mistral3": "Mistral3ForConditionalGeneration",
     "internvl": "InternVLForConditionalGeneration",
     "smolvlm": "SmolVLMForConditionalGeneration",
+    "llava_onevision": "LlavaOnevisionForConditionalGeneration",
+    "gemma3": "Gemma3ForConditionalGeneration",
 }
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

@@ -228,12 +228,10 @@ class LlavaNextAdapter(_llava.LlavaAdapter):
         crop = cfg.vision_config.image_size
         H, W = image_size or (crop, crop)
         geom = anyres_geometry((H, W), cfg.image_grid_pinpoints, crop)
-        side = crop // cfg.vision_config.patch_size
-        _, strategy = self._feature_settings({})
-        k = geom.num_tokens(side, side, 1 if strategy == "full" else 0)
-        pixel_values = torch.randn(n, geom.num_units, 3, crop, crop, generator=generator)
-        return [[self.placeholder_token_id()] * k] * n, {"pixel_values": pixel_values,
-                                                          "image_sizes": torch.tensor([[H, W]] * n)}
+        inputs = {"pixel_values": torch.randn(n, geom.num_units, 3, crop, crop, generator=generator),
+                  "image_sizes": torch.tensor([[H, W]] * n)}
+        k = self.tokens_per_image(inputs)[0]  # the family's own count (CLS or not, anyres_max, ...)
+        return [[self.placeholder_token_id()] * k] * n, inputs
 
 
     def _base_extra(self, kwargs: dict) -> int:
