@@ -10,7 +10,7 @@ from PIL import Image
 
 import vtc
 from vtc.cli import build_parser
-from vtc.viz import draw_kept
+from vtc.viz import draw_kept, title_lines
 
 CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").rglob("*.yaml"))
 
@@ -36,11 +36,12 @@ def test_draw_kept_pixels():
     img = Image.new("RGB", (40, 40), (200, 200, 200))
     groups = [torch.tensor([0, -1, 1, 1])]  # 2x2 grid: kept, dropped, merged pair
     out = draw_kept(img, groups, [vtc.Grid(2, 2)], size=40)
-    top = 14  # a title line over each row: kept tokens, then (second row) the merged groups
+    # a title over each row (wrapped to its width): kept tokens, then (second row) the merged groups
+    top = 14 * len(title_lines("1 tokens kept as they are (outlined); merged: dimmed; dropped: dark", 40))
     kept = out.getpixel((10, top + 10))
     dropped = out.getpixel((30, top + 10))
     assert sum(dropped) < sum(kept) / 3  # dropped cells are darkened
-    y2 = top + 40 + 6 + 14
+    y2 = top + 40 + 6 + 14 * len(title_lines("merged groups, one colour each (each group became one token)", out.width))
     merged_a, merged_b = out.getpixel((10, y2 + 30)), out.getpixel((30, y2 + 30))
     assert merged_a == merged_b != out.getpixel((10, y2 + 10))  # a merged group shares one colour
 

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from vtc.layout import Grid
-from vtc.viz import DROPPED_ALPHA, draw_kept, group_colors, processor_view
+from vtc.viz import DROPPED_ALPHA, draw_kept, group_colors, processor_view, title_lines
 
 GREY = (200, 200, 200)
 
@@ -22,14 +22,17 @@ def test_merging_draws_kept_outlined_and_merged_groups_on_a_second_row():
     img = Image.new("RGB", (100, 50), GREY)  # 2:1 image, 2 x 2 grid: cells 40 x 20, the aspect kept
     groups = [torch.tensor([0, 1, 1, -1])]  # token 0 kept as it is, 1 and 2 merged into one, 3 dropped
     out = draw_kept(img, groups, [Grid(2, 2)], size=80)
-    top = 14  # the title line of the first row
+    top = 14 * len(title_lines("1 tokens kept as they are (outlined); merged: dimmed; dropped: dark", 80))
+    assert top >= 28  # the first row's title, wrapped to the panel's width (never cut off)
     kept, merged, dropped = (out.getpixel((20, top + 10)), out.getpixel((60, top + 10)),
                              out.getpixel((60, top + 30)))
     assert _near(kept, GREY)  # unshaded
     assert _near(out.getpixel((1, top + 1)), (255, 255, 255), tol=30)  # with a light outline
     assert max(dropped) < max(merged) < 180  # merged dimmed, dropped darker
     assert _near(dropped, tuple(round(c * (255 - DROPPED_ALPHA) / 255) for c in GREY), tol=3)
-    y2 = top + 40 + 6 + 14  # second row: the merged group in colour, the kept token clear
+    row2 = out.width  # the second row is the widest: panel + legend
+    y2 = top + 40 + 6 + 14 * len(title_lines("merged groups, one colour each (each group became one token)", row2))
+    # second row: the merged group in colour, the kept token clear
     colour = out.getpixel((60, y2 + 10))
     assert colour == out.getpixel((20, y2 + 30)) and len(set(colour)) > 1 and _near(out.getpixel((20, y2 + 10)), GREY)
     legend = out.crop((84, y2, out.width, y2 + 40))
@@ -83,4 +86,6 @@ def test_demo_picture_side_by_side(tmp_path, capsys):
     assert "side by side" in text and "VisionZip 25% (vision side)" in text and "FastV 25% at layer 2" in text
     assert f"note: {LLM_SIDE_NOTE}" in text and "49 tokens" in text
     pic = Image.open(out)
-    assert pic.width == 3 * 224 + 2 * 8 and pic.height > 224 + 4 * 13  # three captioned panels and the note
+    # three captioned panels and the note; VisionZip's merged groups on a second row (with its legend) under its
+    # kept tokens, so its panel is wider and taller than the others
+    assert pic.width > 3 * 224 + 2 * 8 and pic.height > 2 * 224 + 4 * 13

@@ -12,7 +12,7 @@ from PIL import Image
 import vtc
 from vtc.layout import Grid, MultiCrop, Sequence, Video
 from vtc.models import get_adapter
-from vtc.viz import PADDING, draw_kept, select_stages, token_groups
+from vtc.viz import PADDING, draw_kept, select_stages, title_lines, token_groups
 
 GREY = (200, 200, 200)
 
@@ -63,12 +63,14 @@ def test_merged_groups_share_one_colour_across_panels():
     img = Image.new("RGB", (40, 40), GREY)
     groups = [torch.tensor([0, 1, 2, 7]), torch.tensor([3, 7, 4, 5])]  # id 7 merges tokens of both units
     out = draw_kept(img, groups, [Grid(2, 2), Grid(2, 2)], size=40)
-    y = 14 + 40 + 6 + 14  # the second row (merged groups) under the kept row, each with a title line
+    head = 14 * len(title_lines("6 tokens kept as they are (outlined); merged: dimmed; dropped: dark", 84))
+    # the second row (merged groups) under the kept row, each with its title wrapped to the row's width
+    y = head + 40 + 6 + 14 * len(title_lines("merged groups, one colour each (each group became one token)", out.width))
     a, b, kept = out.getpixel((30, y + 30)), out.getpixel((44 + 30, y + 10)), out.getpixel((10, y + 10))
     assert a == b and not _near(a, kept) and _near(kept, GREY)
     # first row: the kept tokens clear, the merged ones dimmed (not coloured), the same in both panels
-    dim, clear = out.getpixel((30, 14 + 30)), out.getpixel((10, 14 + 10))
-    assert dim == out.getpixel((44 + 30, 14 + 10)) and _near(clear, GREY) and max(dim) < 160 and len(set(dim)) == 1
+    dim, clear = out.getpixel((30, head + 30)), out.getpixel((10, head + 10))
+    assert dim == out.getpixel((44 + 30, head + 10)) and _near(clear, GREY) and max(dim) < 160 and len(set(dim)) == 1
 
 
 def test_video_frames_panel_per_frame_and_strip_for_sequences():

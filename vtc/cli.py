@@ -200,8 +200,8 @@ LLM_SIDE_NOTE = ("LLM-side cells look arbitrary here: this 4-layer LM has moved 
 
 
 def demo_picture(model, processor, image, prompt: str, panels: list[tuple[str, object]], size: int = 224):
-    """(picture, rows): the image uncompressed, then each (title, config) with its kept (outlined) and merged
-    (coloured) tokens, each captioned with its answer, visual tokens and prefill time; the LLM-side note under
+    """(picture, rows): the image uncompressed, then each (title, config) with its kept tokens (outlined; merged
+    groups coloured on a second row under them, as in ``vtc show``), each captioned with its answer, visual tokens and prefill time; the LLM-side note under
     them when a config prunes inside the LLM. ``rows``: per panel, title / answer / tokens / ms / side."""
     import textwrap
 
@@ -218,7 +218,8 @@ def demo_picture(model, processor, image, prompt: str, panels: list[tuple[str, o
     for title, config in panels:
         c = _compressed(model, processor, image, inputs, config)
         rows.append({"title": title, "answer": c["answer"], "tokens": c["tokens"], "ms": c["ms"], "side": c["side"]})
-        pictures.append(draw_kept(image, c["groups"], c["layouts"], size=size, view=view, style="both"))
+        # kept tokens outlined on the first row; merged groups (VisionZip's contextual tokens) coloured on a second
+        pictures.append(draw_kept(image, c["groups"], c["layouts"], size=size, view=view))
     captioned = [caption_panel(p, [r["title"], f"answer: {r['answer']}",
                                    f"{r['tokens']} of {n_visual} visual tokens", f"prefill {r['ms']:.1f} ms"])
                  for p, r in zip(pictures, rows)]

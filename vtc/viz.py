@@ -228,14 +228,29 @@ def _legend(groups: list[torch.Tensor], colors: dict, height: int, max_entries: 
     return img
 
 
+def title_lines(title: str, width: int) -> list[str]:
+    """``title`` broken into lines that fit ``width`` pixels in the default font (at least one word a line)."""
+    if not title:
+        return []
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength
+    lines: list[str] = []
+    for word in title.split():
+        if lines and measure(lines[-1] + " " + word) <= width - 4:
+            lines[-1] += " " + word
+        else:
+            lines.append(word)
+    return lines
+
+
 def _row(panels: list[Image.Image], strips: list[Image.Image], title: str = "") -> Image.Image:
-    """Panels side by side, strips under them, an optional title line above."""
+    """Panels side by side, strips under them, an optional title above (wrapped to the row's width)."""
     W = sum(p.width for p in panels) + 4 * (len(panels) - 1)
-    head = 14 if title else 0
+    lines = title_lines(title, W)
+    head = 14 * len(lines)
     top = max(p.height for p in panels)
     canvas = Image.new("RGB", (W, head + top + sum(s.height + 4 for s in strips)), (255, 255, 255))
-    if title:
-        ImageDraw.Draw(canvas).text((2, 1), title, fill=(0, 0, 0))
+    for i, line in enumerate(lines):
+        ImageDraw.Draw(canvas).text((2, 1 + 14 * i), line, fill=(0, 0, 0))
     x = 0
     for p in panels:
         canvas.paste(p, (x, head))
