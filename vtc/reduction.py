@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Reduction", "resolve_budget", "topk_per_group", "compact"]
+__all__ = ["Reduction", "resolve_budget", "topk_per_group", "compact", "chained_anchor"]
 
 
 @dataclass
@@ -73,6 +73,15 @@ class Reduction:
         """Plain pruning from a boolean keep mask (R, n); rows may keep different counts (padded)."""
         anchor, valid = compact(mask)
         return cls(anchor=anchor, valid=valid, source=_source_from_keep(anchor, valid, mask.shape[-1]))
+
+
+def chained_anchor(reductions: list[Reduction], num_out: int, rows: int, device) -> torch.Tensor:
+    """(rows, num_out) input index of the first stage that each output of the last stage stands at: the anchors of
+    ``reductions`` (run order) composed; padding anchors are clamped to 0. No reduction: the identity."""
+    anchor = None
+    for red in reversed(reductions):
+        anchor = red.anchor if anchor is None else torch.gather(red.anchor, 1, anchor.clamp(min=0))
+    return torch.arange(num_out, device=device).expand(rows, num_out) if anchor is None else anchor
 
 
 def compact(mask: torch.Tensor, *, align: str = "left", fill: int | None = 0) -> tuple[torch.Tensor, torch.Tensor]:

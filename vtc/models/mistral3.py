@@ -48,6 +48,7 @@ import torch
 from ..errors import ConfigError
 from ..layout import Grid
 from ..methods.base import VisionExtras
+from ..reduction import chained_anchor
 from ..scoring import rotate_half
 from . import register_adapter
 from .base import ImageFeatures, TokenMap, VisualGroup, precomputed_counts
@@ -414,9 +415,7 @@ class Mistral3Adapter(LlavaAdapter):
                 rows = torch.arange(grid.h, device=dev).repeat_interleave(grid.w).expand(U, -1)
                 n_rows, order, valid = grid.h, None, torch.ones(U, k, dtype=torch.bool, device=dev)
             else:
-                anchor = None
-                for red in reversed(reductions):
-                    anchor = red.anchor if anchor is None else torch.gather(red.anchor, 1, anchor.clamp(min=0))
+                anchor = chained_anchor(reductions, k, U, dev)
                 valid = torch.ones(U, k, dtype=torch.bool, device=dev) if valid is None else valid
                 rows = torch.where(valid, anchor.clamp(min=0) // w, torch.full_like(anchor, h))  # invalid last
                 rows, order = torch.sort(rows, dim=-1, stable=True)

@@ -54,6 +54,7 @@ import torch
 from ..errors import ConfigError
 from ..layout import Grid, Layout, Video
 from ..methods.base import VisionExtras
+from ..reduction import chained_anchor
 from ..scoring import rotate_half
 from . import register_adapter
 from .base import ImageFeatures, ModelAdapter, TokenMap, VisualGroup
@@ -507,11 +508,7 @@ class Qwen2VLAdapter(ModelAdapter):
         out: list[ImageFeatures | None] = [None] * len(unit_pos)
         for group, feats, reductions in groups_out:
             U, k = feats.shape[:2]
-            anchor = None
-            for red in reversed(reductions):
-                anchor = red.anchor if anchor is None else torch.gather(red.anchor, 1, anchor)
-            if anchor is None:
-                anchor = torch.arange(k, device=feats.device).expand(U, k)
+            anchor = chained_anchor(reductions, k, U, feats.device)
             pos = torch.stack([unit_pos[g] for g in group.unit_image])  # (U, 3, n)
             pos = torch.gather(pos, 2, anchor.to(pos.device)[:, None, :].expand(-1, 3, -1))
             for u, g in enumerate(group.unit_image):

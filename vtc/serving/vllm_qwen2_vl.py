@@ -60,6 +60,7 @@ from ..layout import Grid
 from ..methods.base import VisionExtras
 from ..models.base import ImageFeatures, ModelAdapter, VisualGroup
 from ..models.qwen2_vl import _TowerScores, segment_received_attention
+from ..reduction import chained_anchor
 from ..runtime.stats import Stats
 from ..runtime.vision import VisionRuntime
 from .vllm import config_from_hf, reduced_count
@@ -275,11 +276,7 @@ class QwenVisionSide(ModelAdapter):
         out: list[ImageFeatures | None] = [None] * len(self.units)
         for group, feats, reductions in groups_out:
             U, k = feats.shape[:2]
-            anchor = None
-            for red in reversed(reductions):
-                anchor = red.anchor if anchor is None else torch.gather(red.anchor, 1, anchor)
-            if anchor is None:
-                anchor = torch.arange(k, device=feats.device).expand(U, k)
+            anchor = chained_anchor(reductions, k, U, feats.device)
             w = group.layout.w
             hw = torch.stack([anchor // w, anchor % w], dim=1)  # (U, 2, k)
             for u, g in enumerate(group.unit_image):
