@@ -271,7 +271,7 @@ def test_show_picture_tiles_in_place_and_thumbnail_as_base():
 
 
 # ---- from_pretrained round trip ---------------------------------------------------------------------------------
-def test_from_pretrained_roundtrip_and_cli(tmp_path):
+def test_from_pretrained_roundtrip_and_cli(tmp_path, capsys):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from vtc.cli import main
@@ -293,6 +293,7 @@ def test_from_pretrained_roundtrip_and_cli(tmp_path):
     out = tmp_path / "kept.png"
     assert main(["show", "--model", str(tmp_path), "--image", str(tmp_path / "img.png"), "--prompt",
                  "what colour ?", "--config", str(cfg), "--out", str(out)]) == 0
+    assert "48 -> 15 visual tokens" in capsys.readouterr().out  # 5 kept in each of the 3 tiles
     pic = Image.open(out)
     assert pic.width > 336  # the thumbnail panel and the tiles panel side by side
 

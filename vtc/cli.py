@@ -164,7 +164,7 @@ def _compressed(model, processor, image, inputs, config, stage: int | None = Non
     n_visual = int((inputs["input_ids"] == model.config.image_token_id).sum())
     groups = token_groups(stats, 0, num_tokens=[lay.num_tokens for lay in layouts], stage=stage)
     return {"answer": answer, "ms": ms, "kv": kv, "stats": stats, "layouts": layouts, "groups": groups,
-            "tokens": stats.stages[-1].tokens_out[0] if stats.stages else n_visual,
+            "tokens": sum(stats.stages[-1].tokens_out) if stats.stages else n_visual,
             "side": "vision" if any(s.side == "vision" for s in stats.stages) else "llm"}
 
 
