@@ -45,8 +45,6 @@ is set to match so a manual decode loop (no position ids) continues correctly to
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
-from functools import cached_property
 from typing import Any, Literal
 
 import torch
@@ -55,107 +53,12 @@ from ..errors import ConfigError
 from ..layout import Grid, Layout, Video
 from ..methods.base import VisionExtras
 from ..reduction import chained_anchor
-from ..scoring import rotate_half
 from . import register_adapter
 from .base import ImageFeatures, ModelAdapter, TokenMap, VisualGroup
+from .qwen_vision import CombinedScores, TowerScores, Unit, compose_mrope, segment_received_attention
+from .qwen_vision import apply_vision_rope as _apply_vision_rope  # noqa: F401  (the former name, kept importable)
 
 __all__ = ["Qwen2VLAdapter", "Qwen2_5_VLAdapter", "compose_mrope", "segment_received_attention"]
-
-
-# ---------------------------------------------------------------------------------------------- pure maths
-def compose_mrope(table: torch.Tensor, mrope_section: list[int]) -> torch.Tensor:
-    """(3, B, N, d) per-axis rotary table (temporal, height, width) -> (B, N, d) M-RoPE table.
-
-    Qwen2-VL's multimodal RoPE: the rotary frequencies are split into ``mrope_section`` chunks (summing to d/2,
-    repeated for the two halves) and chunk i takes the axis ``i % 3``. transformers >= 5.2x returns the composed
-    table already; older versions return the per-axis one.
-    """
-    sections = list(mrope_section) * 2
-    return torch.cat([m[i % 3] for i, m in enumerate(table.split(sections, dim=-1))], dim=-1)
-
-
-def segment_received_attention(q: torch.Tensor, k: torch.Tensor, segment: torch.Tensor, num_segments: int,
-                               scale: float) -> torch.Tensor:
-    """Attention each token receives from the mean query of its segment, averaged over heads.
-
-    q, k: (N, h, d) RoPE-applied queries / keys of packed sequences; segment: (N,) long segment id (sorted);
-    returns (N,) with p_j = mean_h softmax_{j in seg}(q̄_seg,h · k_j,h · scale), q̄_seg = mean of the segment's q.
-    Vectorised over segments (scatter means / maxes), fp32, O(N·h·d).
-    """
-    N, h, d = q.shape
-    qf, kf = q.float(), k.float()
-    counts = torch.zeros(num_segments, device=q.device).index_add_(0, segment, torch.ones(N, device=q.device))
-    q_mean = torch.zeros(num_segments, h, d, device=q.device).index_add_(0, segment, qf)
-    q_mean = q_mean / counts.clamp(min=1)[:, None, None]
-    logits = (q_mean[segment] * kf).sum(-1) * scale  # (N, h)
-    seg_h = segment[:, None].expand(N, h)
-    mx = torch.full((num_segments, h), float("-inf"), device=q.device).scatter_reduce(
-        0, seg_h, logits, reduce="amax", include_self=True)
-    e = torch.exp(logits - mx[segment])
-    den = torch.zeros(num_segments, h, device=q.device).index_add_(0, segment, e)
-    return (e / den[segment]).mean(-1)
-
-
-def _apply_vision_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """The vision tower's rotary embedding (fp32, like the model): x (N, h, d), cos / sin (N, d)."""
-    xf = x.float()
-    cos, sin = cos.unsqueeze(-2).float(), sin.unsqueeze(-2).float()
-    return xf * cos + rotate_half(xf) * sin
-
-
-# ---------------------------------------------------------------------------------------------- unit table
-@dataclass
-class _Unit:
-    kind: Literal["image", "video"]
-    source: int  # index into image_grid_thw / video_grid_thw
-    frame: int  # frame (temporal patch group) index for per-frame video units; 0 otherwise
-    grid: tuple[int, int, int]  # (t, h, w) in merged tokens
-    offset: int  # first merged token of this unit in the tower output of its kind
-
-    @property
-    def num_tokens(self) -> int:
-        t, h, w = self.grid
-        return t * h * w
-
-
-class _TowerScores:
-    """Lazily computed extras of one tower call, flat over its merged tokens in the merger's output order.
-
-    x: (N, D) input of the scoring block (in the block's token order); cu_seqlens: (S+1,) its attention segments;
-    cos / sin: (N, d) its vision rotary tables; order: (N/m²,) merged-group index (block order) of each output
-    token, or None when the block order is the output order (Qwen2-VL).
-    """
-
-    def __init__(self, block, x, cu_seqlens, cos, sin, merge_unit: int, order: torch.Tensor | None) -> None:
-        self.block, self.x, self.cu, self.cos, self.sin = block, x, cu_seqlens, cos, sin
-        self.merge_unit = merge_unit
-        self.order = order
-
-    @cached_property
-    def _qk(self) -> tuple[torch.Tensor, torch.Tensor]:
-        attn = self.block.attn
-        xn = self.block.norm1(self.x)
-        N = xn.shape[0]
-        qkv = attn.qkv(xn).reshape(N, 3, attn.num_heads, -1)
-        return qkv[:, 0], qkv[:, 1]  # (N, h, d) each, before RoPE
-
-    def _merged(self, t: torch.Tensor) -> torch.Tensor:
-        """(N, ...) per patch -> (N/m², ...) per merged token (mean over each merge group), output order."""
-        g = t.reshape(t.shape[0] // self.merge_unit, self.merge_unit, *t.shape[1:]).mean(1)
-        return g if self.order is None else g[self.order]
-
-    def received_attention(self) -> torch.Tensor:
-        q, k = self._qk
-        q, k = _apply_vision_rope(q, self.cos, self.sin), _apply_vision_rope(k, self.cos, self.sin)
-        N = q.shape[0]
-        cu = self.cu.to(q.device).long()
-        segment = torch.searchsorted(cu[1:], torch.arange(N, device=q.device), right=True)
-        p = segment_received_attention(q, k, segment, cu.numel() - 1, float(self.block.attn.scaling))
-        return self._merged(p)
-
-    def keys(self) -> torch.Tensor:
-        _, k = self._qk
-        return self._merged(k.float().mean(1))
 
 
 # ---------------------------------------------------------------------------------------------- adapter
@@ -252,7 +155,7 @@ class Qwen2VLAdapter(ModelAdapter):
     def merge_size(self) -> int:
         return int(self.model.config.vision_config.spatial_merge_size)
 
-    def _units(self, kwargs: dict) -> tuple[list[_Unit], list[_Unit]]:
+    def _units(self, kwargs: dict) -> tuple[list[Unit], list[Unit]]:
         """Image units and video units, each in the order of their placeholders (one host sync for the grids)."""
         m = self.merge_size
         images, videos = [], []
@@ -265,14 +168,14 @@ class Qwen2VLAdapter(ModelAdapter):
                 h, w = h // m, w // m
                 if kind == "video" and self.video_units == "frame":
                     for f in range(t):
-                        out.append(_Unit(kind, i, f, (1, h, w), offset))
+                        out.append(Unit(kind, i, f, (1, h, w), offset))
                         offset += h * w
                 else:
-                    out.append(_Unit(kind, i, 0, (t, h, w), offset))
+                    out.append(Unit(kind, i, 0, (t, h, w), offset))
                     offset += t * h * w
         return images, videos
 
-    def _unit_ids(self, input_ids: torch.Tensor, kwargs: dict) -> tuple[torch.Tensor, list[_Unit]]:
+    def _unit_ids(self, input_ids: torch.Tensor, kwargs: dict) -> tuple[torch.Tensor, list[Unit]]:
         """(B, N) global unit id of every placeholder (-1 elsewhere) and the units in global (sequence) order.
 
         Units are numbered by their first placeholder in row-major order over the batch. Without grids in kwargs,
@@ -303,7 +206,7 @@ class Qwen2VLAdapter(ModelAdapter):
             if not units and bool(is_tok.any()):
                 # placeholders without grids (LLM side inside generate): units from runs, no geometry
                 n_runs = int(unit.max()) + 1
-                units = [_Unit(kind, -1, 0, (1, 1, 0), 0) for _ in range(n_runs)]
+                units = [Unit(kind, -1, 0, (1, 1, 0), 0) for _ in range(n_runs)]
             kinds.append((kind, units))
         all_units = [u for _, us in kinds for u in us]
         U = len(all_units)
@@ -436,7 +339,7 @@ class Qwen2VLAdapter(ModelAdapter):
         """Merged-group index (in the blocks' token order) of each merger output token; None: same order."""
         return None
 
-    def _run_tower(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> tuple[torch.Tensor, _TowerScores]:
+    def _run_tower(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> tuple[torch.Tensor, TowerScores]:
         """Merged features (T, D) exactly as the model computes them (its own tower call) + the scoring inputs."""
         visual = self.visual
         block = visual.blocks[self._score_block_index()]
@@ -460,7 +363,7 @@ class Qwen2VLAdapter(ModelAdapter):
         else:  # older transformers: blocks get the raw rotary angles
             emb = torch.cat([cap["rpe"], cap["rpe"]], dim=-1)
             cos, sin = emb.cos(), emb.sin()
-        scores = _TowerScores(block, cap["x"], cap["cu"], cos, sin, self.merge_size ** 2, self._block_order(grid_thw))
+        scores = TowerScores(block, cap["x"], cap["cu"], cos, sin, self.merge_size ** 2, self._block_order(grid_thw))
         return merged, scores
 
     def encode_images(self, kwargs: dict) -> list[VisualGroup]:
@@ -481,7 +384,7 @@ class Qwen2VLAdapter(ModelAdapter):
             kind_offset[kind] = base
             base += merged.shape[0]
         flat = torch.cat(flats, dim=0)
-        scorer = _CombinedScores(extras_src)
+        scorer = CombinedScores(extras_src)
         groups: dict[tuple, list[int]] = {}
         for gid, u in enumerate(units):
             groups.setdefault(u.grid, []).append(gid)
@@ -517,27 +420,6 @@ class Qwen2VLAdapter(ModelAdapter):
         if missing:
             raise RuntimeError(f"{self.family}: no features for visual units {missing}")
         return out  # type: ignore[return-value]
-
-
-class _CombinedScores:
-    """Concatenates the flat extras of the image and the video tower calls (same order as the features)."""
-
-    def __init__(self, parts: list[_TowerScores]) -> None:
-        self.parts = parts
-
-    @cached_property
-    def _received(self) -> torch.Tensor:
-        return torch.cat([p.received_attention() for p in self.parts], dim=0)
-
-    @cached_property
-    def _keys(self) -> torch.Tensor:
-        return torch.cat([p.keys() for p in self.parts], dim=0)
-
-    def received_attention(self) -> torch.Tensor:
-        return self._received
-
-    def keys(self) -> torch.Tensor:
-        return self._keys
 
 
 @register_adapter
