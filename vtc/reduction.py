@@ -13,6 +13,9 @@ LLM side) become ``k`` output tokens:
 - ``sizes`` (R, k) float or None: how many input tokens each output stands for.
 - ``proportional``: LLM side, add log(size) to the attention logits of every output key in the later layers
   (proportional attention, PACT); the runtime reads it from here, never from the method.
+- ``combine`` or None: for methods that produce ``features``, the same combination applied to *other* per-token
+  features of the same inputs, (R, n, D') -> (R, k, D') (merged tokens merged with the same weights, windows
+  pooled alike); :meth:`Reduction.reduce_like` uses it (e.g. Qwen3-VL's DeepStack levels follow the main tokens).
 
 Order: on the LLM side outputs are always sorted by anchor (the sequence stays in original order); on the vision
 side the method's output order is what the LLM sees (e.g. VisionZip: dominant, then contextual).
@@ -22,9 +25,12 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
+
+from .errors import ConfigError
 
 __all__ = ["Reduction", "resolve_budget", "topk_per_group", "compact", "chained_anchor"]
 
@@ -37,6 +43,7 @@ class Reduction:
     features: torch.Tensor | None = None
     sizes: torch.Tensor | None = None
     proportional: bool = False
+    combine: Callable[[torch.Tensor], torch.Tensor] | None = field(default=None, repr=False, compare=False)
 
     @property
     def num_out(self) -> torch.Tensor:
@@ -52,6 +59,17 @@ class Reduction:
         if self.features is not None:
             return self.features
         return torch.gather(inputs, 1, self.anchor.unsqueeze(-1).expand(-1, -1, inputs.shape[-1]))
+
+    def reduce_like(self, other: torch.Tensor, what: str = "these features") -> torch.Tensor:
+        """Other per-token features (R, n, D') of the same inputs reduced exactly as the main ones: a gather at
+        ``anchor`` for a selection, ``combine`` for merged / pooled outputs. ValueError when the method produced
+        features without saying how (``combine`` None, ConfigError): ``what`` names the features in the message."""
+        if self.features is None:
+            return torch.gather(other, 1, self.anchor.unsqueeze(-1).expand(-1, -1, other.shape[-1]))
+        if self.combine is None:
+            raise ConfigError(f"this reduction merges or pools tokens but does not say how to combine other "
+                             f"per-token features alike (Reduction.combine), so {what} cannot follow it")
+        return self.combine(other)
 
     # -- constructors -------------------------------------------------------------------------------------------
     @classmethod

@@ -104,9 +104,14 @@ class Downsample(Method):
         t = layout.t if isinstance(layout, Video) else 1
         h, w = layout.h, layout.w
         h2, w2 = self._target(h, w)
-        x = ctx.features.view(U * t, h, w, D).permute(0, 3, 1, 2).float()
-        y = F.interpolate(x, size=(h2, w2), mode="bilinear", align_corners=False)
-        y = y.permute(0, 2, 3, 1).reshape(U, t * h2 * w2, D).to(ctx.features.dtype)
+
+        def resize(x: torch.Tensor) -> torch.Tensor:
+            d = x.shape[-1]
+            y = F.interpolate(x.reshape(U * t, h, w, d).permute(0, 3, 1, 2).float(), size=(h2, w2), mode="bilinear",
+                              align_corners=False)
+            return y.permute(0, 2, 3, 1).reshape(U, t * h2 * w2, d).to(x.dtype)
+
+        y = resize(ctx.features)
         anchor, source = window_anchors(h, w, h2, w2, ctx.features.device)
         offs_in = (torch.arange(t, device=anchor.device) * h * w)[:, None]
         offs_out = (torch.arange(t, device=anchor.device) * h2 * w2)[:, None]
@@ -115,7 +120,7 @@ class Downsample(Method):
         k = t * h2 * w2
         sizes = torch.bincount(source[0], minlength=k).float().expand(U, k)
         return Reduction(anchor=anchor.contiguous(), valid=torch.ones(U, k, dtype=torch.bool, device=anchor.device),
-                         source=source.contiguous(), features=y, sizes=sizes.contiguous())
+                         source=source.contiguous(), features=y, sizes=sizes.contiguous(), combine=resize)
 
     def output_layout(self, layout: Layout, num_out: int) -> Layout:
         h2, w2 = self._target(layout.h, layout.w)

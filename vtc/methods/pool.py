@@ -35,7 +35,8 @@ from . import register_method
 from .base import Budget, Method, VisionContext
 from .downsample import closest_factor_pair, window_anchors
 
-__all__ = ["Pool", "adaptive_windows", "window_index", "pool_windows", "weighted_kmeans"]
+__all__ = ["Pool", "adaptive_windows", "window_index", "pool_windows", "simpool_weights", "weighted_kmeans",
+           "cluster_means"]
 
 
 # ---- windows -----------------------------------------------------------------------------------------------------
@@ -70,8 +71,11 @@ def window_index(axes: list[tuple[torch.Tensor, torch.Tensor, int]]) -> tuple[to
     return idx, mask
 
 
-def pool_windows(x: torch.Tensor, index: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
-    """Pool x (U, n, D) over windows index / mask (k, L): (U, k, D). mode: avg | max | attn (SimPool)."""
+def pool_windows(x: torch.Tensor, index: torch.Tensor, mask: torch.Tensor, mode: str,
+                 weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Pool x (U, n, D) over windows index / mask (k, L): (U, k, D). mode: avg | max | attn (SimPool).
+    ``weights`` (U, k, L): attn mode's window weights given (e.g. those of other features, :func:`simpool_weights`)
+    instead of computed from x."""
     U, n, D = x.shape
     k, L = index.shape
     xw = x[:, index.flatten()].view(U, k, L, D)  # O(k L D) = O(n D) for adaptive windows
@@ -82,14 +86,21 @@ def pool_windows(x: torch.Tensor, index: torch.Tensor, mask: torch.Tensor, mode:
     if mode == "max":
         return xw.masked_fill(~m, float("-inf")).amax(2)
     if mode == "attn":
-        xf = xw.float()
-        keys = F.layer_norm(xf, (D,))
-        mean = xf.masked_fill(~m, 0.0).sum(2) / mask.sum(-1).clamp(min=1)[None, :, None]
-        q = F.layer_norm(mean, (D,))
-        logits = torch.einsum("ukld,ukd->ukl", keys, q) / D**0.5
-        w = logits.masked_fill(~mask[None], float("-inf")).softmax(-1)
-        return torch.einsum("ukl,ukld->ukd", w, xf).to(x.dtype)
+        w = simpool_weights(xw, mask) if weights is None else weights
+        return torch.einsum("ukl,ukld->ukd", w, xw.float()).to(x.dtype)
     raise ValueError(f"unknown pooling mode {mode!r}")
+
+
+def simpool_weights(xw: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """SimPool's window weights (U, k, L) of windowed features xw (U, k, L, D): softmax over the window of
+    LN(x_l) . LN(mean) / sqrt(D)."""
+    D = xw.shape[-1]
+    xf = xw.float()
+    keys = F.layer_norm(xf, (D,))
+    mean = xf.masked_fill(~mask[None, :, :, None], 0.0).sum(2) / mask.sum(-1).clamp(min=1)[None, :, None]
+    q = F.layer_norm(mean, (D,))
+    logits = torch.einsum("ukld,ukd->ukl", keys, q) / D**0.5
+    return logits.masked_fill(~mask[None], float("-inf")).softmax(-1)
 
 
 # ---- Token Pooling ----------------------------------------------------------------------------------------------
@@ -136,6 +147,20 @@ def weighted_kmeans(x: torch.Tensor, w: torch.Tensor, k: int, iters: int = 5, un
         1, assign, torch.where(is_best, tok, torch.full_like(tok, n)), reduce="amin")
     anchor = torch.where(anchor < n, anchor, init)
     return centres.to(x.dtype), assign, anchor, counts
+
+
+def cluster_means(x: torch.Tensor, source: torch.Tensor, w: torch.Tensor, anchor: torch.Tensor, k: int) -> torch.Tensor:
+    """Other features x (U, n, D) combined like :func:`weighted_kmeans`' centres: the weighted mean (weights w (U, n),
+    clamped as there) of each cluster's members (``source`` (U, n) cluster of each token); a cluster the last
+    assignment left empty (its centre is an earlier mean) takes its anchor token's features."""
+    U, n, D = x.shape
+    wf = w.float().clamp(min=torch.finfo(torch.float32).tiny)
+    acc = torch.zeros(U, k, D, device=x.device).index_put_(
+        (torch.arange(U, device=x.device)[:, None].expand(U, n), source), x.float() * wf[..., None], accumulate=True)
+    wsum = torch.zeros(U, k, device=x.device).scatter_add_(1, source, wf)
+    counts = torch.zeros(U, k, device=x.device).scatter_add_(1, source, torch.ones_like(wf))
+    own = torch.gather(x.float(), 1, anchor[..., None].expand(-1, -1, D))
+    return torch.where((counts > 0)[..., None], acc / wsum.clamp(min=1e-30)[..., None], own).to(x.dtype)
 
 
 # ---- the method --------------------------------------------------------------------------------------------------
@@ -224,13 +249,15 @@ class Pool(Method):
         x = ctx.features
         U = x.shape[0]
         idx, mask, anchor, source = self._geometry(ctx.layout, x.device)
-        y = pool_windows(x, idx, mask, self.mode)
-        k = idx.shape[0]
+        k, L = idx.shape
+        w = simpool_weights(x[:, idx.flatten()].view(U, k, L, -1), mask) if self.mode == "attn" else None
+        y = pool_windows(x, idx, mask, self.mode, w)
         sizes = mask.sum(-1).float()
         return Reduction(anchor=anchor.expand(U, k).contiguous(),
                          valid=torch.ones(U, k, dtype=torch.bool, device=x.device),
                          source=source.expand(U, -1).contiguous(), features=y,
-                         sizes=sizes.expand(U, k).contiguous())
+                         sizes=sizes.expand(U, k).contiguous(),
+                         combine=lambda o: pool_windows(o, idx, mask, self.mode, w))
 
     def _cluster(self, ctx: VisionContext) -> Reduction:
         x = ctx.features
@@ -265,7 +292,8 @@ class Pool(Method):
         source = (assign + fr * k).view(U, n)
         return Reduction(anchor=anchor.contiguous(), valid=torch.ones(U, frames * k, dtype=torch.bool, device=x.device),
                          source=source.contiguous(), features=centres.reshape(U, frames * k, D),
-                         sizes=counts.reshape(U, frames * k))
+                         sizes=counts.reshape(U, frames * k),
+                         combine=lambda o: cluster_means(o, source, w, anchor, frames * k))
 
     def output_layout(self, layout: Layout, num_out: int) -> Layout:
         if self.mode == "cluster" or isinstance(layout, Sequence):

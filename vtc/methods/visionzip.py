@@ -34,7 +34,7 @@ from ..reduction import Reduction, resolve_budget, topk_per_group
 from . import register_method
 from .base import Budget, Method, VisionContext
 
-__all__ = ["VisionZip", "split_budget", "dominant_mask", "contextual_merge", "visionzip_tokens"]
+__all__ = ["VisionZip", "split_budget", "dominant_mask", "contextual_merge", "visionzip_tokens", "merge_like"]
 
 #: the paper's split: 54 dominant of 64 (and 108 / 128, 162 / 192)
 DOMINANT_SHARE = 54 / 64
@@ -110,6 +110,20 @@ def contextual_merge(x: torch.Tensor, keys: torch.Tensor, remaining: torch.Tenso
     own = torch.gather(x, 1, target[..., None].expand(-1, -1, D)).float()
     feats = own + sums / counts.clamp(min=1.0)[..., None]
     return feats.to(x.dtype), target, valid, slot, counts
+
+
+def merge_like(x: torch.Tensor, anchor: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+    """Other features x (U, n, D) combined like VisionZip's outputs: output j = x[anchor_j] + the mean of the other
+    tokens whose ``source`` is j (fp32, as :func:`contextual_merge`); a dominant token is its own output."""
+    U, n, D = x.shape
+    K = anchor.shape[1]
+    others = (source >= 0) & (torch.gather(anchor, 1, source.clamp(min=0)) != torch.arange(n, device=x.device))
+    col = torch.where(others, source, torch.full_like(source, K))
+    sums = torch.zeros(U, K + 1, D, dtype=torch.float32, device=x.device)
+    sums.scatter_add_(1, col[..., None].expand(-1, -1, D), x.float())
+    counts = torch.zeros(U, K + 1, device=x.device).scatter_add_(1, col, torch.ones_like(col, dtype=torch.float32))
+    own = torch.gather(x, 1, anchor[..., None].expand(-1, -1, D)).float()
+    return (own + sums[:, :K] / counts[:, :K].clamp(min=1.0)[..., None]).to(x.dtype)
 
 
 def visionzip_tokens(x: torch.Tensor, scores: torch.Tensor, keys: torch.Tensor, dom: torch.Tensor,
@@ -289,6 +303,8 @@ class VisionZip(Method):
         red = self._reduction(out, index, valid, slot, sizes, s, U, frames, per_frame, add_cls)
         if not add_cls and int(n_ctx.max()) == 0:
             red.features = None  # pure dominant selection of fed tokens: a plain prune (outputs = gathered inputs)
+        elif not add_cls:  # an added CLS output stands for no fed token: other features cannot follow it
+            red.combine = lambda o: merge_like(o, red.anchor, red.source)
         return red
 
     def _per_image(self, ctx: VisionContext, s: torch.Tensor, rows: int, frames: int, per_frame: int, T: int,
