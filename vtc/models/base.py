@@ -105,6 +105,8 @@ class ImageFeatures:
     positions: torch.Tensor | None = None
     token_ids: torch.Tensor | None = None
     runs: list[int] | None = None
+    #: (k, D') other per-token features of the same tokens, reduced alike (Qwen3-VL: its DeepStack levels side by side)
+    aux: torch.Tensor | None = None
 
 
 def precomputed_counts(kwargs: dict, modality: str = "image") -> list[int] | None:
@@ -315,6 +317,11 @@ class ModelAdapter:
                 row = int(ends.nonzero()[bad, 0]) // mask.shape[1]
                 raise ConfigError(f"{kind.capitalize()} features and {kind} tokens do not match in row {row}: a run "
                                   f"of {kind} placeholder tokens ends inside a {kind} ({context})")
+
+    def attach(self, run) -> list:
+        """Per-instance hooks this family needs while a run is attached (handles with ``remove()``, removed with
+        the run's); ``run`` is the run's read-only :class:`vtc.runtime.view.RunView`. Default: none."""
+        return []
 
     # ---- vision side (overridden per family) --------------------------------------------------------------------
     def vision_extras_available(self) -> frozenset[str] | None:

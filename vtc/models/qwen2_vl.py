@@ -339,8 +339,15 @@ class Qwen2VLAdapter(ModelAdapter):
         """Merged-group index (in the blocks' token order) of each merger output token; None: same order."""
         return None
 
-    def _run_tower(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> tuple[torch.Tensor, TowerScores]:
-        """Merged features (T, D) exactly as the model computes them (its own tower call) + the scoring inputs."""
+    def _side_features(self, out) -> torch.Tensor | None:
+        """(T, D') other per-token features of the tower call ``out`` that must follow every reduction of the
+        merged tokens (``ImageFeatures.aux``); None: none (Qwen2-VL / 2.5-VL)."""
+        return None
+
+    def _run_tower(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor
+                   ) -> tuple[torch.Tensor, TowerScores, torch.Tensor | None]:
+        """Merged features (T, D) exactly as the model computes them (its own tower call) + the scoring inputs
+        + the side features (:meth:`_side_features`)."""
         visual = self.visual
         block = visual.blocks[self._score_block_index()]
         cap: dict[str, Any] = {}
@@ -364,11 +371,11 @@ class Qwen2VLAdapter(ModelAdapter):
             emb = torch.cat([cap["rpe"], cap["rpe"]], dim=-1)
             cos, sin = emb.cos(), emb.sin()
         scores = TowerScores(block, cap["x"], cap["cu"], cos, sin, self.merge_size ** 2, self._block_order(grid_thw))
-        return merged, scores
+        return merged, scores, self._side_features(out)
 
     def encode_images(self, kwargs: dict) -> list[VisualGroup]:
         _, units = self._unit_ids(kwargs["input_ids"], kwargs)
-        flats, extras_src, kind_offset = [], [], {}
+        flats, sides, extras_src, kind_offset = [], [], [], {}
         base = 0
         for kind, pv_key, grid_key in (("image", "pixel_values", "image_grid_thw"),
                                        ("video", "pixel_values_videos", "video_grid_thw")):
@@ -378,12 +385,14 @@ class Qwen2VLAdapter(ModelAdapter):
             grid = kwargs.get(grid_key)
             if grid is None:
                 raise ConfigError(f"{self.family}: {pv_key} given without {grid_key}")
-            merged, scores = self._run_tower(pv, grid)
+            merged, scores, side = self._run_tower(pv, grid)
             flats.append(merged)
+            sides.append(side)
             extras_src.append(scores)
             kind_offset[kind] = base
             base += merged.shape[0]
         flat = torch.cat(flats, dim=0)
+        flat_side = None if sides[0] is None else torch.cat(sides, dim=0)
         scorer = CombinedScores(extras_src)
         groups: dict[tuple, list[int]] = {}
         for gid, u in enumerate(units):
@@ -398,6 +407,8 @@ class Qwen2VLAdapter(ModelAdapter):
             layout = Grid(h, w) if t == 1 else Video(t, h, w)
             extras = VisionExtras(received_attention=lambda idx=idx: scorer.received_attention()[idx],
                                   keys=lambda idx=idx: scorer.keys()[idx])
+            if flat_side is not None:
+                extras.other["side_features"] = lambda idx=idx: flat_side[idx]
             out.append(VisualGroup(flat[idx], layout, list(gids), [0] * len(gids), extras))
         return out
 
@@ -414,8 +425,13 @@ class Qwen2VLAdapter(ModelAdapter):
             anchor = chained_anchor(reductions, k, U, feats.device)
             pos = torch.stack([unit_pos[g] for g in group.unit_image])  # (U, 3, n)
             pos = torch.gather(pos, 2, anchor.to(pos.device)[:, None, :].expand(-1, 3, -1))
+            side = group.extras.other.get("side_features")
+            side = None if side is None else side()
+            for red in reductions:  # the side features follow every stage exactly (same merges, same windows)
+                side = None if side is None else red.reduce_like(side, f"{self.family}'s side features")
             for u, g in enumerate(group.unit_image):
-                out[g] = ImageFeatures(feats[u], torch.zeros(k, dtype=torch.bool, device=feats.device), pos[u])
+                out[g] = ImageFeatures(feats[u], torch.zeros(k, dtype=torch.bool, device=feats.device), pos[u],
+                                       aux=None if side is None else side[u])
         missing = [i for i, f in enumerate(out) if f is None]
         if missing:
             raise RuntimeError(f"{self.family}: no features for visual units {missing}")

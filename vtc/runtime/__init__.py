@@ -2,7 +2,8 @@
 
 ``vtc.compress(model, cfg)`` is a context manager; ``vtc.apply(model, cfg)`` attaches at once and returns the
 same :class:`Run` handle (``.remove()``). Everything vtc adds is per instance and listed in ``Run._handles``:
-forward pre-hooks on the model and on decoder layers, one forward hook, an instance-level ``generate`` wrapper
+forward pre-hooks on the model and on decoder layers, one forward hook, the family's own hooks
+(``ModelAdapter.attach``, e.g. Qwen3-VL's DeepStack under LLM-side stages), an instance-level ``generate`` wrapper
 (only for vision-side stages) and an instance-level ``_reorder_cache`` (only for LLM-side stages: beam search
 reorders vtc's per-row state with the cache). Removing them restores the model bit for bit, including a
 ``generate`` the user had set on the instance before.
@@ -86,6 +87,7 @@ class Run:
             for i in self.llm.hook_layers:
                 self._handles.append(layers[i].register_forward_pre_hook(self.llm.layer_hook(i), with_kwargs=True))
             view = RunView(self)
+            self._handles.extend(self.adapter.attach(view))
             for i, stage in enumerate(self.config.stages):
                 self.states[i] = stage.new_state()
                 self._handles.extend(stage.attach(view, self.states[i]))

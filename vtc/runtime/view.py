@@ -40,6 +40,11 @@ class RunView:
         """Length N of the prompt being prefilled (original positions are 0..N-1)."""
         return self._run.llm.prefill_len
 
+    @property
+    def llm_stage_layers(self) -> tuple[int, ...]:
+        """The decoder layers where the run's LLM-side stages act, sorted (empty: vision-side stages only)."""
+        return tuple(sorted(self._run.llm.by_layer))
+
     def current_slots(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(slots, valid), both (B, M), inside decoder layer ``layer_idx`` of the prefill in progress, or None.
 

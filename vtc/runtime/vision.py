@@ -30,6 +30,8 @@ class RebuiltPrompt:
     token_map: TokenMap
     position_ids: torch.Tensor | None = None
     labels: torch.Tensor | None = None
+    #: the per-unit features the prompt was built from (in unit order), for ``ModelAdapter.prompt_kwargs``
+    images: list[ImageFeatures] | None = None
 
 
 def rebuild_prompt(adapter: ModelAdapter, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
@@ -93,7 +95,7 @@ def rebuild_prompt(adapter: ModelAdapter, input_ids: torch.Tensor, attention_mas
         protected[vis] = prot.to(dev)
         new_tm.protected = protected
     pos = adapter.position_ids_for(new_ids, new_mask, images, kwargs)
-    return RebuiltPrompt(new_ids, new_mask, embeds, new_tm, pos, new_labels)
+    return RebuiltPrompt(new_ids, new_mask, embeds, new_tm, pos, new_labels, images)
 
 
 def _keep_per_run(tm: TokenMap, images: list[ImageFeatures], running: torch.Tensor,
