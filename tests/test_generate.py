@@ -34,7 +34,7 @@ from vtc.models import get_adapter
 from vtc.models.base import cache_kwarg_name
 
 FAMILY_BY_NAME = {f.name: f for f in discover()[0]}
-FAMILIES = ("llava", "llava_next", "qwen2_vl", "mistral3", "internvl", "smolvlm")
+FAMILIES = ("llava", "llava_next", "qwen2_vl", "mistral3", "internvl", "smolvlm", "qwen3_vl")
 
 VISION = {"method": "random", "budget": 9}
 LLM = {"method": "random", "layer": 1, "budget": 0.5}
@@ -99,12 +99,13 @@ def assert_same(out, ref, atol: float) -> None:
 
 
 def reduced_prompt(model, inputs: dict, config: dict) -> dict:
-    """The prompt vtc's vision-side stages hand the LLM (what a forward pre-hook after vtc's sees)."""
+    """The prompt vtc's vision-side stages hand the LLM (what a forward pre-hook after vtc's sees): embeddings, or
+    ids + ``mm_encoder_outputs`` for the families that feed the reduced features that way (Qwen3-VL)."""
     captured = {}
 
     def capture(module, args, kwargs):
-        captured.update({k: kwargs[k] for k in ("inputs_embeds", "attention_mask", "position_ids")
-                         if kwargs.get(k) is not None})
+        captured.update({k: kwargs[k] for k in ("inputs_embeds", "attention_mask", "position_ids", "input_ids",
+                                                "mm_encoder_outputs") if kwargs.get(k) is not None})
 
     with vtc.compress(model, config), torch.no_grad():
         handle = model.register_forward_pre_hook(capture, with_kwargs=True)
@@ -170,7 +171,8 @@ def test_generate_equals_oracle(family, side, mode):
         with masked_keys(model, stats) if side == "both" else contextlib.nullcontext():
             oracle = call(model, reduced, mode, use_cache=True)
         prompt = inputs["input_ids"].repeat_interleave(sequences(out).shape[0] // inputs["input_ids"].shape[0], 0)
-        oracle_seqs = torch.cat([prompt, sequences(oracle)], dim=1)
+        fed = reduced["input_ids"].shape[1] if "input_ids" in reduced else 0  # generate on ids returns them first
+        oracle_seqs = torch.cat([prompt, sequences(oracle)[:, fed:]], dim=1)
         if isinstance(oracle, torch.Tensor):
             oracle = oracle_seqs
         else:

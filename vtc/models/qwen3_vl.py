@@ -88,22 +88,25 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
         return torch.cat(list(levels), dim=-1)
 
     def prompt_kwargs(self, prompt, kwargs: dict) -> dict:
-        """The rebuilt prompt as ids + ``mm_encoder_outputs`` (reduced main and DeepStack features per kind), so
-        the model scatters both itself; positions are the explicit (3, B, N') ids of ``position_ids_for``."""
+        """The rebuilt prompt as ids + ``mm_encoder_outputs`` (per kind, one tensor per unit: the reduced main
+        features and each DeepStack level), so the model scatters both itself and ``generate`` can expand them per
+        row for beams; positions are the explicit (3, B, N') ids of ``position_ids_for``."""
         from transformers.models.qwen3_vl.modeling_qwen3_vl import BaseModelOutputWithDeepstackFeatures
 
         vis = prompt.token_map.is_visual
-        main = prompt.inputs_embeds[vis]
-        side = torch.cat([im.aux for im in prompt.images], dim=0).to(main.device)
-        if side.shape[0] != main.shape[0] or side.shape[1] % main.shape[1]:
-            raise RuntimeError(f"{self.family}: {side.shape[0]} DeepStack rows for {main.shape[0]} visual tokens")
-        levels = side.shape[1] // main.shape[1]
-        is_image = prompt.input_ids[vis] == self.model.config.image_token_id
+        sizes = [im.embeds.shape[0] for im in prompt.images]
+        main = prompt.inputs_embeds[vis].split(sizes)  # unit order = sequence order (row-major)
+        levels = len(self.model.config.vision_config.deepstack_visual_indexes)
+        side = [im.aux.to(m.device).chunk(levels, dim=-1) for im, m in zip(prompt.images, main)]
+        starts = torch.tensor([0] + sizes[:-1], device=vis.device).cumsum(0)
+        is_image = (prompt.input_ids[vis][starts] == self.model.config.image_token_id).tolist()  # one host sync
         enc = {}
-        for kind, sel in (("image", is_image), ("video", ~is_image)):
-            if bool(sel.any()):
+        for kind, want in (("image", True), ("video", False)):
+            units = [u for u, img in enumerate(is_image) if img == want]
+            if units:
                 enc[kind] = BaseModelOutputWithDeepstackFeatures(
-                    pooler_output=(main[sel],), deepstack_features=[(t,) for t in side[sel].chunk(levels, dim=-1)])
+                    pooler_output=[main[u] for u in units],
+                    deepstack_features=[[side[u][lvl] for u in units] for lvl in range(levels)])
         return {"input_ids": prompt.input_ids, "mm_encoder_outputs": enc}
 
     # ---- DeepStack, LLM side ------------------------------------------------------------------------------------

@@ -165,6 +165,7 @@ class Run:
         elif self._pending_token_map is not None and is_prefill:
             token_map = self._pending_token_map
             ref = kwargs.get("inputs_embeds")
+            ref = ref if ref is not None else kwargs.get("input_ids")  # families fed the rebuilt ids (Gemma 3, Qwen3-VL)
             if ref is not None and ref.shape[0] != token_map.is_visual.shape[0]:
                 # generate expanded the rebuilt prompt (beams / num_return_sequences): copies are adjacent rows
                 token_map = token_map.repeat_rows(ref.shape[0] // token_map.is_visual.shape[0])
