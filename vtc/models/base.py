@@ -203,20 +203,22 @@ class ModelAdapter:
 
         hidden_states: (B, M, D) the layer's input (before its input norm). query_rows: (B, R) slot indices, or
         None with ``query_states`` (B, R, D) given directly in the normed space (e.g. PACT's mean query).
-        Returns q (B, h, R, d) and k (B, h_kv, M, d), with RoPE applied when ``rope``.
+        Returns q (B, h, R, d) and k (B, h_kv, M, d), with RoPE applied when ``rope``. A per-head ``q_norm`` /
+        ``k_norm`` of the attention module (Qwen3, Gemma 3) is applied before RoPE, as the model does.
         """
         attn = self.decoder_layers()[layer_idx].self_attn
         x = self.input_norm(layer_idx, hidden_states)
         B, M, _ = x.shape
         head_dim = attn.head_dim
-        k = attn.k_proj(x).view(B, M, -1, head_dim).transpose(1, 2)
+        q_norm, k_norm = getattr(attn, "q_norm", None) or nn.Identity(), getattr(attn, "k_norm", None) or nn.Identity()
+        k = k_norm(attn.k_proj(x).view(B, M, -1, head_dim)).transpose(1, 2)
         if query_states is None:
             assert query_rows is not None
             xq = torch.gather(x, 1, query_rows.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
         else:
             xq = query_states
         R = xq.shape[1]
-        q = attn.q_proj(xq).view(B, R, -1, head_dim).transpose(1, 2)
+        q = q_norm(attn.q_proj(xq).view(B, R, -1, head_dim)).transpose(1, 2)
         if rope:
             k = self.rope_rows(k, position_embeddings, None)
             if query_rows is not None:

@@ -95,24 +95,12 @@ class Gemma3Adapter(LlavaAdapter):
     def project_qk(self, layer_idx: int, hidden_states: torch.Tensor, position_embeddings: Any,
                    query_rows: torch.Tensor | None = None, *, query_states: torch.Tensor | None = None,
                    rope: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-        """As the base, with Gemma 3's per-head RMS norm of q and k before RoPE."""
-        attn = self.decoder_layers()[layer_idx].self_attn
-        if attn.attn_logit_softcapping is not None:
+        """As the base (which applies Gemma 3's per-head RMS norm of q and k before RoPE); soft-capped attention
+        logits are refused."""
+        if self.decoder_layers()[layer_idx].self_attn.attn_logit_softcapping is not None:
             raise ConfigError("gemma3: attention scores with attn_logit_softcapping are not supported")
-        x = self.input_norm(layer_idx, hidden_states)
-        B, M, _ = x.shape
-        d = attn.head_dim
-        k = attn.k_norm(attn.k_proj(x).view(B, M, -1, d)).transpose(1, 2)
-        if query_states is None:
-            xq = torch.gather(x, 1, query_rows.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
-        else:
-            xq = query_states
-        q = attn.q_norm(attn.q_proj(xq).view(B, xq.shape[1], -1, d)).transpose(1, 2)
-        if rope:
-            k = self.rope_rows(k, position_embeddings, None)
-            if query_rows is not None:
-                q = self.rope_rows(q, position_embeddings, query_rows)
-        return q, k
+        return super().project_qk(layer_idx, hidden_states, position_embeddings, query_rows,
+                                  query_states=query_states, rope=rope)
 
     def prompt_kwargs(self, prompt, kwargs: dict) -> dict:
         """A rebuilt prompt is fed as ids + the reduced features (``mm_encoder_outputs``, which the model scatters
