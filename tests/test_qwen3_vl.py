@@ -223,3 +223,129 @@ def test_llm_stage_adds_deepstack_to_the_survivors():
     rank = ((ids == IMAGE).cumsum(0) - 1)[kept[vis]]
     torch.testing.assert_close(added[vis], levels[1][rank], atol=1e-5, rtol=1e-5)
     assert torch.equal(added[~vis], torch.zeros_like(added[~vis]))
+
+
+# ---- video: frame groups between timestamps -----------------------------------------------------------------------
+def test_video_units_are_frame_groups_and_timestamps_are_text():
+    model = model_for()
+    inp = qwen3_video_inputs(model, batch=2)
+    adapter = get_adapter(model)
+    tm = adapter.token_map(inp["input_ids"], inp)
+    ids = inp["input_ids"]
+    assert not tm.is_visual[(ids == TS) | (ids == TS + 1)].any()  # timestamps are text, never candidates
+    assert torch.equal(tm.is_visual, (ids == IMAGE) | (ids == VIDEO))
+    # row 0: two frame groups (16 tokens each); row 1: an image (12) then two frame groups of 12
+    counts = torch.bincount(tm.image_id[tm.is_visual]).tolist()
+    assert counts == [16, 16, 12, 12, 12]
+    assert adapter.unit_layouts(inp, 0) == [Grid(4, 4)] and adapter.unit_layouts(inp, 3) == [Grid(4, 3)]
+
+
+def test_video_vision_side_prompt_is_the_processors_for_the_reduced_frames():
+    """pool to 2x2 per frame group: the rebuilt prompt is what the processor writes for 2x2-token frames (each
+    frame's run after its own timestamp, the timestamps unchanged), positions are the anchors' triples, and
+    budget = all gives the unwrapped logits exactly."""
+    model = model_for()
+    inp = qwen3_video_inputs(model, batch=1)
+    with vtc.compress(model, {"stages": [{"method": "pool", "mode": "avg", "budget": 4}]}) as run:
+        prompt = run._reduce_prompt(inp)
+        logits(model, inp)
+        assert run.stats.stages[0].tokens_out == [4, 4]
+    g = torch.Generator().manual_seed(0)
+    text = torch.randint(3, 100, (6,), generator=g).tolist()  # qwen3_video_inputs' row 0 text, same draws
+    small = build_inputs3([[text[:2], ("video", (2, 4, 4)), text[2:]]])
+    assert torch.equal(prompt.input_ids, small["input_ids"])
+    orig = rope_positions(model, inp)[:, 0]
+    vis = (inp["input_ids"][0] == VIDEO)
+    assert torch.equal(prompt.position_ids[:, 0, ~(prompt.input_ids[0] == VIDEO)], orig[:, ~vis])
+    with vtc.compress(model, {"stages": [{"method": "random", "budget": 1.0}]}):
+        assert torch.equal(logits(model, inp), logits_plain(model, inp))
+
+
+@pytest.mark.parametrize("stage", [{"method": "visionzip", "dominant": 6, "contextual": 2},
+                                   {"method": "fastv", "layer": 2, "budget": 5}], ids=["vision", "llm"])
+def test_video_batch_equals_single(stage):
+    model = model_for()
+    inp = qwen3_video_inputs(model, batch=2)
+    with vtc.compress(model, {"stages": [stage]}):
+        batched = logits(model, inp)[:, -1]
+        for b in range(2):
+            torch.testing.assert_close(logits(model, split_row3(inp, b))[0, -1], batched[b], atol=1e-4, rtol=1e-4)
+
+
+# ---- the real processor, from_pretrained, vtc generate -----------------------------------------------------------
+TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'user' %}USER: {% for c in m['content'] %}"
+            "{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>{% elif c['type'] == 'text' %}"
+            "{{ c['text'] }}{% endif %}{% endfor %}{% endif %}{% endfor %}{% if add_generation_prompt %} ASSISTANT:"
+            "{% endif %}")
+SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>"]
+
+
+def _processor():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, Qwen2VLImageProcessor, Qwen3VLProcessor, Qwen3VLVideoProcessor
+
+    from vtc.demo.task import vocabulary
+
+    vocab = {t: i for i, t in enumerate(SPECIALS + vocabulary())}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace(), pre_tokenizers.Punctuation()])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>", padding_side="left")
+    fast.add_special_tokens({"additional_special_tokens": SPECIALS[4:]})
+    sizes = dict(patch_size=4, merge_size=2, temporal_patch_size=2, size={"shortest_edge": 16 * 16, "longest_edge": 64 * 64})
+    return Qwen3VLProcessor(image_processor=Qwen2VLImageProcessor(**sizes), tokenizer=fast,
+                            video_processor=Qwen3VLVideoProcessor(**sizes), chat_template=TEMPLATE)
+
+
+def _image(h: int, w: int):
+    import numpy as np
+    from PIL import Image
+
+    return Image.fromarray((np.random.default_rng(h * w).random((h, w, 3)) * 255).astype("uint8"))
+
+
+def _model_for_processor(proc):
+    m = tiny_qwen3_vl("sdpa")
+    ids = proc.tokenizer.convert_tokens_to_ids(SPECIALS[4:])
+    assert len(proc.tokenizer) <= m.config.text_config.vocab_size
+    m.config.vision_start_token_id, m.config.image_token_id, m.config.vision_end_token_id, m.config.video_token_id = ids
+    m.generation_config.suppress_tokens = [2, *ids]
+    return m
+
+
+def test_vision_side_prompt_equals_the_processors_for_k_tokens():
+    """A 32 x 32 image is 4 x 4 merged tokens; pool to 2 x 2: the LLM gets exactly the processor's prompt for a
+    16 x 16 image (4 placeholders), built by the real Qwen3VLProcessor."""
+    proc = _processor()
+    m = _model_for_processor(proc)
+    text = proc.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text",
+                                                                                       "text": "what colour ?"}]}],
+                                    add_generation_prompt=True)
+    big = proc(images=_image(32, 32), text=text, return_tensors="pt")
+    small = proc(images=_image(16, 16), text=text, return_tensors="pt")
+    assert int((big["input_ids"] == m.config.image_token_id).sum()) == 16
+    with vtc.compress(m, {"stages": [{"method": "pool", "mode": "avg", "budget": 4}]}) as run:
+        prompt = run._reduce_prompt(dict(big))
+        seq = m.generate(**big, max_new_tokens=3, do_sample=False)
+    assert torch.equal(prompt.input_ids, small["input_ids"])
+    assert seq.shape[1] == big["input_ids"].shape[1] + 3 and torch.equal(seq[:, :big["input_ids"].shape[1]],
+                                                                       big["input_ids"])
+
+
+def test_from_pretrained_roundtrip_and_cli(tmp_path):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    proc = _processor()
+    _model_for_processor(proc).save_pretrained(tmp_path)
+    proc.save_pretrained(tmp_path)
+    _image(40, 60).save(tmp_path / "img.png")
+    m = AutoModelForImageTextToText.from_pretrained(tmp_path, attn_implementation="sdpa").eval()
+    proc = AutoProcessor.from_pretrained(tmp_path)
+    assert type(get_adapter(m)) is Qwen3VLAdapter
+    text = "USER: <|vision_start|><|image_pad|><|vision_end|>what colour ? ASSISTANT:"
+    inputs = proc(images=_image(40, 60), text=text, return_tensors="pt")
+    n = int((inputs["input_ids"] == m.config.image_token_id).sum())
+    with vtc.compress(m, {"stages": [{"method": "fastv", "layer": 1, "budget": 4}]}) as run:
+        m.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert run.stats.stages[0].tokens_in == [n] and run.stats.stages[0].tokens_out == [4]
+    cli_generate(tmp_path, "{method: visionzip, budget: 6}")

@@ -152,9 +152,8 @@ def split_row3(inputs: dict, b: int) -> dict:
         runs = ((ids[:, :-1] == VSTART) & (ids[:, 1:] == tok)).sum(1)
         grids = inputs[grid_key]
         per_item = grids[:, 0] if tok == VIDEO else torch.ones_like(grids[:, 0])
-        items = torch.searchsorted(per_item.cumsum(0), runs.cumsum(0)).tolist()  # items that end with each row
-        first = 0 if b == 0 else items[b - 1] + 1
-        last = items[b] + 1 if int(runs[b]) else first
+        done = torch.searchsorted(per_item.cumsum(0), runs.cumsum(0), right=True).tolist()  # items done by row
+        first, last = (done[b - 1] if b else 0), done[b]
         if last == first:
             continue
         patches = grids.prod(-1).cumsum(0).tolist()
