@@ -9,6 +9,7 @@ and the from_pretrained / ``vtc generate`` round trip.
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 
 import pytest
 import torch
@@ -349,3 +350,17 @@ def test_from_pretrained_roundtrip_and_cli(tmp_path):
         m.generate(**inputs, max_new_tokens=3, do_sample=False)
     assert run.stats.stages[0].tokens_in == [n] and run.stats.stages[0].tokens_out == [4]
     cli_generate(tmp_path, "{method: visionzip, budget: 6}")
+
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "vtc" / "configs" / "qwen3-vl").glob("*.yaml"))
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_shipped_configs_run(path):
+    m = model_for()
+    inputs = qwen3_inputs(m, batch=2)
+    with vtc.compress(m, path) as run:
+        out = m.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert out.shape[1] == inputs["input_ids"].shape[1] + 3
+    assert all(o < i for st in run.stats.stages for i, o in zip(st.tokens_in, st.tokens_out))
