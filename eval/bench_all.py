@@ -119,6 +119,7 @@ FAMILY_ROWS: list[tuple[str, str]] = [
     ("smolvlm2-2.2b", "smolvlm/visionzip-18"),
     ("llava-onevision-7b", "llava-onevision/visionzip-25"),
     ("gemma3-4b", "gemma3/visionzip-64"),
+    ("qwen3-vl-8b", "qwen3-vl/visionzip-25"),
 ]
 
 

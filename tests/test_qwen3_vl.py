@@ -364,3 +364,28 @@ def test_shipped_configs_run(path):
         out = m.generate(**inputs, max_new_tokens=3, do_sample=False)
     assert out.shape[1] == inputs["input_ids"].shape[1] + 3
     assert all(o < i for st in run.stats.stages for i, o in zip(st.tokens_in, st.tokens_out))
+
+
+# ---- vtc show: the merged grid of an image / a frame group, checked by pixels -------------------------------------
+@pytest.mark.parametrize("kind", ["image", "video"])
+def test_show_draws_the_merged_grid(kind):
+    from PIL import Image
+
+    from vtc.viz import draw_kept, token_groups
+
+    grey = (200, 200, 200)
+    m = model_for()
+    grid = (1, 8, 12) if kind == "image" else (2, 8, 12)  # patches; 2x2 merge -> 4 x 6 tokens per frame group
+    inputs = build_inputs3([[[5, 6], (kind, grid), [7, 8, 9]]])
+    ad = get_adapter(m)
+    unit = 0 if kind == "image" else 1  # the video's second frame group (after its own timestamp)
+    assert ad.unit_layouts(inputs, unit) == [Grid(4, 6)]
+    with vtc.compress(m, {"stages": [{"method": "random", "budget": 10}]}) as run:
+        m(**inputs)
+    g = token_groups(run.stats, unit)[0]
+    assert g.shape[0] == 24 and int((g >= 0).sum()) == 10
+    out = draw_kept(Image.new("RGB", (120, 80), grey), [g], ad.unit_layouts(inputs, unit), size=120)
+    assert out.size == (120, 80)  # the grid's 2:3 aspect, 20 px cells
+    for i, v in enumerate(g.tolist()):
+        px = out.getpixel((i % 6 * 20 + 10, i // 6 * 20 + 10))
+        assert max(px) < 80 if v < 0 else all(abs(a - b) <= 12 for a, b in zip(px, grey))

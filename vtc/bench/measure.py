@@ -205,9 +205,9 @@ class Variants:
         self.vision_kwargs = _vision_kwargs(model, inputs)
         captured: dict = {}
 
-        def capture(module, args, kwargs):
-            captured.update({k: kwargs[k] for k in ("inputs_embeds", "attention_mask", "position_ids")
-                             if kwargs.get(k) is not None})
+        def capture(module, args, kwargs):  # embeddings, or ids + mm_encoder_outputs (Gemma 3, Qwen3-VL)
+            captured.update({k: kwargs[k] for k in ("inputs_embeds", "attention_mask", "position_ids", "input_ids",
+                                                    "mm_encoder_outputs") if kwargs.get(k) is not None})
 
         with torch.no_grad(), self.run:
             h = model.register_forward_pre_hook(capture, with_kwargs=True)
@@ -216,7 +216,7 @@ class Variants:
             finally:
                 h.remove()
             self.token_map = self.run.llm.token_map
-        if self.has_vision and "inputs_embeds" not in captured:
+        if self.has_vision and "inputs_embeds" not in captured and "mm_encoder_outputs" not in captured:
             raise RuntimeError("could not capture the reduced prompt of the vision-side stages")
         self.oracle_inputs = captured if self.has_vision else inputs
         recorded: dict[int, dict[int, Any]] = {}

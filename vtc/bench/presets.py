@@ -93,6 +93,15 @@ _GEMMA3_4B = dict(hidden_size=2560, intermediate_size=10240, num_hidden_layers=3
 _GEMMA3_12B = dict(_GEMMA3_4B, hidden_size=3840, intermediate_size=15360, num_hidden_layers=48,
                    num_attention_heads=16, num_key_value_heads=8)
 _GEMMA3_TOP = dict(mm_tokens_per_image=256, image_token_id=262144, boi_token_id=255999, eoi_token_id=256000)
+#: Qwen3-VL-8B (Qwen/Qwen3-VL-8B-Instruct config.json); transformers' Qwen3VLConfig defaults are not these shapes
+_QWEN3_8B = dict(vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+                 num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=262144,
+                 rms_norm_eps=1e-6, pad_token_id=151643, bos_token_id=151643, eos_token_id=151645,
+                 rope_parameters={"rope_type": "default", "rope_theta": 5000000.0, "mrope_section": [24, 20, 20],
+                                  "mrope_interleaved": True})
+_QWEN3_VIT = dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, in_channels=3, patch_size=16,
+                  spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=4096, num_position_embeddings=2304,
+                  deepstack_visual_indexes=[8, 16, 24], hidden_act="gelu_pytorch_tanh")
 
 #: the tiny shapes of tests/tiny_models*.py (for the benchmark's own tests)
 _TINY_CLIP = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=48,
@@ -164,6 +173,10 @@ ARCHS: dict[str, ArchSpec] = {
         "gemma3-12b", "gemma3", _GEMMA3_12B, _SIGLIP_SO400M_896, _GEMMA3_TOP, image_size=(896, 896),
         text_ids=(1000, 20000), bos=2,
         description="Gemma-3-12B: the 4B's tower, 48 layers 3840 wide, GQA 16 / 8 heads of 256"),
+    "qwen3-vl-8b": ArchSpec(
+        "qwen3-vl-8b", "qwen3_vl", _QWEN3_8B, _QWEN3_VIT, _QWEN_TOP, image_size=(768, 768), text_ids=(1000, 20000),
+        bos=None, description="Qwen3-VL-8B: 27-block ViT (1152 wide, DeepStack after blocks 8 / 16 / 24), 2 x 2 "
+                              "merger, Qwen3-8B (GQA, q/k norm, interleaved M-RoPE); 768 px = 576 tokens"),
     "tiny": ArchSpec(
         "tiny", "llava", _TINY_LLAMA, _TINY_CLIP, dict(_LLAVA_TOP, image_token_id=120),
         image_size=(48, 48), text_ids=(3, 100), description="tiny LLaVA (tests): 36 visual tokens"),
@@ -215,6 +228,7 @@ FAMILY_CLASSES: dict[str, str] = {
     "smolvlm": "SmolVLMForConditionalGeneration",
     "llava_onevision": "LlavaOnevisionForConditionalGeneration",
     "gemma3": "Gemma3ForConditionalGeneration",
+    "qwen3_vl": "Qwen3VLForConditionalGeneration",
 }
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -246,6 +260,10 @@ def _hf_config(spec: ArchSpec, layers: int | None, vision_layers: int | None, at
             if "fullatt_block_indexes" in vision:  # keep the full-attention blocks that exist, the last one full
                 vision["fullatt_block_indexes"] = sorted({i for i in vision["fullatt_block_indexes"]
                                                           if i < vision_layers} | {vision_layers - 1})
+            if "deepstack_visual_indexes" in vision:  # DeepStack blocks at the same share of the depth (distinct)
+                depth = int(spec.vision["depth"])
+                vision["deepstack_visual_indexes"] = sorted({i * vision_layers // depth
+                                                             for i in vision["deepstack_visual_indexes"]})
         else:
             vision["num_hidden_layers"] = int(vision_layers)
     name = FAMILY_CLASSES.get(spec.family)
