@@ -15,6 +15,7 @@ import pytest
 import torch
 from replay import replay_config
 from roundtrip import cli_generate
+from test_qwen2_vl import logits, rope_positions
 from tiny_models_qwen import IMAGE, VIDEO
 from tiny_models_qwen3 import (
     TS,
@@ -40,18 +41,6 @@ BUILD = {"dense": tiny_qwen3_vl, "moe": tiny_qwen3_vl_moe}
 @functools.cache
 def model_for(kind: str = "dense", attn: str = "sdpa"):
     return BUILD[kind](attn)
-
-
-@torch.no_grad()
-def logits(model, inputs, **kw):
-    return model(**inputs, **kw).logits
-
-
-def rope_positions(model, inputs) -> torch.Tensor:
-    return model.model.get_rope_index(inputs["input_ids"], mm_token_type_ids=inputs["mm_token_type_ids"],
-                                      image_grid_thw=inputs.get("image_grid_thw"),
-                                      video_grid_thw=inputs.get("video_grid_thw"),
-                                      attention_mask=inputs.get("attention_mask"))[0]
 
 
 # ---- adapter, positions, re-projection ------------------------------------------------------------------------------
@@ -113,14 +102,17 @@ def _pool2x2(x: torch.Tensor, side: int) -> torch.Tensor:
     return x.view(side // 2, 2, side // 2, 2, D).mean((1, 3)).reshape(-1, D)
 
 
-def test_vision_pool_reduces_every_deepstack_level_alike():
+@pytest.mark.parametrize("kind", list(BUILD))
+def test_vision_pool_reduces_every_deepstack_level_alike(kind):
     """pool avg 4x4 -> 2x2 on one image: vtc's logits == the model fed the processor-style prompt with 4 placeholders
     and, as main and DeepStack features, the same 2x2 means of the model's own main and level features (positions:
     each window's anchor triple)."""
     from transformers.models.qwen3_vl.modeling_qwen3_vl import BaseModelOutputWithDeepstackFeatures
 
-    model = model_for()
+    model = model_for(kind)
     inp = qwen3_inputs(model, batch=1)
+    with vtc.compress(model, {"stages": [{"method": "random", "budget": 1.0}]}):
+        assert torch.equal(logits(model, inp), logits_plain(model, inp))  # keep-all: the model's own features
     with vtc.compress(model, {"stages": [{"method": "pool", "mode": "avg", "budget": 4}]}) as run:
         out = logits(model, inp)
         prompt = run._reduce_prompt(inp)

@@ -122,19 +122,20 @@ def _text(g: torch.Generator, n: int) -> list[int]:
     return torch.randint(3, 100, (n,), generator=g).tolist()
 
 
-def qwen_inputs(model, batch: int = 1, seed: int = 0) -> dict:
+def qwen_inputs(model, batch: int = 1, seed: int = 0, build=None) -> dict:
     """One image per row; rows differ in prompt length and image size (row 0: 8x8 patches = 16 merged tokens),
-    left-padded."""
+    left-padded. ``build``: the rows -> kwargs builder (default :func:`build_inputs`)."""
     g = torch.Generator().manual_seed(seed)
     rows = []
     for b in range(batch):
         rows.append([_text(g, 2 + b % 2), ("image", IMAGE_GRIDS[b % len(IMAGE_GRIDS)]), _text(g, 4 + 2 * b)])
-    return build_inputs(rows, seed=seed)
+    return (build or build_inputs)(rows, seed=seed)
 
 
-def qwen_video_inputs(model, batch: int = 1, seed: int = 0, frames: int = 4) -> dict:
+def qwen_video_inputs(model, batch: int = 1, seed: int = 0, frames: int = 4, build=None) -> dict:
     """One video per row (``frames`` frames = frames / 2 temporal patch groups of 8 x 8 (odd rows: 8 x 6) patches,
-    i.e. 16 (12) merged tokens per group); odd rows add an image before the video."""
+    i.e. 16 (12) merged tokens per group); odd rows add an image before the video. ``build``: as in
+    :func:`qwen_inputs`."""
     g = torch.Generator().manual_seed(seed)
     rows = []
     for b in range(batch):
@@ -143,7 +144,7 @@ def qwen_video_inputs(model, batch: int = 1, seed: int = 0, frames: int = 4) -> 
             row += [("image", IMAGE_GRIDS[b % len(IMAGE_GRIDS)]), _text(g, 2)]
         row += [("video", (frames // TEMPORAL, 8, 8 - 2 * (b % 2))), _text(g, 4 + 2 * b)]
         rows.append(row)
-    return build_inputs(rows, seed=seed)
+    return (build or build_inputs)(rows, seed=seed)
 
 
 def split_row(inputs: dict, b: int) -> dict:

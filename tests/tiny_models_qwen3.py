@@ -13,7 +13,6 @@ import torch
 from tiny_models_qwen import (
     CHANNELS,
     IMAGE,
-    IMAGE_GRIDS,
     MERGE,
     PAD,
     PATCH,
@@ -23,8 +22,9 @@ from tiny_models_qwen import (
     VSTART,
     _finish,
     _pixels,
-    _text,
     merged_tokens,
+    qwen_inputs,
+    qwen_video_inputs,
 )
 
 #: text id that opens a timestamp (``<`` of ``<0.5 seconds>``)
@@ -117,25 +117,13 @@ def build_inputs3(rows: list[list], seed: int = 0) -> dict:
 
 
 def qwen3_inputs(model, batch: int = 1, seed: int = 0) -> dict:
-    """One image per row; rows differ in prompt length and image size (row 0: 8x8 patches = 16 merged tokens)."""
-    g = torch.Generator().manual_seed(seed)
-    rows = [[_text(g, 2 + b % 2), ("image", IMAGE_GRIDS[b % len(IMAGE_GRIDS)]), _text(g, 4 + 2 * b)]
-            for b in range(batch)]
-    return build_inputs3(rows, seed=seed)
+    """:func:`tiny_models_qwen.qwen_inputs`' rows (one image per row, sizes and lengths differ), left-padded."""
+    return qwen_inputs(model, batch, seed, build=build_inputs3)
 
 
 def qwen3_video_inputs(model, batch: int = 1, seed: int = 0, frames: int = 4) -> dict:
-    """One video per row (frames / 2 frame groups of 8 x 8 (odd rows: 8 x 6) patches, each after its timestamp);
-    odd rows add an image before the video."""
-    g = torch.Generator().manual_seed(seed)
-    rows = []
-    for b in range(batch):
-        row = [_text(g, 2 + b % 2)]
-        if b % 2 == 1:
-            row += [("image", IMAGE_GRIDS[b % len(IMAGE_GRIDS)]), _text(g, 2)]
-        row += [("video", (frames // TEMPORAL, 8, 8 - 2 * (b % 2))), _text(g, 4 + 2 * b)]
-        rows.append(row)
-    return build_inputs3(rows, seed=seed)
+    """:func:`tiny_models_qwen.qwen_video_inputs`' rows, each frame group after its timestamp."""
+    return qwen_video_inputs(model, batch, seed, frames, build=build_inputs3)
 
 
 def split_row3(inputs: dict, b: int) -> dict:

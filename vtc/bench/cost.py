@@ -79,12 +79,14 @@ def vision_flops(model, inputs: dict, *, projector_rows: int | None = None, visi
         f = int(cfg.scale_factor)
         rows = units * (side * side // (f * f)) if projector_rows is None else projector_rows
         projector = fl.mlp_flops(rows, [vc.hidden_size * f * f, cfg.text_config.hidden_size])
-    else:  # Qwen2-VL / Qwen2.5-VL: attention per frame group, 2 x 2 merger
+    else:  # Qwen2-VL / 2.5-VL / 3-VL: attention per frame group, 2 x 2 merger (3-VL: + one per DeepStack level)
         p, m, tp = vc.patch_size, vc.spatial_merge_size, vc.temporal_patch_size
         qwen25 = hasattr(vc, "fullatt_block_indexes")
-        width = vc.hidden_size if qwen25 else vc.embed_dim
-        out_dim = vc.out_hidden_size if qwen25 else vc.hidden_size
-        inter = vc.intermediate_size if qwen25 else int(vc.embed_dim * vc.mlp_ratio)
+        levels = len(getattr(vc, "deepstack_visual_indexes", None) or [])
+        qwen3 = hasattr(vc, "deepstack_visual_indexes")
+        width = vc.hidden_size if qwen25 or qwen3 else vc.embed_dim
+        out_dim = vc.out_hidden_size if qwen25 or qwen3 else vc.hidden_size
+        inter = vc.intermediate_size if qwen25 or qwen3 else int(vc.embed_dim * vc.mlp_ratio)
         depth = vision_layers or vc.depth
         shape = fl.ViTShape(depth, width, inter, vc.num_heads, gated=qwen25)
         full = None
@@ -98,7 +100,7 @@ def vision_flops(model, inputs: dict, *, projector_rows: int | None = None, visi
             tower += fl.patch_embed_flops(t * h * w, vc.in_channels * tp * p * p, width)
             rows_all += t * h * w // (m * m)
         rows = rows_all  # the merger runs before any vtc stage on Qwen (project is the identity)
-        projector = fl.mlp_flops(rows, [width * m * m, width * m * m, out_dim])
+        projector = (1 + levels) * fl.mlp_flops(rows, [width * m * m, width * m * m, out_dim])
     return {"tower": tower, "projector": projector, "total": tower + projector, "projector_rows": rows}
 
 

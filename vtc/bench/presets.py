@@ -260,7 +260,8 @@ def _hf_config(spec: ArchSpec, layers: int | None, vision_layers: int | None, at
             if "fullatt_block_indexes" in vision:  # keep the full-attention blocks that exist, the last one full
                 vision["fullatt_block_indexes"] = sorted({i for i in vision["fullatt_block_indexes"]
                                                           if i < vision_layers} | {vision_layers - 1})
-            if "deepstack_visual_indexes" in vision:  # DeepStack blocks at the same share of the depth (distinct)
+            if "deepstack_visual_indexes" in vision:  # DeepStack blocks at the same share of the depth (distinct:
+                # a tower shortened below 3 blocks keeps fewer levels; the FLOPs count the levels built)
                 depth = int(spec.vision["depth"])
                 vision["deepstack_visual_indexes"] = sorted({i * vision_layers // depth
                                                              for i in vision["deepstack_visual_indexes"]})
