@@ -381,3 +381,19 @@ def test_show_draws_the_merged_grid(kind):
     for i, v in enumerate(g.tolist()):
         px = out.getpixel((i % 6 * 20 + 10, i // 6 * 20 + 10))
         assert max(px) < 80 if v < 0 else all(abs(a - b) <= 12 for a, b in zip(px, grey))
+
+
+def test_vision_side_refused_without_mm_encoder_outputs():
+    """On a transformers whose Qwen3-VL forward takes no mm_encoder_outputs (5.17), vision-side stages are refused
+    at attach (the reduced DeepStack features could not reach the model); LLM-side stages still attach."""
+    model = model_for()
+    inner = model.model
+    original = inner.forward
+    inner.forward = lambda input_ids=None, attention_mask=None, position_ids=None, **kwargs: original(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs)
+    try:
+        with pytest.raises(vtc.ConfigError, match="mm_encoder_outputs"):
+            vtc.compress(model, {"stages": [{"method": "pool", "budget": 4}]})
+        vtc.compress(model, {"stages": [{"method": "fastv", "layer": 1, "budget": 4}]})
+    finally:
+        del inner.forward
