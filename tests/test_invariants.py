@@ -1,7 +1,8 @@
 """The invariants 1-6 (README, "Invariants") as a data-driven matrix: every family x every method case x batch {1, 3} x
 {sdpa, eager}. Families and cases come from tests/cases/*.py (see tests/matrix.py). The expensive invariants (2.
 detach, 3. decode consistency, 5. batch = single) run a family's ``heavy_cases`` subset where it declares one
-(SmolVLM: tests/cases/smolvlm.py); identity, sdpa = eager and budgets always run every case."""
+(SmolVLM: tests/cases/smolvlm.py, Qwen3-VL: tests/cases/qwen3_vl.py; each file says what its subset covers);
+identity, sdpa = eager and budgets always run every case."""
 
 from __future__ import annotations
 
@@ -36,6 +37,16 @@ PAIRS = _pairs()
 #: the pairs the expensive invariants run on: a family's ``heavy_cases`` subset where it declares one
 PAIRS_HEAVY = [p for p in PAIRS if FAMILY_BY_NAME[p.values[0]].heavy_cases is None
                or p.values[1].name in FAMILY_BY_NAME[p.values[0]].heavy_cases]
+
+
+def test_heavy_cases_name_cases_the_family_runs():
+    """A family's heavy subset names only cases it runs (a misspelt name would silently shrink the subset)."""
+    for fam in FAMILIES:
+        if fam.heavy_cases is None:
+            continue
+        runs = {p.values[1].name for p in PAIRS if p.values[0] == fam.name}
+        unknown = sorted(set(fam.heavy_cases) - runs)
+        assert not unknown, f"{fam.name}: heavy_cases not among its cases: {unknown}"
 
 
 @functools.cache
