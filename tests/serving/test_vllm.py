@@ -27,7 +27,7 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 
 import vtc  # noqa: E402
-from vtc.demo import GRID_MODEL_PATH  # noqa: E402
+from vtc.demo import GRID_MODEL_PATH, ORDERED_MODEL_PATH  # noqa: E402
 from vtc.demo.task import format_prompt, get_sample  # noqa: E402
 
 pytestmark = pytest.mark.vllm
@@ -153,6 +153,97 @@ def test_checkpoint_with_vision_model_level_loads(demo, tmp_path):
     model, processor = demo
     prompts = [format_prompt(s.question) for s in SAMPLES]
     check_matches(model, processor, tmp_path / "m", "llava-1.5/visionzip-64", prompts, [s.image for s in SAMPLES])
+
+
+# ---- the bundled 1D demo model (vtc-tiny-1d): vtc's own vLLM class (demo tower + resampler, vLLM's Llama) ---------
+
+@pytest.fixture(scope="module")
+def demo_1d():
+    from vtc.demo import load
+
+    return load("1d")
+
+
+ORDERED_CONFIGS = {
+    "prefix-8": {"stages": [{"method": "prefix", "budget": 8}]},
+    "prefix-0.5": {"stages": [{"method": "prefix", "budget": 0.5}]},
+    "pool-llm-6": {"stages": [{"method": "pool", "budget": 6, "feature_space": "llm"}]},
+    "prefix+divprune": {"stages": [{"method": "prefix", "budget": 24}, {"method": "divprune", "budget": 10}]},
+}
+
+
+def _vision_methods() -> list[str]:
+    from vtc.methods import available_methods, get_method_class
+
+    return [m for m in available_methods() if "vision" in get_method_class(m).sides]
+
+
+def _hf_error(model, processor, config) -> str | None:
+    """vtc-in-transformers' ConfigError text for ``config`` on ``model`` (None: it runs)."""
+    s = SAMPLES[0]
+    inputs = processor(images=s.image, text=format_prompt(s.question), return_tensors="pt")
+    try:
+        with torch.no_grad(), vtc.compress(model, config):
+            model.generate(**inputs, max_new_tokens=1, do_sample=False)
+    except vtc.ConfigError as e:
+        return str(e)
+    return None
+
+
+@pytest.mark.parametrize("name", list(ORDERED_CONFIGS))
+def test_1d_demo_model_matches_transformers(demo_1d, name):
+    """vLLM (one batch of 3 requests) vs vtc in transformers (per request): equal prompt ids (the reduced count) and
+    greedy tokens."""
+    model, processor = demo_1d
+    prompts = [format_prompt(s.question) for s in SAMPLES]
+    got = check_matches(model, processor, ORDERED_MODEL_PATH, ORDERED_CONFIGS[name], prompts, [s.image for s in SAMPLES])
+    assert all(gp.count(model.config.image_token_id) < model.config.n_latents for gp, _ in got)
+
+
+@pytest.mark.parametrize("method", _vision_methods())
+def test_1d_demo_model_every_vision_method(demo_1d, method):
+    """Every vision-side method at budget 8: where vtc in transformers runs it on the 1D model, vLLM gives the same
+    prompt ids and greedy tokens; where transformers refuses it (no attention extras from this tower, grid-only
+    methods, a missing field), vLLM refuses it at load with the same ConfigError text."""
+    model, processor = demo_1d
+    config = {"stages": [{"method": method, "budget": 8}], "seed": 1}
+    refused = _hf_error(model, processor, config)
+    if refused is None:
+        prompts = [format_prompt(s.question) for s in SAMPLES]
+        got = check_matches(model, processor, ORDERED_MODEL_PATH, config, prompts, [s.image for s in SAMPLES])
+        assert all(gp.count(model.config.image_token_id) == 8 for gp, _ in got)
+        return
+    with pytest.raises(Exception) as err:
+        vllm_llm(ORDERED_MODEL_PATH, config)
+    chain = _chain(err.value)
+    assert any(isinstance(e, vtc.ConfigError) and str(e) == refused for e in chain), (refused, chain)
+
+
+def test_1d_keep_all_equals_unwrapped_model(demo_1d):
+    """No config and a keep-all config give the same vLLM outputs, equal to the unwrapped transformers model's."""
+    model, processor = demo_1d
+    prompts = [format_prompt(s.question) for s in SAMPLES]
+    images = [s.image for s in SAMPLES]
+    results = []
+    for config in (None, {"stages": [{"method": "prefix", "budget": 1.0}]}):
+        llm = vllm_llm(ORDERED_MODEL_PATH, config)
+        try:
+            results.append(vllm_generate(llm, prompts, images, logprobs=True))
+        finally:
+            release(llm)
+    stock, keep_all = results
+    assert [(p, g) for p, g, _ in keep_all] == [(p, g) for p, g, _ in stock]
+    assert max(abs(a - b) for (_, _, x), (_, _, y) in zip(keep_all, stock) for a, b in zip(x, y)) < LOGPROB_TOL
+    want = hf_reference(model, processor, None, prompts, images)
+    eos = model.generation_config.eos_token_id
+    assert [(p, until_eos(g, eos)) for p, g, _ in stock] == [(p, until_eos(g, eos)) for p, g in want]
+    assert all(p.count(model.config.image_token_id) == model.config.n_latents for p, _, _ in stock)
+
+
+def test_1d_bad_config_fails_at_load_with_vtc_message():
+    with pytest.raises(Exception) as err:
+        vllm_llm(ORDERED_MODEL_PATH, {"stages": [{"method": "fastv", "layer": 2, "budget": 0.5}]})
+    assert any(isinstance(e, vtc.ConfigError) and "vision-side stages only" in str(e) for e in _chain(err.value))
 
 
 # ---- LLaVA-NeXT: a tiny random-weight checkpoint (tests/tiny_models_next.py) saved with a processor ----------------

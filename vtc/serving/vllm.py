@@ -7,7 +7,8 @@ or ``LLM(model=..., hf_overrides={"vtc_config": ...})`` offline (a bundled confi
 a dict). Without ``vtc_config`` the model runs exactly as stock vLLM.
 
 How: :func:`register` registers, for each supported architecture name, a subclass of vLLM's own model class (in
-``vtc.serving.vllm_llava`` / ``vtc.serving.vllm_qwen2_vl``) whose image embeddings go through vtc's vision-side stages
+``vtc.serving.vllm_llava`` / ``vtc.serving.vllm_qwen2_vl``; for the bundled 1D demo model, which vLLM has no class
+for, the whole model: ``vtc.serving.vllm_ordered``) whose image embeddings go through vtc's vision-side stages
 (the same ``Method.reduce_vision`` maths and :class:`vtc.runtime.vision.VisionRuntime` loop as with transformers,
 fed by a small vLLM-side adapter that scores on vLLM's own vision modules), and a processing-info subclass whose
 ``get_num_image_tokens`` returns the reduced count, so vLLM expands each image's placeholder to exactly that many
@@ -40,15 +41,23 @@ SUPPORTED_ARCHITECTURES: dict[str, str] = {
     "LlavaNextForConditionalGeneration": "vtc.serving.vllm_llava:VtcLlavaNextForConditionalGeneration",
     "Qwen2VLForConditionalGeneration": "vtc.serving.vllm_qwen2_vl:VtcQwen2VLForConditionalGeneration",
     "Qwen2_5_VLForConditionalGeneration": "vtc.serving.vllm_qwen2_vl:VtcQwen2_5_VLForConditionalGeneration",
+    # the bundled 1D demo model (vtc-tiny-1d): vLLM has no class for it, vtc's is the whole model
+    "OrderedVLMForConditionalGeneration": "vtc.serving.vllm_ordered:VtcOrderedVLMForConditionalGeneration",
 }
 
 
 def register() -> None:
     """The ``vllm.general_plugins`` entry point: make vLLM build vtc's subclasses for the supported architectures.
 
-    Runs in every vLLM process (idempotent). The classes are imported lazily by vLLM, like its own models.
+    Runs in every vLLM process (idempotent). The classes are imported lazily by vLLM, like its own models. Also
+    registers the 1D demo model's config type (``vtc_ordered_vlm``) with transformers' ``AutoConfig``, so vLLM can
+    read its ``config.json``.
     """
     from vllm import ModelRegistry
+
+    from ..demo.ordered_vlm import register as register_ordered_vlm
+
+    register_ordered_vlm()
 
     for arch, target in SUPPORTED_ARCHITECTURES.items():
         ModelRegistry.register_model(arch, target)
