@@ -598,3 +598,86 @@ def test_qwen_chunked_prefill_and_prefix_cache(qwen_model):
               [d[t].logprob for d, t in zip(o.outputs[0].logprobs, o.outputs[0].token_ids)]) for o in outs]
     check_qwen(model, again, want)
     assert outs[0].num_cached_tokens >= 32  # the two-image request: a whole block, through its first image
+
+
+# ---- bf16: the kept tokens' M-RoPE offsets travel as two base-256 digits per offset, exact in bf16 ------------------
+
+def test_position_offsets_encoding_exact_at_boundaries():
+    """encode_offsets / decode_offsets round-trip exactly in bf16, fp16 and fp32 around every digit boundary; an
+    offset whose high digit a dtype cannot hold is refused, never rounded."""
+    from vtc.serving.vllm_qwen2_vl import POS_CHANNELS, decode_offsets, encode_offsets
+
+    values = torch.tensor([0, 1, 127, 255, 256, 257, 511, 512, 1000, 4095, 4096, 65535, 65791])
+    pos = torch.stack([values, values.flip(0), values.roll(3)])  # (3, k)
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        ch = encode_offsets(pos, dtype)
+        assert ch.shape == (values.numel(), POS_CHANNELS) and ch.dtype == dtype
+        assert torch.equal(decode_offsets(ch), pos)
+        assert torch.equal(decode_offsets(ch.float()), pos)  # the digits themselves are exact
+    assert not torch.equal(pos[:, 5:6].to(torch.bfloat16).long(), pos[:, 5:6])  # 257 alone is not exact in bf16
+    big = torch.tensor([[2 ** 30 + 3], [7], [0]])
+    assert torch.equal(decode_offsets(encode_offsets(big, torch.float32)), big)
+    with pytest.raises(vtc.ConfigError, match="do not fit exactly"):
+        encode_offsets(torch.tensor([[65792], [0], [0]]), torch.bfloat16)
+
+
+def _prefill_positions(llm, request) -> tuple[torch.Tensor, list[int]]:
+    """The positions the LLM of ``llm`` gets in the prefill of ``request`` (after vtc added the offsets), and the
+    prompt ids."""
+    from vllm import SamplingParams
+
+    seen: list[torch.Tensor] = []
+
+    def grab(module, args, kwargs):
+        seen.append((kwargs["positions"] if "positions" in kwargs else args[0]).clone())
+
+    # on the first decoder layer (vLLM's compile decorator replaces the LLM model's own __call__, so hooks there never
+    # run); its first argument is the positions
+    handles = []
+    llm.apply_model(lambda m: handles.append(
+        m.language_model.model.layers[0].register_forward_pre_hook(grab, with_kwargs=True)))
+    try:
+        (o,) = llm.generate([request], SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True), use_tqdm=False)
+    finally:
+        for h in handles:
+            h.remove()
+    ids = list(o.prompt_token_ids)
+    return seen[0][:, :len(ids)].clone(), ids
+
+
+def test_qwen_bf16_positions_equal_fp32_beyond_256(tmp_path):
+    """A tall image (260 x 2 merged tokens), 3/4 of its tokens kept at random: kept tokens at height offsets up to 259,
+    odd ones above 256 among them (not representable in bf16). The positions the bf16 engine gives the LLM equal the
+    fp32 engine's, which gives the same greedy tokens and log-probs as vtc in transformers."""
+    from PIL import Image
+
+    from eval.serving.checkpoints import qwen_prompt, save_tiny_qwen2_vl
+
+    model, processor = save_tiny_qwen2_vl(tmp_path / "m", version="2", max_pixels=2080 * 16)
+    g = torch.Generator().manual_seed(0)
+    image = Image.fromarray((torch.rand(2080, 16, 3, generator=g) * 255).to(torch.uint8).numpy())
+    prompt = qwen_prompt("what is shown")
+    config = {"stages": [{"method": "random", "budget": 0.75}], "seed": 3}
+    request = {"prompt": prompt, "multi_modal_data": {"image": image}}
+    runs = {}
+    for dtype in ("float32", "bfloat16"):
+        from vllm import LLM
+
+        llm = LLM(model=str(tmp_path / "m"), dtype=dtype, max_model_len=1024, enforce_eager=True, seed=0,
+                  gpu_memory_utilization=0.05, kv_cache_memory_bytes=KV_BYTES, limit_mm_per_prompt={"image": 1},
+                  hf_overrides={"vtc_config": config})
+        try:
+            runs[dtype] = _prefill_positions(llm, request)
+            if dtype == "float32":
+                got = vllm_generate(llm, [prompt], [image], logprobs=True)
+        finally:
+            release(llm)
+    check_qwen(model, got, qwen_reference(model, processor, config, [prompt], [image]))
+    (p32, ids32), (p16, ids16) = runs["float32"], runs["bfloat16"]
+    assert ids16 == ids32
+    assert torch.equal(p16, p32)
+    visual = torch.tensor(ids32) == model.config.image_token_id
+    first = int(visual.nonzero()[0])
+    offsets = p32[:, visual] - p32[:, first:first + 1]
+    # the case bf16 cannot carry as one channel per offset: odd integers above 256
+    assert bool(((offsets > 256) & (offsets % 2 == 1)).any())

