@@ -5,9 +5,10 @@
 .venv-vllm/bin/python -m eval.serving.bench_vllm --family llava --requests 32 --config llava-1.5/visionzip-64
 ```
 
-Per family, at the bundled demo model's shape (LLaVA-1.5: the demo model itself; LLaVA-NeXT: a random-weight
-anyres model with the demo's tower and LLM sizes, 112 px crops, 224 x 224 images = base + 2 x 2 crops; Qwen2-VL /
-Qwen2.5-VL: random weights at the demo's tower / LLM sizes, 4 px patches merged 2 x 2, 112 x 112 images = 196
+Per family, at the bundled demo model's tower / LLM sizes (the bundled demo models ``vtc-tiny-llava`` (grid, 196
+tokens per image) and ``vtc-tiny-1d`` (32 ordered latents) themselves; LLaVA-1.5: random weights, 336 px images of
+14 px patches = LLaVA-1.5's 576 tokens; LLaVA-NeXT: a random-weight anyres model, 112 px crops, 224 x 224 images =
+base + 2 x 2 crops; Qwen2-VL / Qwen2.5-VL: random weights, 4 px patches merged 2 x 2, 112 x 112 images = 196
 tokens like the demo's), the same
 batch of requests (one image each, greedy, ``max_tokens`` output tokens with ``ignore_eos`` so both variants decode
 the same number) goes through a baseline engine (no ``vtc_config``: stock vLLM) and a vtc engine (``hf_overrides=
@@ -39,7 +40,9 @@ TABLE_END = "<!-- serving-table:end -->"
 
 FAMILIES = {
     # family: (default config, image size (H, W), max_model_len)
-    "llava": ("llava-1.5/visionzip-64", (112, 112), 512),
+    "llava": ("llava-1.5/visionzip-64", (336, 336), 1024),
+    "vtc-tiny-llava": ("llava-1.5/visionzip-64", (112, 112), 512),
+    "vtc-tiny-1d": ("tiny/prefix-8", (112, 112), 512),
     "llava-next": ({"stages": [{"method": "visionzip", "budget": 64}]}, (224, 224), 2048),
     "qwen2-vl": ({"stages": [{"method": "visionzip", "budget": 64}]}, (112, 112), 512),
     "qwen2.5-vl": ({"stages": [{"method": "visionzip", "budget": 64}]}, (112, 112), 512),
@@ -48,10 +51,17 @@ QWEN_VERSION = {"qwen2-vl": "2", "qwen2.5-vl": "2.5"}
 
 
 def _checkpoint(family: str, tmp: Path) -> Path:
-    from eval.serving.checkpoints import GRID_MODEL_PATH, save_tiny_llava_next, save_tiny_qwen2_vl
+    from eval.serving.checkpoints import GRID_MODEL_PATH, save_tiny_llava, save_tiny_llava_next, save_tiny_qwen2_vl
+    from vtc.demo import ORDERED_MODEL_PATH
 
-    if family == "llava":
+    if family == "vtc-tiny-llava":
         return Path(GRID_MODEL_PATH)
+    if family == "vtc-tiny-1d":
+        return Path(ORDERED_MODEL_PATH)
+    if family == "llava":
+        path = tmp / "tiny-llava-1.5-336"
+        save_tiny_llava(path)
+        return path
     if family in QWEN_VERSION:
         path = tmp / f"tiny-{family}-demo-shape"
         save_tiny_qwen2_vl(path, version=QWEN_VERSION[family], vision_hidden=128, vision_depth=4, text_hidden=256,

