@@ -32,8 +32,12 @@ from ..config import Config, load_config
 from ..errors import ConfigError
 from ..functional import reduce_embeddings
 from ..layout import Layout
+from ..models.base import ImageFeatures, ModelAdapter
+from ..runtime.stats import Stats
+from ..runtime.vision import VisionRuntime
 
-__all__ = ["register", "SUPPORTED_ARCHITECTURES", "config_from_hf", "reduced_count", "add_vision_model_level"]
+__all__ = ["register", "SUPPORTED_ARCHITECTURES", "config_from_hf", "reduced_count", "add_vision_model_level",
+           "run_stages", "require_whole_tower"]
 
 #: architecture name (config.json ``architectures``) -> "module:Class" of vtc's subclass of vLLM's class
 SUPPORTED_ARCHITECTURES: dict[str, str] = {
@@ -102,9 +106,25 @@ def config_from_hf(hf_config) -> Config | None:
     return cfg
 
 
+# ---- the stages ------------------------------------------------------------------------------------------------------
+
+def run_stages(side: ModelAdapter, cfg: Config, kwargs: dict) -> list[ImageFeatures]:
+    """The vision-side stages of ``cfg`` on the images ``side`` encodes from ``kwargs``: the
+    :class:`vtc.runtime.vision.VisionRuntime` loop of transformers, its stats discarded (vLLM has nowhere to report
+    them)."""
+    return VisionRuntime(side, list(enumerate(cfg.vision_stages)), Stats(), cfg.seed).reduce_images(kwargs)
+
+
+def require_whole_tower(attn) -> None:
+    """Refuse a tower attention split by tensor parallelism: vtc's scores need all its heads."""
+    if getattr(attn, "tp_size", 1) != 1:
+        raise ConfigError("vtc's scores need the whole vision tower on one device (tensor_parallel_size 1 for "
+                          "the tower, e.g. mm_encoder_tp_mode='data')")
+
+
 # ---- counts ---------------------------------------------------------------------------------------------------------
 
-def _dummy_extras(U: int, layout: Layout, dim: int, gen: torch.Generator) -> dict:
+def dummy_extras(U: int, layout: Layout, dim: int, gen: torch.Generator) -> dict:
     """Random stand-ins for every extra a scoring method may ask for (shapes as the adapters give them)."""
     n = layout.num_tokens
     return {
@@ -123,7 +143,7 @@ def _count(cfg: Config, layout: Layout) -> int:
     for seed in (0, 1):
         gen = torch.Generator().manual_seed(seed)
         feats = torch.randn(1, layout.num_tokens, dim, generator=gen)
-        out, _ = reduce_embeddings(feats, layout, cfg, extras=_dummy_extras(1, layout, dim, gen), seed=cfg.seed)
+        out, _ = reduce_embeddings(feats, layout, cfg, extras=dummy_extras(1, layout, dim, gen), seed=cfg.seed)
         counts.add(out.shape[1])
     if len(counts) != 1:
         raise ConfigError(

@@ -20,19 +20,7 @@ from functools import lru_cache
 
 import torch
 from torch import nn
-from vllm.model_executor.models.llava import (
-    LlavaDummyInputsBuilder,
-    LlavaForConditionalGeneration,
-    LlavaImageEmbeddingInputs,
-    LlavaProcessingInfo,
-    _build_llava_or_pixtral_hf_processor,
-)
-from vllm.model_executor.models.llava_next import (
-    LlavaNextForConditionalGeneration,
-    LlavaNextImageEmbeddingInputs,
-    LlavaNextMultiModalProcessor,
-    LlavaNextProcessingInfo,
-)
+from vllm.model_executor.models import llava, llava_next
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
 from ..errors import ConfigError
@@ -41,9 +29,7 @@ from ..methods.base import VisionExtras
 from ..models.base import ModelAdapter, VisualGroup
 from ..models.llava_next import LlavaNextAdapter
 from ..models.vision_towers import QKRowScorer, scorer_extras
-from ..runtime.stats import Stats
-from ..runtime.vision import VisionRuntime
-from .vllm import add_vision_model_level, config_from_hf, reduced_count
+from .vllm import add_vision_model_level, config_from_hf, dummy_extras, reduced_count, require_whole_tower, run_stages
 
 __all__ = ["VtcLlavaForConditionalGeneration", "VtcLlavaProcessingInfo", "VtcLlavaNextForConditionalGeneration",
            "VtcLlavaNextProcessingInfo", "VllmTowerScorer", "llava_layout", "next_count"]
@@ -79,9 +65,7 @@ class VllmTowerScorer(QKRowScorer):
         block = tower.encoder.layers[len(states) - 2]
         self.norm = block.layer_norm1
         self.attn = block.self_attn
-        if getattr(self.attn, "tp_size", 1) != 1:
-            raise ConfigError("vtc's scores need the whole vision tower on one device (tensor_parallel_size 1 for "
-                              "the tower, e.g. mm_encoder_tp_mode='data')")
+        require_whole_tower(self.attn)
         self.heads = self.attn.num_heads_per_partition
         self.head_dim = self.attn.head_dim
         self.scale = float(self.attn.scale)
@@ -155,7 +139,7 @@ class LlavaVisionSide(ModelAdapter):
         return self.model.multi_modal_projector(features)
 
 
-class VtcLlavaProcessingInfo(LlavaProcessingInfo):
+class VtcLlavaProcessingInfo(llava.LlavaProcessingInfo):
     """vLLM's LLaVA processing info; with a vtc config, an image expands to the reduced number of tokens."""
 
     def get_num_image_tokens(self, *, image_width: int, image_height: int) -> int:
@@ -166,44 +150,62 @@ class VtcLlavaProcessingInfo(LlavaProcessingInfo):
         return reduced_count(cfg, llava_layout(self.get_hf_config()))
 
 
-@MULTIMODAL_REGISTRY.register_processor(
-    _build_llava_or_pixtral_hf_processor,
-    info=VtcLlavaProcessingInfo,
-    dummy_inputs=LlavaDummyInputsBuilder,
-)
-class VtcLlavaForConditionalGeneration(LlavaForConditionalGeneration):
-    """vLLM's ``LlavaForConditionalGeneration`` with vtc's vision-side stages on the image features."""
+class _VtcLlavaModel:
+    """Model mixin (before vLLM's LLaVA / LLaVA-NeXT class in the MRO): reads ``vtc_config`` (a bad config fails
+    before any weight is allocated), checks the tower and the feature layer, and loads checkpoints with or without
+    the CLIP tower's ``vision_model.`` level."""
+
+    #: the family's name in errors
+    _vtc_family = "LLaVA"
+    #: whether a config without vision-side stages leaves the model stock (else the empty stage list runs)
+    _vtc_stock_without_stages = False
 
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
         hf_config = vllm_config.model_config.hf_config
-        cfg = config_from_hf(hf_config)  # a bad config fails here, before any weight is allocated
+        cfg = config_from_hf(hf_config)
         super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self.vtc_config = cfg
-        self._vtc_expected = None
-        if cfg is not None:
+        self.vtc_config = None if cfg is not None and self._vtc_stock_without_stages and not cfg.vision_stages else cfg
+        if self.vtc_config is not None:
             if getattr(hf_config.vision_config, "model_type", "") not in ("clip_vision_model", "siglip_vision_model"):
-                raise ConfigError(f"vtc in vLLM supports CLIP and SigLIP towers in LLaVA, got "
+                raise ConfigError(f"vtc in vLLM supports CLIP and SigLIP towers in {self._vtc_family}, got "
                                   f"{hf_config.vision_config.model_type}")
             _feature_layer(hf_config)
-            self._vtc_expected = reduced_count(cfg, llava_layout(hf_config))
+            self._vtc_check_counts(hf_config)
+
+    def _vtc_check_counts(self, hf_config) -> None:
+        """Count the tokens once at load, so a config the dry run refuses fails there."""
+        raise NotImplementedError
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        if hasattr(self.vision_tower, "vision_model"):
+            weights = add_vision_model_level(weights, ("model.vision_tower.", "vision_tower."))
+        return super().load_weights(weights)
+
+
+@MULTIMODAL_REGISTRY.register_processor(
+    llava._build_llava_or_pixtral_hf_processor,
+    info=VtcLlavaProcessingInfo,
+    dummy_inputs=llava.LlavaDummyInputsBuilder,
+)
+class VtcLlavaForConditionalGeneration(_VtcLlavaModel, llava.LlavaForConditionalGeneration):
+    """vLLM's ``LlavaForConditionalGeneration`` with vtc's vision-side stages on the image features."""
+
+    _vtc_expected: int | None = None
+
+    def _vtc_check_counts(self, hf_config) -> None:
+        self._vtc_expected = reduced_count(self.vtc_config, llava_layout(hf_config))
 
     def _process_image_input(self, image_input):
-        if self.vtc_config is None or isinstance(image_input, LlavaImageEmbeddingInputs):
+        if self.vtc_config is None or isinstance(image_input, llava.LlavaImageEmbeddingInputs):
             return super()._process_image_input(image_input)
-        side = LlavaVisionSide(self)
-        runtime = VisionRuntime(side, list(enumerate(self.vtc_config.vision_stages)), Stats(), self.vtc_config.seed)
-        images = runtime.reduce_images({"pixel_values": image_input["pixel_values"]})
+        images = run_stages(LlavaVisionSide(self), self.vtc_config,
+                                   {"pixel_values": image_input["pixel_values"]})
         embeds = tuple(im.embeds for im in images)
         got = {e.shape[0] for e in embeds}
         if got != {self._vtc_expected}:
             raise RuntimeError(f"vtc: the stages delivered {sorted(got)} tokens per image, but the prompt was "
                                f"expanded to {self._vtc_expected}")
         return embeds
-
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        if hasattr(self.vision_tower, "vision_model"):
-            weights = add_vision_model_level(weights, ("model.vision_tower.", "vision_tower."))
-        return super().load_weights(weights)
 
 
 # ---- LLaVA-NeXT -----------------------------------------------------------------------------------------------------
@@ -242,15 +244,8 @@ class _DryNextSide(LlavaNextVisionSide):
     def _run_tower(self, pixel_values: torch.Tensor, kwargs: dict):
         U = pixel_values.shape[0]
         h, w = self.crop_grid
-        n, g, d = h * w, self.gen, self.dim
-        extras = VisionExtras(
-            cls_attention=torch.rand(U, n, generator=g).clone,
-            received_attention=torch.rand(U, n, generator=g).clone,
-            keys=torch.randn(U, n, d, generator=g).clone,
-            cls_token=torch.randn(U, d, generator=g).clone,
-            hidden_with_cls=torch.randn(U, 1 + n, d, generator=g).clone,
-        )
-        return torch.randn(U, n, d, generator=g), _Extras(extras)
+        extras = VisionExtras(**{k: v.clone for k, v in dummy_extras(U, Grid(h, w), self.dim, self.gen).items()})
+        return torch.randn(U, h * w, self.dim, generator=self.gen), _Extras(extras)
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
         return features
@@ -273,8 +268,7 @@ def _next_count(cfg, hf_json: str, height: int, width: int) -> int:
         geom = side.geometries({"image_sizes": [[height, width]]})[0]
         S = hf_config.vision_config.image_size
         kwargs = {"image_sizes": [[height, width]], "pixel_values": torch.zeros(geom.num_units, 3, S, S)}
-        runtime = VisionRuntime(side, list(enumerate(cfg.vision_stages)), Stats(), cfg.seed)
-        (image,) = runtime.reduce_images(kwargs)
+        (image,) = run_stages(side, cfg, kwargs)
         counts.add(image.embeds.shape[0])
     if len(counts) != 1:
         raise ConfigError(
@@ -284,7 +278,7 @@ def _next_count(cfg, hf_json: str, height: int, width: int) -> int:
     return counts.pop()
 
 
-class VtcLlavaNextProcessingInfo(LlavaNextProcessingInfo):
+class VtcLlavaNextProcessingInfo(llava_next.LlavaNextProcessingInfo):
     """vLLM's LLaVA-NeXT processing info; with a vtc config, an image expands to its reduced number of tokens."""
 
     def get_num_image_tokens(self, *, image_width: int, image_height: int) -> int:
@@ -296,37 +290,29 @@ class VtcLlavaNextProcessingInfo(LlavaNextProcessingInfo):
 
 
 @MULTIMODAL_REGISTRY.register_processor(
-    LlavaNextMultiModalProcessor,
+    llava_next.LlavaNextMultiModalProcessor,
     info=VtcLlavaNextProcessingInfo,
-    dummy_inputs=LlavaDummyInputsBuilder,
+    dummy_inputs=llava.LlavaDummyInputsBuilder,
 )
-class VtcLlavaNextForConditionalGeneration(LlavaNextForConditionalGeneration):
+class VtcLlavaNextForConditionalGeneration(_VtcLlavaModel, llava_next.LlavaNextForConditionalGeneration):
     """vLLM's ``LlavaNextForConditionalGeneration`` with vtc's vision-side stages on each crop's features."""
 
-    def __init__(self, *, vllm_config, prefix: str = "") -> None:
-        hf_config = vllm_config.model_config.hf_config
-        cfg = config_from_hf(hf_config)
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self.vtc_config = cfg if cfg is not None and cfg.vision_stages else None
-        if self.vtc_config is not None:
-            if getattr(hf_config.vision_config, "model_type", "") not in ("clip_vision_model", "siglip_vision_model"):
-                raise ConfigError(f"vtc in vLLM supports CLIP and SigLIP towers in LLaVA-NeXT, got "
-                                  f"{hf_config.vision_config.model_type}")
-            _feature_layer(hf_config)
-            S = hf_config.vision_config.image_size
-            next_count(self.vtc_config, hf_config, S, S)  # a config the dry run refuses fails at load
+    _vtc_family = "LLaVA-NeXT"
+    _vtc_stock_without_stages = True
+
+    def _vtc_check_counts(self, hf_config) -> None:
+        S = hf_config.vision_config.image_size
+        next_count(self.vtc_config, hf_config, S, S)
 
     def _process_image_input(self, image_input):
-        if self.vtc_config is None or isinstance(image_input, LlavaNextImageEmbeddingInputs):
+        if self.vtc_config is None or isinstance(image_input, llava_next.LlavaNextImageEmbeddingInputs):
             return super()._process_image_input(image_input)
         pv = image_input["pixel_values"]
         if not isinstance(pv, torch.Tensor):
             pv = torch.cat(list(pv), dim=0)
         sizes = image_input.get("image_sizes")
         kwargs = {"pixel_values": pv, "image_sizes": sizes}
-        side = LlavaNextVisionSide(self)
-        runtime = VisionRuntime(side, list(enumerate(self.vtc_config.vision_stages)), Stats(), self.vtc_config.seed)
-        images = runtime.reduce_images(kwargs)
+        images = run_stages(LlavaNextVisionSide(self), self.vtc_config, kwargs)
         sizes_list = sizes.tolist() if isinstance(sizes, torch.Tensor) else list(sizes)
         for im, (h, w) in zip(images, sizes_list):
             want = next_count(self.vtc_config, self.config, h, w)
@@ -334,8 +320,3 @@ class VtcLlavaNextForConditionalGeneration(LlavaNextForConditionalGeneration):
                 raise RuntimeError(f"vtc: the stages delivered {im.embeds.shape[0]} tokens for a {h}x{w} image, "
                                    f"but the prompt was expanded to {want}")
         return [im.embeds for im in images]
-
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        if hasattr(self.vision_tower, "vision_model"):
-            weights = add_vision_model_level(weights, ("model.vision_tower.", "vision_tower."))
-        return super().load_weights(weights)

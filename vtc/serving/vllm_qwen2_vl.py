@@ -62,9 +62,7 @@ from ..methods.base import VisionExtras
 from ..models.base import ImageFeatures, ModelAdapter, VisualGroup
 from ..models.qwen2_vl import _TowerScores, segment_received_attention
 from ..reduction import chained_anchor
-from ..runtime.stats import Stats
-from ..runtime.vision import VisionRuntime
-from .vllm import config_from_hf, reduced_count
+from .vllm import config_from_hf, reduced_count, require_whole_tower, run_stages
 
 __all__ = ["VtcQwen2VLForConditionalGeneration", "VtcQwen2_5_VLForConditionalGeneration", "VtcQwen2VLProcessingInfo",
            "VtcQwen2_5_VLProcessingInfo", "VllmQwenScores", "unit_count", "item_count", "encode_offsets",
@@ -191,9 +189,7 @@ class VllmQwenScores(_TowerScores):
         super().__init__(block, xn, None, cos, sin, merge_unit, order)
         self.segment, self.num_segments = segment, num_segments
         attn = block.attn
-        if getattr(attn, "tp_size", 1) != 1:
-            raise ConfigError("vtc's scores need the whole vision tower on one device (tensor_parallel_size 1 for "
-                              "the tower, e.g. mm_encoder_tp_mode='data')")
+        require_whole_tower(attn)
         self.heads = attn.num_attention_heads_per_partition
         self.head_dim = attn.hidden_size_per_attention_head
 
@@ -339,9 +335,7 @@ class _VtcQwenModel:
         if cfg is None:
             return
         unit_count(cfg, 4, 4)  # a config the dry run refuses (content-dependent count) fails at load
-        if getattr(self.visual.blocks[self._score_block_index()].attn, "tp_size", 1) != 1:
-            raise ConfigError("vtc's scores need the whole vision tower on one device (tensor_parallel_size 1 for "
-                              "the tower, e.g. mm_encoder_tp_mode='data')")
+        require_whole_tower(self.visual.blocks[self._score_block_index()].attn)
 
     # ---- vision ---------------------------------------------------------------------------------------------------
     def _score_block_index(self) -> int:
@@ -381,8 +375,7 @@ class _VtcQwenModel:
                 offset += (h // m) * (w // m)
         side = QwenVisionSide(self, merged, scores, units)
         cfg = self.vtc_config
-        runtime = VisionRuntime(side, list(enumerate(cfg.vision_stages)), Stats(), cfg.seed)
-        per_unit = runtime.reduce_images({})
+        per_unit = run_stages(side, cfg, {})
         embeds = []
         for i, (t, h, w) in enumerate(grid_list):
             feats = [(u, f) for u, f in zip(units, per_unit) if u.item == i]
