@@ -29,6 +29,9 @@ Call :func:`register` once (idempotent) to make ``AutoConfig`` / ``AutoModel`` /
 
 from __future__ import annotations
 
+import functools
+import inspect
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -49,6 +52,25 @@ except ImportError:  # transformers < 5.2x: ``sub_configs = {name: AutoConfig}``
 
 # "cache" where the transformers base outputs (and so LlamaModel and generate) use the new name
 CACHE_KW = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def _cache_keyword(forward):
+    """``forward`` (whose cache parameter is named ``cache``) with the cache keyword of this transformers: ``cache``
+    (``past_key_values`` accepted with a deprecation warning, as transformers' own models do), or ``past_key_values``
+    before 5.2x. generate reads the name off the signature, so the signature says it too."""
+    if CACHE_KW == "cache":
+        return deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")(forward)
+    sig = inspect.signature(forward)
+    params = [p.replace(name=CACHE_KW) if p.name == "cache" else p for p in sig.parameters.values()]
+
+    @functools.wraps(forward)
+    def renamed(self, *args, **kwargs):
+        if CACHE_KW in kwargs:
+            kwargs["cache"] = kwargs.pop(CACHE_KW)
+        return forward(self, *args, **kwargs)
+
+    renamed.__signature__ = sig.replace(parameters=params)
+    return renamed
 
 try:
     from transformers.modeling_outputs import MultimodalBaseModelOutputWithPast, MultimodalCausalLMOutputWithPast
@@ -287,44 +309,17 @@ class OrderedVLMModel(OrderedVLMPreTrainedModel):
             )
         return special_image_mask.unsqueeze(-1).to(inputs_embeds.device)
 
-    if CACHE_KW == "cache":
-
-        @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
-        def forward(
-            self,
-            input_ids: torch.LongTensor | None = None,
-            pixel_values: torch.Tensor | None = None,
-            attention_mask: torch.Tensor | None = None,
-            position_ids: torch.LongTensor | None = None,
-            cache: Cache | None = None,
-            inputs_embeds: torch.Tensor | None = None,
-            mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None = None,
-            **kwargs,
-        ) -> MultimodalBaseModelOutputWithPast:
-            return self._forward(
-                input_ids, pixel_values, attention_mask, position_ids, cache, inputs_embeds, mm_encoder_outputs, **kwargs
-            )
-
-    else:  # transformers < 5.2x name the cache keyword ``past_key_values``
-
-        def forward(
-            self,
-            input_ids: torch.LongTensor | None = None,
-            pixel_values: torch.Tensor | None = None,
-            attention_mask: torch.Tensor | None = None,
-            position_ids: torch.LongTensor | None = None,
-            past_key_values: Cache | None = None,
-            inputs_embeds: torch.Tensor | None = None,
-            mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None = None,
-            **kwargs,
-        ) -> MultimodalBaseModelOutputWithPast:
-            return self._forward(
-                input_ids, pixel_values, attention_mask, position_ids, past_key_values, inputs_embeds,
-                mm_encoder_outputs, **kwargs,
-            )
-
-    def _forward(
-        self, input_ids, pixel_values, attention_mask, position_ids, cache, inputs_embeds, mm_encoder_outputs, **kwargs
+    @_cache_keyword
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None = None,
+        **kwargs,
     ) -> MultimodalBaseModelOutputWithPast:
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
@@ -360,6 +355,20 @@ class OrderedVLMModel(OrderedVLMPreTrainedModel):
         )
 
 
+def _lm_signature(model_forward) -> inspect.Signature:
+    """The causal LM's ``forward`` signature: the base model's (its cache keyword included) with ``labels`` and
+    ``logits_to_keep`` before ``mm_encoder_outputs``, in the order of transformers' own models."""
+    params = list(inspect.signature(model_forward).parameters.values())
+    at = [p.name for p in params].index("mm_encoder_outputs")
+    kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    extra = [inspect.Parameter("labels", kind, default=None, annotation="torch.LongTensor | None"),
+             inspect.Parameter("logits_to_keep", kind, default=0, annotation="int | torch.Tensor")]
+    return inspect.Signature(params[:at] + extra + params[at:], return_annotation="MultimodalCausalLMOutputWithPast")
+
+
+_LM_SIGNATURE = _lm_signature(OrderedVLMModel.forward)
+
+
 class OrderedVLMForConditionalGeneration(OrderedVLMPreTrainedModel, GenerationMixin):
     def __init__(self, config: OrderedVLMConfig):
         super().__init__(config)
@@ -383,61 +392,15 @@ class OrderedVLMForConditionalGeneration(OrderedVLMPreTrainedModel, GenerationMi
         """Projected ordered latents as one (B, n_latents, D_text) tensor."""
         return torch.stack(self.get_image_features(pixel_values).pooler_output, dim=0)
 
-    if CACHE_KW == "cache":
-
-        @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
-        def forward(
-            self,
-            input_ids: torch.LongTensor | None = None,
-            pixel_values: torch.Tensor | None = None,
-            attention_mask: torch.Tensor | None = None,
-            position_ids: torch.LongTensor | None = None,
-            cache: Cache | None = None,
-            inputs_embeds: torch.Tensor | None = None,
-            labels: torch.LongTensor | None = None,
-            logits_to_keep: int | torch.Tensor = 0,
-            mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None = None,
-            **kwargs,
-        ) -> MultimodalCausalLMOutputWithPast:
-            return self._forward(
-                input_ids, pixel_values, attention_mask, position_ids, cache, inputs_embeds, labels, logits_to_keep,
-                mm_encoder_outputs, **kwargs,
-            )
-
-    else:  # transformers < 5.2x name the cache keyword ``past_key_values``
-
-        def forward(
-            self,
-            input_ids: torch.LongTensor | None = None,
-            pixel_values: torch.Tensor | None = None,
-            attention_mask: torch.Tensor | None = None,
-            position_ids: torch.LongTensor | None = None,
-            past_key_values: Cache | None = None,
-            inputs_embeds: torch.Tensor | None = None,
-            labels: torch.LongTensor | None = None,
-            logits_to_keep: int | torch.Tensor = 0,
-            mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None = None,
-            **kwargs,
-        ) -> MultimodalCausalLMOutputWithPast:
-            return self._forward(
-                input_ids, pixel_values, attention_mask, position_ids, past_key_values, inputs_embeds, labels,
-                logits_to_keep, mm_encoder_outputs, **kwargs,
-            )
-
-    def _forward(
-        self, input_ids, pixel_values, attention_mask, position_ids, cache, inputs_embeds, labels, logits_to_keep,
-        mm_encoder_outputs, **kwargs,
-    ) -> MultimodalCausalLMOutputWithPast:
-        outputs = self.model(
-            input_ids=input_ids,
-            pixel_values=pixel_values,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            inputs_embeds=inputs_embeds,
-            mm_encoder_outputs=mm_encoder_outputs,
-            **{CACHE_KW: cache},
-            **kwargs,
-        )
+    def forward(self, *args, **kwargs) -> MultimodalCausalLMOutputWithPast:
+        """:meth:`OrderedVLMModel.forward`'s inputs (passed on to it as given), plus ``labels`` (for a loss) and
+        ``logits_to_keep``; the signature (:data:`_LM_SIGNATURE`) names them all, as generate reads it."""
+        inputs = _LM_SIGNATURE.bind(self, *args, **kwargs).arguments
+        del inputs["self"]
+        labels = inputs.pop("labels", None)
+        logits_to_keep = inputs.pop("logits_to_keep", 0)
+        kwargs = inputs.pop("kwargs", {})
+        outputs = self.model(**inputs, **kwargs)
         hidden_states = outputs.last_hidden_state
         if isinstance(logits_to_keep, int):
             hidden_states = hidden_states[:, -logits_to_keep:, :] if logits_to_keep > 0 else hidden_states
@@ -458,15 +421,11 @@ class OrderedVLMForConditionalGeneration(OrderedVLMPreTrainedModel, GenerationMi
             image_outputs=outputs.image_outputs,
         )
 
-
-_REGISTERED = False
+    forward.__signature__ = _LM_SIGNATURE
 
 
 def register() -> None:
     """Register the model type with the transformers Auto classes (safe to call many times)."""
-    global _REGISTERED
-    if _REGISTERED:
-        return
     from transformers import AutoModelForImageTextToText
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
@@ -474,4 +433,3 @@ def register() -> None:
         AutoConfig.register(MODEL_TYPE, OrderedVLMConfig, exist_ok=True)
     AutoModel.register(OrderedVLMConfig, OrderedVLMModel, exist_ok=True)
     AutoModelForImageTextToText.register(OrderedVLMConfig, OrderedVLMForConditionalGeneration, exist_ok=True)
-    _REGISTERED = True
