@@ -110,14 +110,6 @@ if _LMMSBase is not None:
             return self._device
 
         @property
-        def rank(self) -> int:
-            return self._rank
-
-        @property
-        def world_size(self) -> int:
-            return self._world_size
-
-        @property
         def eot_token_id(self) -> int:
             return self.tokenizer.eos_token_id
 

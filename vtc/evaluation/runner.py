@@ -61,13 +61,8 @@ def config_family(config) -> str:
     ``transprune@L7/9/12`` (configs of one family differ only in budgets)."""
     parts = []
     for s in config.stages:
-        layer, layers = getattr(s, "layer", None), getattr(s, "layers", None)
-        if layers:
-            parts.append(f"{s.method}@L{'/'.join(str(x) for x in layers)}")
-        elif layer is not None:
-            parts.append(f"{s.method}@L{layer}")
-        else:
-            parts.append(s.method)
+        layers = s.llm_layers()
+        parts.append(f"{s.method}@L{'/'.join(str(x) for x in layers)}" if layers else s.method)
     return "+".join(parts) or "baseline"
 
 

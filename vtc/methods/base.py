@@ -258,6 +258,7 @@ class Method(BaseModel):
     Class attributes:
     - ``sides``: where the method can run. A method that supports both runs LLM-side when ``layer`` is set.
     - ``keeps_prefix``: vision side, the output of an ordered sequence is still ordered (prefix truncation).
+    - ``reads_prompt``: vision side, the method reads the prompt text (``VisionContext.prompt``).
 
     Fields every method may have (typed here, accepted in a config only where the method declares them again):
     ``budget``, ``layer`` (LLM side: the 0-indexed decoder layer the survivors enter), ``feature_space``
@@ -271,6 +272,7 @@ class Method(BaseModel):
 
     sides: ClassVar[tuple[Side, ...]] = ("vision",)
     keeps_prefix: ClassVar[bool] = False
+    reads_prompt: ClassVar[bool] = False
 
     method: str
     budget: Budget | None = Field(None, exclude=True)

@@ -312,7 +312,7 @@ class VisionZip(Method):
         """Dominant mask and contextual counts when one budget covers all units (crops / frames) of an image."""
         dev = s.device
         U = rows // frames
-        unit_image = getattr(ctx, "unit_image", None)
+        unit_image = ctx.unit_image
         if unit_image is None:
             unit_image = torch.arange(U, device=dev)  # every unit is its own image (a video: its frames)
         _, img = torch.unique(torch.as_tensor(unit_image, device=dev).long(), return_inverse=True)

@@ -334,7 +334,7 @@ class ModelAdapter:
         """Refuse, when attached, a stage this family cannot run (ConfigError saying why). Default: a vision-side
         stage whose ``requires_extras`` (alternatives) are all missing from :meth:`vision_extras_available`."""
         have = self.vision_extras_available()
-        needs = set(getattr(stage, "requires_extras", ()) or ())
+        needs = set(stage.requires_extras)
         if stage.side == "vision" and have is not None and needs and not needs & have:
             why = " (the vision tower has no CLS token)" if needs <= {"cls_attention", "cls_token",
                                                                       "hidden_with_cls"} else ""

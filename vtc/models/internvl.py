@@ -225,7 +225,7 @@ class InternVLAdapter(LlavaAdapter):
         return frozenset({"received_attention", "keys"})
 
     def check_stage(self, stage) -> None:
-        needs = set(getattr(stage, "requires_extras", ()) or ())
+        needs = set(stage.requires_extras)
         if stage.side == "vision" and needs and not needs & self.vision_extras_available():
             raise ConfigError(
                 f"internvl cannot provide {', '.join(sorted(needs))}: InternViT's CLS output is discarded by the "

@@ -138,7 +138,7 @@ class VisionRuntime:
         self.states: dict[int, Any] = {}
         #: the user's instruction (``run.set_instruction``): one string, or one per batch row
         self.instruction: str | list[str] | None = None
-        self.reads_prompt = any(getattr(m, "reads_prompt", False) for _, m in stages)
+        self.reads_prompt = any(m.reads_prompt for _, m in stages)
 
     def prompt_text(self, kwargs: dict) -> PromptText:
         """The prompt facts a text-reading method needs (the original input_ids and which row each image is in)."""

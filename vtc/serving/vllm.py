@@ -98,7 +98,7 @@ def config_from_hf(hf_config) -> Config | None:
             "decoder layer runs, so a stage there cannot shrink the prompt (run it with vtc.compress in transformers)"
         )
     readers = [f"stages[{cfg.stages.index(s)}] ({s.method})" for s in cfg.vision_stages
-               if getattr(s, "reads_prompt", False)]
+               if s.reads_prompt]
     if readers:
         raise ConfigError(", ".join(readers) + " read(s) the prompt text, but vLLM runs the vision encoder without the "
                           "prompt (and must know each image's token count before); run it with vtc.compress in "
