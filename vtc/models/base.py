@@ -22,7 +22,8 @@ from ..layout import Layout
 from ..methods.base import VisionExtras
 from ..scoring import apply_rope
 
-__all__ = ["ModelAdapter", "TokenMap", "VisualGroup", "ImageFeatures", "cache_kwarg_name", "precomputed_counts"]
+__all__ = ["ModelAdapter", "TokenMap", "VisualGroup", "ImageFeatures", "cache_kwarg_name", "precomputed_counts",
+           "pixel_input"]
 
 
 @dataclass
@@ -120,6 +121,15 @@ def precomputed_counts(kwargs: dict, modality: str = "image") -> list[int] | Non
     if isinstance(feats, torch.Tensor):
         return [feats.shape[-2]] * feats.shape[0] if feats.dim() == 3 else [feats.shape[0]]
     return [int(f.shape[0]) for f in feats]
+
+
+def pixel_input(kwargs: dict, key: str, family: str, dims: tuple[str, ...], note: str = "") -> torch.Tensor | None:
+    """``kwargs[key]`` (None when absent), refused with a ConfigError naming the field and the shape it must have
+    (``dims``, e.g. ``("videos", "frames", "C", "H", "W")``) unless it has that many dimensions."""
+    pv = kwargs.get(key)
+    if pv is not None and pv.dim() != len(dims):
+        raise ConfigError(f"{family}: {key} must be ({', '.join(dims)}){note}, got shape {tuple(pv.shape)}")
+    return pv
 
 
 def cache_kwarg_name(fn) -> str:
@@ -368,6 +378,14 @@ class ModelAdapter:
         """``n`` random images of ``image_size`` (H, W) px (None: the family's default): the placeholder ids each
         occupies in the prompt, and the forward kwargs that carry them (CPU tensors). Family-specific."""
         raise NotImplementedError(f"{type(self).__name__} has no dummy_images")
+
+    def _tower_size_images(self, n: int, tokens_per_image: int,
+                           generator: torch.Generator) -> tuple[list[list[int]], dict[str, torch.Tensor]]:
+        """:meth:`dummy_images` of a family whose processor resizes every image to the tower's resolution
+        (``vision_config.image_size``): ``n`` random images of that size, ``tokens_per_image`` placeholders each."""
+        size = self.model.config.vision_config.image_size
+        pixel_values = torch.randn(n, 3, size, size, generator=generator)
+        return [[self.placeholder_token_id()] * tokens_per_image] * n, {"pixel_values": pixel_values}
 
     def dummy_inputs(self, texts: list[tuple[list[int], list[int]]], *, image_size: tuple[int, int] | None = None,
                      generator: torch.Generator | None = None, pad_id: int = 0) -> dict[str, Any]:

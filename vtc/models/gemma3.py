@@ -55,7 +55,6 @@ def pool_patches(x: torch.Tensor, side: int, kernel: int) -> torch.Tensor:
 class Gemma3Adapter(LlavaAdapter):
     family = "gemma3"
     model_class_names = ("Gemma3ForConditionalGeneration",)
-    visual_input_keys = ("pixel_values",)
     vision_only_keys = ()
     decode_masks_from_positions = True
 

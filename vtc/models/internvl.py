@@ -120,7 +120,6 @@ class InternVLAdapter(LlavaAdapter):
 
     family = "internvl"
     model_class_names = ("InternVLForConditionalGeneration",)
-    visual_input_keys = ("pixel_values",)
     vision_only_keys = ("vision_feature_layer", "vision_feature_select_strategy")
 
     # ---- geometry ---------------------------------------------------------------------------------------------

@@ -20,14 +20,11 @@ __all__ = ["LlavaAdapter"]
 class LlavaAdapter(ModelAdapter):
     family = "llava"
     model_class_names = ("LlavaForConditionalGeneration",)
-    visual_input_keys = ("pixel_values",)
     vision_only_keys = ("image_sizes", "vision_feature_layer", "vision_feature_select_strategy")
 
     def dummy_images(self, n, image_size, generator):
         """Random images at the tower's resolution (the processor resizes every image to it: ``image_size`` unused)."""
-        size = self.model.config.vision_config.image_size
-        pixel_values = torch.randn(n, 3, size, size, generator=generator)
-        return [[self.placeholder_token_id()] * self._tokens_per_image()] * n, {"pixel_values": pixel_values}
+        return self._tower_size_images(n, self._tokens_per_image(), generator)
 
 
     @property

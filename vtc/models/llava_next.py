@@ -211,7 +211,6 @@ class LlavaNextAdapter(_llava.LlavaAdapter):
 
     family = "llava_next"
     model_class_names = ("LlavaNextForConditionalGeneration",)
-    visual_input_keys = ("pixel_values",)
     vision_only_keys = ("image_sizes", "vision_feature_layer", "vision_feature_select_strategy")
 
     # ---- geometry -----------------------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ from ..errors import ConfigError
 from ..layout import Grid, Layout
 from ..methods.base import VisionExtras
 from . import register_adapter
-from .base import ImageFeatures, TokenMap, VisualGroup
+from .base import ImageFeatures, TokenMap, VisualGroup, pixel_input
 from .llava_next import AnyresGeometry, LlavaNextAdapter, anyres_geometry
 
 __all__ = ["LlavaOnevisionAdapter", "pool_scores"]
@@ -207,12 +207,9 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
     # ---- vision side --------------------------------------------------------------------------------------------
     def encode_images(self, kwargs: dict) -> list[VisualGroup]:
         groups = super().encode_images(kwargs) if kwargs.get("pixel_values") is not None else []
-        pv = kwargs.get("pixel_values_videos")
+        pv = pixel_input(kwargs, "pixel_values_videos", self.family, ("videos", "frames", "C", "H", "W"))
         if pv is None:
             return groups
-        if pv.dim() != 5:
-            raise ConfigError(f"llava_onevision: pixel_values_videos must be (videos, frames, C, H, W), got "
-                              f"{tuple(pv.shape)}")
         V, Fr = pv.shape[:2]
         if self._cls_in_features(kwargs):
             raise ConfigError("llava_onevision: vision_feature_select_strategy='full' on a CLS tower is not supported "

@@ -133,7 +133,6 @@ class _PixtralScores:
 class Mistral3Adapter(LlavaAdapter):
     family = "mistral3"
     model_class_names = ("Mistral3ForConditionalGeneration",)
-    visual_input_keys = ("pixel_values",)
     vision_only_keys = ("image_sizes", "vision_feature_layer")
 
     def __init__(self, model) -> None:

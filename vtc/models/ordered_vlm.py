@@ -7,8 +7,6 @@ layout is ``Sequence(n_latents, is_ordered=True)``: prefix truncation is valid. 
 
 from __future__ import annotations
 
-import torch
-
 from ..layout import Sequence
 from . import register_adapter
 from .base import ModelAdapter, VisualGroup, precomputed_counts
@@ -20,13 +18,10 @@ __all__ = ["OrderedVLMAdapter"]
 class OrderedVLMAdapter(ModelAdapter):
     family = "vtc-ordered"
     model_class_names = ("OrderedVLMForConditionalGeneration",)
-    visual_input_keys = ("pixel_values",)
 
     def dummy_images(self, n, image_size, generator):
         """Random images at the tower's resolution, ``n_latents`` placeholders each (``image_size`` unused)."""
-        size = self.model.config.vision_config.image_size
-        pixel_values = torch.randn(n, 3, size, size, generator=generator)
-        return [[self.placeholder_token_id()] * self.model.config.n_latents] * n, {"pixel_values": pixel_values}
+        return self._tower_size_images(n, self.model.config.n_latents, generator)
 
 
     def tokens_per_image(self, kwargs: dict) -> list[int] | None:

@@ -45,7 +45,7 @@ from ..errors import ConfigError
 from ..layout import Grid, Layout, MultiCrop
 from ..methods.base import VisionExtras
 from . import register_adapter
-from .base import ImageFeatures, TokenMap, VisualGroup
+from .base import ImageFeatures, TokenMap, VisualGroup, pixel_input
 from .llava import LlavaAdapter
 from .vision_towers import TowerScorer
 
@@ -68,7 +68,6 @@ def shuffle_scores(connector, x: torch.Tensor, reduce: str) -> torch.Tensor:
 class SmolVLMAdapter(LlavaAdapter):
     family = "smolvlm"
     model_class_names = ("SmolVLMForConditionalGeneration", "Idefics3ForConditionalGeneration")
-    visual_input_keys = ("pixel_values",)
     vision_only_keys = ("pixel_attention_mask",)
 
     # ---- modules and geometry ----------------------------------------------------------------------------------
@@ -99,12 +98,10 @@ class SmolVLMAdapter(LlavaAdapter):
 
     def _real_units(self, kwargs: dict) -> torch.Tensor | None:
         """(batch * sub-images,) bool: the real (not all-zero) sub-images of ``pixel_values``, as the model decides."""
-        pv = kwargs.get("pixel_values")
+        pv = pixel_input(kwargs, "pixel_values", self.family, ("batch", "sub-images", "C", "H", "W"),
+                         " as the processor returns it")
         if pv is None:
             return None
-        if pv.dim() != 5:
-            raise ConfigError(f"{self.family}: pixel_values must be (batch, sub-images, C, H, W) as the processor "
-                              f"returns it, got shape {tuple(pv.shape)}")
         flat = pv.flatten(0, 1)
         real = (flat == 0).sum(dim=(-1, -2, -3)) != flat.shape[1:].numel()
         if self.model.config.model_type == "smolvlm":
