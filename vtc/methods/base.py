@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from ..runtime.view import RunView
 
 __all__ = ["Budget", "MAX_SEED", "Seed", "Method", "PromptText", "ScorerMethod", "VisionContext", "VisionExtras",
-           "LLMContext", "Side"]
+           "LLMContext", "Side", "ReadsLayerBefore"]
 
 Side = Literal["vision", "llm"]
 
@@ -375,6 +375,16 @@ class Method(BaseModel):
         from ..layout import Sequence
 
         return Sequence(num_out, is_ordered=layout.ordered and self.keeps_prefix)
+
+
+class ReadsLayerBefore:
+    """Mixin of an LLM-side method at one decoder layer ``layer`` (the survivors enter it) that reads layer L-1's
+    input, captured for it (FastV's attention row, DART's key norms). Put it before the :class:`Method` base."""
+
+    sides = ("llm",)
+
+    def capture_layers(self) -> tuple[int, ...]:
+        return (self.layer - 1,)
 
 
 class ScorerMethod(Method):

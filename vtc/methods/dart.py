@@ -27,7 +27,7 @@ from pydantic import Field
 
 from ..reduction import Reduction, compact, topk_per_group
 from . import register_method
-from .base import Budget, LLMContext, Method
+from .base import Budget, LLMContext, Method, ReadsLayerBefore
 
 __all__ = ["DART", "dart_select", "key_norms"]
 
@@ -127,10 +127,8 @@ def dart_select(key_l1: torch.Tensor, hidden: torch.Tensor, candidates: torch.Te
 
 
 @register_method("dart")
-class DART(Method):
+class DART(ReadsLayerBefore, Method):
     """DART: image and text pivots by key norm, each claiming its least similar visual tokens (LLM side)."""
-
-    sides = ("llm",)
 
     method: Literal["dart"] = "dart"
     #: 0-indexed decoder layer the survivors enter; pivots come from layer L-1's keys
@@ -140,9 +138,6 @@ class DART(Method):
     #: pivots per image (>= 1: every image needs one) and from the text (>= 0), by key norm
     pivots_image: int = Field(4, ge=1)
     pivots_text: int = Field(4, ge=0)
-
-    def capture_layers(self) -> tuple[int, ...]:
-        return (self.layer - 1,)
 
     def reduce_llm(self, ctx: LLMContext) -> Reduction:
         key_l1 = key_norms(ctx.captured[self.layer - 1], self.layer - 1)

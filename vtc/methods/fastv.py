@@ -19,7 +19,7 @@ import torch
 
 from ..scoring import query_attention
 from . import register_method
-from .base import Budget, LLMContext, ScorerMethod
+from .base import Budget, LLMContext, ReadsLayerBefore, ScorerMethod
 
 
 def fastv_scores(ctx: LLMContext, query: str = "last") -> torch.Tensor:
@@ -28,16 +28,13 @@ def fastv_scores(ctx: LLMContext, query: str = "last") -> torch.Tensor:
 
 
 @register_method("fastv")
-class FastV(ScorerMethod):
-    sides = ("llm",)
+class FastV(ReadsLayerBefore, ScorerMethod):
+    """FastV: the attention layer L-1's last prompt token pays to each visual token, top k per image (LLM side)."""
 
     method: Literal["fastv"] = "fastv"
     budget: Budget = 0.5
     layer: int = 2
     query: Literal["last", "text"] = "last"
-
-    def capture_layers(self) -> tuple[int, ...]:
-        return (self.layer - 1,)
 
     def score(self, ctx: LLMContext) -> torch.Tensor:
         scores = fastv_scores(ctx, self.query)  # (B, M) over the slots entering L-1 == entering L
