@@ -6,12 +6,11 @@ from_pretrained / AutoProcessor / ``vtc generate`` round trip."""
 from __future__ import annotations
 
 import functools
-from pathlib import Path
 
 import pytest
+import roundtrip
 import torch
 from replay import replay_config
-from roundtrip import cli_generate
 from tiny_models_gemma3 import BOI, EOI, IMAGE, SIZE, WINDOW, gemma3_inputs, tiny_gemma3
 
 import vtc
@@ -114,47 +113,25 @@ TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'user' %}USER: {% for c i
 
 
 def _checkpoint(path):
-    import numpy as np
-    from PIL import Image
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import Gemma3ImageProcessor, Gemma3Processor, PreTrainedTokenizerFast
+    from transformers import Gemma3ImageProcessor, Gemma3Processor
 
-    from vtc.demo.task import vocabulary
-
-    specials = ["<pad>", "<s>", "</s>", "<unk>", "<start_of_image>", "<image_soft_token>", "<end_of_image>"]
-    vocab = {t: i for i, t in enumerate(specials + vocabulary())}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace(), pre_tokenizers.Punctuation()])
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
-        extra_special_tokens={"boi_token": "<start_of_image>", "image_token": "<image_soft_token>",
-                              "eoi_token": "<end_of_image>"}, padding_side="left")
-    fast.add_special_tokens({"additional_special_tokens": specials[4:]})
+    fast = roundtrip.word_tokenizer(["<start_of_image>", "<image_soft_token>", "<end_of_image>"],
+                          boi_token="<start_of_image>", image_token="<image_soft_token>", eoi_token="<end_of_image>")
     m = tiny_gemma3("sdpa")
     assert len(fast) <= m.config.text_config.vocab_size
     m.config.boi_token_id, m.config.image_token_id, m.config.eoi_token_id = 4, 5, 6
     m.generation_config.suppress_tokens = [2, 4, 5, 6]
-    m.save_pretrained(path)
     proc = Gemma3Processor(image_processor=Gemma3ImageProcessor(size={"height": SIZE, "width": SIZE}), tokenizer=fast,
                            image_seq_length=m.config.mm_tokens_per_image, chat_template=TEMPLATE)
-    proc.save_pretrained(path)
-    Image.fromarray((np.random.default_rng(0).random((40, 60, 3)) * 255).astype("uint8")).save(path / "img.png")
+    roundtrip.save_checkpoint(path, m, proc, roundtrip.random_image(40, 60))
 
 
 def test_from_pretrained_roundtrip_and_cli(tmp_path):
-    from PIL import Image
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
     _checkpoint(tmp_path)
-    m = AutoModelForImageTextToText.from_pretrained(tmp_path, attn_implementation="sdpa").eval()
-    proc = AutoProcessor.from_pretrained(tmp_path)
-    inputs = proc(images=Image.open(tmp_path / "img.png"), text="USER: <start_of_image> what colour ? ASSISTANT:",
-                  return_tensors="pt")
+    m, inputs = roundtrip.load_checkpoint(tmp_path, "USER: <start_of_image> what colour ? ASSISTANT:")
     assert int(inputs["token_type_ids"].sum()) == 16
-    with vtc.compress(m, {"stages": [{"method": "fastv", "layer": 1, "budget": 4}]}) as run:
-        m.generate(**inputs, max_new_tokens=3, do_sample=False)
-    assert run.stats.stages[0].tokens_out == [4]
-    cli_generate(tmp_path, "{method: visionzip, budget: 6}")
+    assert roundtrip.first_stage_counts(m, inputs, {"method": "fastv", "layer": 1, "budget": 4}) == [4]
+    roundtrip.cli_generate(tmp_path, "{method: visionzip, budget: 6}")
 
 
 def test_boi_eoi_are_text():
@@ -166,20 +143,9 @@ def test_boi_eoi_are_text():
     assert int(tm.is_visual.sum()) == 32 and tm.image_id.max() == 1
 
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "vtc" / "configs" / "gemma3").glob("*.yaml"))
-
-
 @functools.cache
 def deep_model():
     return tiny_gemma3("sdpa", layers=6)  # room for the configs' layer-4 stages
 
 
-@pytest.mark.filterwarnings("ignore::UserWarning")
-@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
-def test_shipped_configs_run(path):
-    m = deep_model()
-    inputs = gemma3_inputs(m, batch=2)
-    with vtc.compress(m, path) as run:
-        out = m.generate(**inputs, max_new_tokens=3, do_sample=False)
-    assert out.shape[1] == inputs["input_ids"].shape[1] + 3
-    assert all(o <= i for st in run.stats.stages for i, o in zip(st.tokens_in, st.tokens_out))
+test_shipped_configs_run = roundtrip.shipped_configs_test("gemma3", deep_model, lambda m: gemma3_inputs(m, batch=2))

@@ -8,12 +8,11 @@ rule, the ``vtc show`` picture (tiles in place, the thumbnail as the base panel)
 from __future__ import annotations
 
 import functools
-from pathlib import Path
 
 import pytest
+import roundtrip
 import torch
 from PIL import Image
-from roundtrip import cli_generate
 from tiny_models_internvl import END, IMAGE, PER_TILE, START, TILE, internvl_inputs, tiny_internvl
 
 import vtc
@@ -174,20 +173,10 @@ TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'user' %}USER: {% for c i
 
 
 def _processor(per_tile: int = PER_TILE):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import GotOcr2ImageProcessor, InternVLProcessor, InternVLVideoProcessor, PreTrainedTokenizerFast
+    from transformers import GotOcr2ImageProcessor, InternVLProcessor, InternVLVideoProcessor
 
-    from vtc.demo.task import vocabulary
-
-    specials = ["<pad>", "<s>", "</s>", "<unk>", "<img>", "<IMG_CONTEXT>", "</img>", "<video>"]
-    vocab = {t: i for i, t in enumerate(specials + vocabulary())}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace(), pre_tokenizers.Punctuation()])
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
-        extra_special_tokens={"start_image_token": "<img>", "context_image_token": "<IMG_CONTEXT>",
-                              "end_image_token": "</img>", "video_token": "<video>"}, padding_side="left")
-    fast.add_special_tokens({"additional_special_tokens": specials[4:]})
+    fast = roundtrip.word_tokenizer(["<img>", "<IMG_CONTEXT>", "</img>", "<video>"], start_image_token="<img>",
+                          context_image_token="<IMG_CONTEXT>", end_image_token="</img>", video_token="<video>")
     size = {"height": TILE, "width": TILE}
     return InternVLProcessor(image_processor=GotOcr2ImageProcessor(size=size, crop_to_patches=True, max_patches=4),
                              video_processor=InternVLVideoProcessor(size=size), tokenizer=fast,
@@ -201,12 +190,6 @@ def _model_for_processor():
     return m
 
 
-def _image(h: int = 40, w: int = 90):
-    import numpy as np
-
-    return Image.fromarray((np.random.default_rng(0).random((h, w, 3)) * 255).astype("uint8"))
-
-
 def test_vision_side_prompt_equals_processor_prompt_for_k_tokens():
     """pool avg to 2 x 2 per tile on a 3-tile image: the LLM gets exactly what the processor's prompt for 4 tokens
     per tile (<img> + 12 <IMG_CONTEXT> + </img>) with the model's shuffled features pooled 2 x 2 and projected
@@ -215,7 +198,7 @@ def test_vision_side_prompt_equals_processor_prompt_for_k_tokens():
 
     m = _model_for_processor()
     text = "USER: <IMG_CONTEXT> what colour ? ASSISTANT:"
-    inputs = _processor()(images=_image(), text=text, return_tensors="pt")
+    inputs = _processor()(images=roundtrip.random_image(40, 90), text=text, return_tensors="pt")
     assert inputs["pixel_values"].shape[0] == 3 and int((inputs["input_ids"] == 5).sum()) == 48
     with vtc.compress(m, {"stages": [{"method": "pool", "mode": "avg", "budget": 4}]}):
         out = logits(m, inputs)
@@ -230,7 +213,7 @@ def test_vision_side_prompt_equals_processor_prompt_for_k_tokens():
     pooled = torch.nn.functional.avg_pool2d(x.transpose(1, 2).reshape(3, -1, 4, 4), 2).flatten(2).transpose(1, 2)
     with torch.no_grad():
         emb = m.model.multi_modal_projector(pooled)
-    small = _processor(per_tile=4)(images=_image(), text=text, return_tensors="pt")
+    small = _processor(per_tile=4)(images=roundtrip.random_image(40, 90), text=text, return_tensors="pt")
     assert int((small["input_ids"] == 5).sum()) == 12
     ref = logits(m, {"input_ids": small["input_ids"], "attention_mask": small["attention_mask"],
                      "mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=emb)}})
@@ -272,33 +255,16 @@ def test_show_picture_tiles_in_place_and_thumbnail_as_base():
 
 # ---- from_pretrained round trip ---------------------------------------------------------------------------------
 def test_from_pretrained_roundtrip_and_cli(tmp_path, capsys):
-    from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from vtc.cli import main
-
-    _model_for_processor().save_pretrained(tmp_path)
-    _processor().save_pretrained(tmp_path)
-    _image().save(tmp_path / "img.png")
-    m = AutoModelForImageTextToText.from_pretrained(tmp_path, attn_implementation="sdpa").eval()
-    proc = AutoProcessor.from_pretrained(tmp_path)
-    inputs = proc(images=Image.open(tmp_path / "img.png"), text="USER: <IMG_CONTEXT> what colour ? ASSISTANT:",
-                  return_tensors="pt")
+    roundtrip.save_checkpoint(tmp_path, _model_for_processor(), _processor(), roundtrip.random_image(40, 90))
+    m, inputs = roundtrip.load_checkpoint(tmp_path, "USER: <IMG_CONTEXT> what colour ? ASSISTANT:")
     assert inputs["pixel_values"].shape[0] == 3
-    with vtc.compress(m, {"stages": [{"method": "fastv", "layer": 1, "budget": 4}]}) as run:
-        m.generate(**inputs, max_new_tokens=3, do_sample=False)
-    assert run.stats.stages[0].tokens_out == [4]
-    cli_generate(tmp_path, "{method: visionzip, budget: 6}")
-    cfg = tmp_path / "show.yaml"
-    cfg.write_text("stages:\n  - {method: fastervlm, budget: 5}\n")
-    out = tmp_path / "kept.png"
-    assert main(["show", "--model", str(tmp_path), "--image", str(tmp_path / "img.png"), "--prompt",
-                 "what colour ?", "--config", str(cfg), "--out", str(out)]) == 0
+    assert roundtrip.first_stage_counts(m, inputs, {"method": "fastv", "layer": 1, "budget": 4}) == [4]
+    roundtrip.cli_generate(tmp_path, "{method: visionzip, budget: 6}")
+    out = roundtrip.cli_show(tmp_path, "{method: fastervlm, budget: 5}")
     assert "48 -> 15 visual tokens" in capsys.readouterr().out  # 5 kept in each of the 3 tiles
     pic = Image.open(out)
     assert pic.width > 336  # the thumbnail panel and the tiles panel side by side
-
-
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "vtc" / "configs" / "internvl3").glob("*.yaml"))
 
 
 @functools.cache
@@ -306,12 +272,5 @@ def deep_model():
     return tiny_internvl("sdpa", layers=6)  # room for the configs' deeper LLM-side stages
 
 
-@pytest.mark.filterwarnings("ignore::UserWarning")
-@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
-def test_shipped_configs_run(path):
-    m = deep_model()
-    inputs = internvl_inputs(m, batch=2)
-    with vtc.compress(m, path) as run:
-        out = m.generate(**inputs, max_new_tokens=3, do_sample=False)
-    assert out.shape[1] == inputs["input_ids"].shape[1] + 3
-    assert all(o <= i for st in run.stats.stages for i, o in zip(st.tokens_in, st.tokens_out))
+test_shipped_configs_run = roundtrip.shipped_configs_test(
+    "internvl3", deep_model, lambda m: internvl_inputs(m, batch=2))

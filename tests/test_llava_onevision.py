@@ -6,11 +6,10 @@ per-frame budgets on both sides), SigLIP refusals, drawing layouts, and the from
 from __future__ import annotations
 
 import functools
-from pathlib import Path
 
 import pytest
+import roundtrip
 import torch
-from roundtrip import cli_generate
 from tiny_models_onevision import CROP, IMAGE, PINPOINTS, VIDEO, num_image_tokens, onevision_inputs, tiny_onevision
 
 import vtc
@@ -185,8 +184,6 @@ def test_drawing_layouts_match_the_tokens():
 
 # ---- from_pretrained round trip -------------------------------------------------------------------------------
 def _checkpoint(path):
-    import numpy as np
-    from PIL import Image
     from transformers import LlavaOnevisionImageProcessor, LlavaOnevisionProcessor, LlavaOnevisionVideoProcessor
 
     from vtc.demo.build import CHAT_TEMPLATE, build_tokenizer
@@ -197,44 +194,26 @@ def _checkpoint(path):
     m = tiny_onevision("sdpa")
     m.config.image_token_id, m.config.video_token_id = image_id, video_id
     m.generation_config.suppress_tokens = [image_id, video_id]
-    m.save_pretrained(path)
     proc = LlavaOnevisionProcessor(
         image_processor=LlavaOnevisionImageProcessor(size={"height": CROP, "width": CROP}, image_grid_pinpoints=PINPOINTS),
         video_processor=LlavaOnevisionVideoProcessor(size={"height": CROP, "width": CROP}), tokenizer=tok,
         num_image_tokens=36, vision_feature_select_strategy="full", chat_template=CHAT_TEMPLATE,
         vision_aspect_ratio=m.config.vision_aspect_ratio)
-    proc.save_pretrained(path)
-    Image.fromarray((np.random.default_rng(0).random((30, 90, 3)) * 255).astype("uint8")).save(path / "img.png")
+    roundtrip.save_checkpoint(path, m, proc, roundtrip.random_image(30, 90))
 
 
 def test_from_pretrained_roundtrip_and_cli(tmp_path):
-    from PIL import Image
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
     _checkpoint(tmp_path)
-    m = AutoModelForImageTextToText.from_pretrained(tmp_path, attn_implementation="sdpa").eval()
-    proc = AutoProcessor.from_pretrained(tmp_path)
-    inputs = proc(images=Image.open(tmp_path / "img.png"), text="USER: <image>\nwhat colour ? ASSISTANT:",
-                  return_tensors="pt")
+    m, inputs = roundtrip.load_checkpoint(tmp_path, "USER: <image>\nwhat colour ? ASSISTANT:")
     stage = {"method": "visionzip", "budget": 8}
     with vtc.compress(m, {"stages": [stage]}) as run:
         m.generate(**inputs, **GEN)
     assert run.stats.stages[0].tokens_out == [8, 8, 8]
-    cli_generate(tmp_path, "{method: visionzip, budget: 8}")
+    roundtrip.cli_generate(tmp_path, "{method: visionzip, budget: 8}")
 
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "vtc" / "configs" / "llava-onevision").glob("*.yaml"))
-
-
-@pytest.mark.filterwarnings("ignore::UserWarning")
-@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
-def test_shipped_configs_run_on_images_and_video(path):
-    m = deep_model()
-    inputs = onevision_inputs(m, batch=2, videos=[2, 2])
-    with vtc.compress(m, path) as run:
-        out = m.generate(**inputs, **GEN)
-    assert out.shape[1] == inputs["input_ids"].shape[1] + GEN["max_new_tokens"]
-    assert all(o <= i for st in run.stats.stages for i, o in zip(st.tokens_in, st.tokens_out))
+test_shipped_configs_run_on_images_and_video = roundtrip.shipped_configs_test(
+    "llava-onevision", deep_model, lambda m: onevision_inputs(m, batch=2, videos=[2, 2]), **GEN)
 
 
 def test_show_pictures_the_shrunk_crop_map_by_pixels():

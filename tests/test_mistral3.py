@@ -8,13 +8,12 @@ shipped configs, and the from_pretrained / AutoProcessor / ``vtc generate`` / ``
 from __future__ import annotations
 
 import functools
-from pathlib import Path
 
 import pytest
+import roundtrip
 import torch
 from PIL import Image
 from replay import replay_config
-from roundtrip import cli_generate
 from tiny_models_mistral3 import BREAK, END, IMAGE, image_prompt, mistral3_inputs, tiny_mistral3
 
 import vtc
@@ -168,17 +167,9 @@ TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'user' %}USER: {% for c i
 
 
 def _processor():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PixtralImageProcessor, PixtralProcessor, PreTrainedTokenizerFast
+    from transformers import PixtralImageProcessor, PixtralProcessor
 
-    from vtc.demo.task import vocabulary
-
-    specials = ["<pad>", "<s>", "</s>", "<unk>", "[IMG]", "[IMG_BREAK]", "[IMG_END]"]
-    tok = Tokenizer(models.WordLevel(vocab={t: i for i, t in enumerate(specials + vocabulary())}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace(), pre_tokenizers.Punctuation()])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                   unk_token="<unk>", padding_side="left")
-    fast.add_special_tokens({"additional_special_tokens": specials[4:]})
+    fast = roundtrip.word_tokenizer(["[IMG]", "[IMG_BREAK]", "[IMG_END]"])
     ip = PixtralImageProcessor(size={"longest_edge": 48}, patch_size={"height": 8, "width": 8})
     return PixtralProcessor(image_processor=ip, tokenizer=fast, patch_size=4, spatial_merge_size=2,
                             chat_template=TEMPLATE)
@@ -189,12 +180,6 @@ def _processor_model():
     m.config.image_token_id = 4  # the processor's [IMG]; [IMG_BREAK] = 5, [IMG_END] = 6 are read off its prompts
     m.generation_config.suppress_tokens = [2, 4, 5, 6]
     return m
-
-
-def _image(h: int, w: int, seed: int = 0) -> Image.Image:
-    import numpy as np
-
-    return Image.fromarray((np.random.default_rng(seed).random((h, w, 3)) * 255).astype("uint8"))
 
 
 @pytest.mark.parametrize("stage,grid", [({"method": "pool", "mode": "avg", "grid": [2, 3]}, (2, 3)),
@@ -208,8 +193,8 @@ def test_grid_outputs_give_the_processors_prompt_for_the_smaller_grid(stage, gri
 
     proc, m = _processor(), _processor_model()
     text = "USER: [IMG] what colour ? ASSISTANT:"
-    inputs = proc(images=_image(40, 60), text=text, return_tensors="pt")
-    small = proc(images=_image(grid[0] * 8, grid[1] * 8, 1), text=text, return_tensors="pt")
+    inputs = proc(images=roundtrip.random_image(40, 60), text=text, return_tensors="pt")
+    small = proc(images=roundtrip.random_image(grid[0] * 8, grid[1] * 8, 1), text=text, return_tensors="pt")
     assert small["image_sizes"].tolist() == [[grid[0] * 8, grid[1] * 8]]
     with vtc.compress(m, {"stages": [stage]}) as run:
         out = logits(m, inputs)
@@ -312,48 +297,23 @@ def test_show_places_every_token_on_a_non_square_image(side):
         assert (max(px) < 80) if v < 0 else all(abs(a - b) <= 12 for a, b in zip(px, GREY)), (i, px)
 
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "vtc" / "configs" / "mistral3").glob("*.yaml"))
-
-
 @functools.cache
 def deep_model():
     return tiny_mistral3("sdpa", layers=6)  # room for the configs' layer-4 stages
 
 
-@pytest.mark.filterwarnings("ignore::UserWarning")
-@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
-def test_shipped_configs_run(path):
-    m = deep_model()
-    inputs = mistral3_inputs(m, batch=2)
-    with vtc.compress(m, path) as run:
-        out = m.generate(**inputs, max_new_tokens=3, do_sample=False)
-    assert out.shape[1] == inputs["input_ids"].shape[1] + 3
-    assert all(o <= i for st in run.stats.stages for i, o in zip(st.tokens_in, st.tokens_out))
+test_shipped_configs_run = roundtrip.shipped_configs_test("mistral3", deep_model, lambda m: mistral3_inputs(m, batch=2))
 
 
 # ---- from_pretrained round trip ---------------------------------------------------------------------------------
 def test_from_pretrained_roundtrip_and_cli(tmp_path):
-    from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from vtc.cli import main
-
-    _processor_model().save_pretrained(tmp_path)
-    _processor().save_pretrained(tmp_path)
-    _image(40, 60).save(tmp_path / "img.png")
-    m = AutoModelForImageTextToText.from_pretrained(tmp_path, attn_implementation="sdpa").eval()
-    proc = AutoProcessor.from_pretrained(tmp_path)
-    inputs = proc(images=Image.open(tmp_path / "img.png"), text="USER: [IMG] what colour ? ASSISTANT:",
-                  return_tensors="pt")
+    roundtrip.save_checkpoint(tmp_path, _processor_model(), _processor(), roundtrip.random_image(40, 60))
+    m, inputs = roundtrip.load_checkpoint(tmp_path, "USER: [IMG] what colour ? ASSISTANT:")
     assert int((inputs["input_ids"] == 4).sum()) == 24 and int((inputs["input_ids"] == 5).sum()) == 3
-    with vtc.compress(m, {"stages": [{"method": "fastv", "layer": 1, "budget": 4}]}) as run:
-        m.generate(**inputs, max_new_tokens=3, do_sample=False)
-    assert run.stats.stages[0].tokens_out == [4]
-    cli_generate(tmp_path, "{method: visionzip, budget: 6}")
-    cfg = tmp_path / "show.yaml"
-    cfg.write_text("stages:\n  - {method: random, budget: 9}\n")
-    png = tmp_path / "kept.png"
-    assert main(["show", "--model", str(tmp_path), "--image", str(tmp_path / "img.png"), "--prompt",
-                 "what colour ?", "--config", str(cfg), "--out", str(png)]) == 0
+    assert roundtrip.first_stage_counts(m, inputs, {"method": "fastv", "layer": 1, "budget": 4}) == [4]
+    roundtrip.cli_generate(tmp_path, "{method: visionzip, budget: 6}")
+    png = roundtrip.cli_show(tmp_path, "{method: random, budget: 9}")
     pic = Image.open(png).convert("RGB")
     assert pic.size == (336, 224)  # the 40 x 60 image's aspect; 4 x 6 cells of 56 px
     kept = sum(max(pic.getpixel((int((i % 6 + 0.5) * 56), int((i // 6 + 0.5) * 56)))) >= 80 for i in range(24))

@@ -9,11 +9,10 @@ from_pretrained / AutoProcessor / ``vtc generate`` round trip (an Idefics3 check
 from __future__ import annotations
 
 import functools
-from pathlib import Path
 
 import pytest
+import roundtrip
 import torch
-from roundtrip import cli_generate
 from tiny_models_smolvlm import FAKE, GLOBAL, IMAGE, NEWLINE, ROW_COL, smolvlm_inputs, tiny_smolvlm
 
 import vtc
@@ -232,37 +231,23 @@ def test_show_draws_the_global_view_and_every_crop_in_place():
 
 # ---- from_pretrained round trip -----------------------------------------------------------------------------------
 def _checkpoint(path):
-    import numpy as np
-    from PIL import Image
-
     from vtc.demo.build import CHAT_TEMPLATE
 
     proc = _processor(32, 16)
     proc.chat_template = CHAT_TEMPLATE
     m = _tiny_for(proc.tokenizer, idefics3=True)
     m.generation_config.suppress_tokens = proc.tokenizer.convert_tokens_to_ids(["<image>", *SPECIALS[:2]])
-    m.save_pretrained(path)
-    proc.save_pretrained(path)
-    Image.fromarray((np.random.default_rng(0).random((30, 60, 3)) * 255).astype("uint8")).save(path / "img.png")
+    roundtrip.save_checkpoint(path, m, proc, roundtrip.random_image(30, 60))
 
 
 def test_from_pretrained_roundtrip_and_cli(tmp_path):
-    from PIL import Image
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
     _checkpoint(tmp_path)
-    m = AutoModelForImageTextToText.from_pretrained(tmp_path, attn_implementation="sdpa").eval()
-    proc = AutoProcessor.from_pretrained(tmp_path)
-    inputs = proc(images=Image.open(tmp_path / "img.png"), text="USER: <image> what colour ? ASSISTANT:",
-                  return_tensors="pt")
+    m, inputs = roundtrip.load_checkpoint(tmp_path, "USER: <image> what colour ? ASSISTANT:")
     assert get_adapter(m).image_grids(inputs["input_ids"]) == [(1, 2)]
     with vtc.compress(m, {"stages": [{"method": "visionzip", "budget": 6}]}) as run:
         out = m.generate(**inputs, max_new_tokens=3, do_sample=False)
     assert run.stats.stages[0].tokens_out == [6, 6, 6] and out.shape[1] == inputs["input_ids"].shape[1] + 3
-    cli_generate(tmp_path, "{method: visionzip, budget: 6}")
-
-
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "vtc" / "configs" / "smolvlm").glob("*.yaml"))
+    roundtrip.cli_generate(tmp_path, "{method: visionzip, budget: 6}")
 
 
 @functools.cache
@@ -270,12 +255,4 @@ def deep_model():
     return tiny_smolvlm("sdpa", layers=6)  # room for the configs' layer-4 stages
 
 
-@pytest.mark.filterwarnings("ignore::UserWarning")
-@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
-def test_shipped_configs_run(path):
-    m = deep_model()
-    inputs = smolvlm_inputs(m, batch=2)
-    with vtc.compress(m, path) as run:
-        out = m.generate(**inputs, max_new_tokens=3, do_sample=False)
-    assert out.shape[1] == inputs["input_ids"].shape[1] + 3
-    assert all(o <= i for st in run.stats.stages for i, o in zip(st.tokens_in, st.tokens_out))
+test_shipped_configs_run = roundtrip.shipped_configs_test("smolvlm", deep_model, lambda m: smolvlm_inputs(m, batch=2))
