@@ -9,21 +9,39 @@ PAD = 0
 VOCAB = 128
 
 
-def tiny_llava(attn: str = "sdpa", seed: int = 0, image_size: int = 48, patch: int = 8, layers: int = 4):
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
-
-    torch.manual_seed(seed)
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-                              image_size=image_size, patch_size=patch, projection_dim=32)
-    text = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
-                       num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=512, pad_token_id=PAD,
-                       rms_norm_eps=1e-6)
-    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN,
-                      vision_feature_layer=-2, vision_feature_select_strategy="default")
+def build_model(model_class, cfg, attn: str):
+    """``model_class(cfg)`` in eval mode with the attention implementation ``attn`` (set on the config and, where
+    transformers has it, on the model's sub-models too)."""
     cfg._attn_implementation = attn
-    model = LlavaForConditionalGeneration(cfg).eval()
+    model = model_class(cfg).eval()
     model.set_attn_implementation(attn) if hasattr(model, "set_attn_implementation") else None
     return model
+
+
+def clip_vision(image_size: int, patch: int):
+    """The tiny CLIP tower of the LLaVA models: 3 blocks, hidden 32."""
+    from transformers import CLIPVisionConfig
+
+    return CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                            image_size=image_size, patch_size=patch, projection_dim=32)
+
+
+def llama_text(layers: int, max_positions: int = 512, **extra):
+    """The tiny Llama LM of the LLaVA-style models: hidden 64, 4 heads (2 KV heads)."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=max_positions, pad_token_id=PAD,
+                       rms_norm_eps=1e-6, **extra)
+
+
+def tiny_llava(attn: str = "sdpa", seed: int = 0, image_size: int = 48, patch: int = 8, layers: int = 4):
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    torch.manual_seed(seed)
+    cfg = LlavaConfig(vision_config=clip_vision(image_size, patch), text_config=llama_text(layers),
+                      image_token_id=IMAGE_TOKEN, vision_feature_layer=-2, vision_feature_select_strategy="default")
+    return build_model(LlavaForConditionalGeneration, cfg, attn)
 
 
 def llava_inputs(model, batch: int = 1, seed: int = 0, pad: bool = True):

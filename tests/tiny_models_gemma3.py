@@ -10,7 +10,7 @@ decoding run past the window. Prompts look like the processor's: ``<start_of_ima
 from __future__ import annotations
 
 import torch
-from tiny_models import PAD, VOCAB, left_pad
+from tiny_models import PAD, VOCAB, build_model, left_pad
 
 IMAGE = 120
 BOI = 121
@@ -37,9 +37,7 @@ def tiny_gemma3(attn: str = "sdpa", seed: int = 0, window: int = WINDOW, layers:
                                          for i in range(layers)])
     cfg = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=TOKENS, image_token_index=IMAGE,
                        boi_token_index=BOI, eoi_token_index=EOI)
-    cfg._attn_implementation = attn
-    model = Gemma3ForConditionalGeneration(cfg).eval()
-    model.set_attn_implementation(attn) if hasattr(model, "set_attn_implementation") else None
+    model = build_model(Gemma3ForConditionalGeneration, cfg, attn)
     with torch.no_grad():  # the stock init leaves the projection at zero: image tokens would all be equal
         model.model.multi_modal_projector.mm_input_projection_weight.normal_(0, 0.2)
     model.generation_config.suppress_tokens = SUPPRESS

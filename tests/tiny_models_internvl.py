@@ -9,7 +9,7 @@ the processor's: ``<img>``, ``T x 16`` ``<IMG_CONTEXT>`` placeholders, ``</img>`
 from __future__ import annotations
 
 import torch
-from tiny_models import PAD, VOCAB, left_pad
+from tiny_models import PAD, VOCAB, build_model, left_pad
 
 IMAGE = 120  # <IMG_CONTEXT>
 START = 121  # <img>
@@ -34,9 +34,7 @@ def tiny_internvl(attn: str = "sdpa", seed: int = 0, layers: int = 4, qk_norm: b
                        eos_token_id=EOS, rms_norm_eps=1e-6)
     cfg = InternVLConfig(vision_config=vision, text_config=text, image_token_id=IMAGE, image_seq_length=PER_TILE,
                          downsample_ratio=0.5)
-    cfg._attn_implementation = attn
-    model = InternVLForConditionalGeneration(cfg).eval()
-    model.set_attn_implementation(attn) if hasattr(model, "set_attn_implementation") else None
+    model = build_model(InternVLForConditionalGeneration, cfg, attn)
     model.generation_config.suppress_tokens = SUPPRESS
     return model
 

@@ -11,7 +11,7 @@ LM: Mistral, 4 layers, 1D RoPE.
 from __future__ import annotations
 
 import torch
-from tiny_models import PAD, VOCAB, left_pad
+from tiny_models import PAD, VOCAB, build_model, left_pad
 
 IMAGE = 120
 BREAK = 121
@@ -23,21 +23,27 @@ CELL = 8  # px per merged token (patch 4 x merge 2)
 SIZES = [(32, 48), (40, 32), (24, 40)]  # (H, W) of the images of rows 0, 1, 2 (4 x 6, 5 x 4, 3 x 5 tokens)
 
 
-def tiny_mistral3(attn: str = "sdpa", seed: int = 0, layers: int = 4, sep_ids_in_config: bool = False):
-    from transformers import Mistral3Config, Mistral3ForConditionalGeneration, MistralConfig, PixtralVisionConfig
+def _pixtral_and_mistral(patch: int, layers: int):
+    """(vision, text) configs: a 2-block Pixtral tower of ``patch`` px patches and a tiny Mistral LM."""
+    from transformers import MistralConfig, PixtralVisionConfig
 
-    torch.manual_seed(seed)
     vision = PixtralVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                 head_dim=8, patch_size=PATCH, image_size=64)
+                                 head_dim=8, patch_size=patch, image_size=64)
     text = MistralConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
                          pad_token_id=PAD, eos_token_id=EOS, bos_token_id=1, rms_norm_eps=1e-6, sliding_window=None)
+    return vision, text
+
+
+def tiny_mistral3(attn: str = "sdpa", seed: int = 0, layers: int = 4, sep_ids_in_config: bool = False):
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    vision, text = _pixtral_and_mistral(PATCH, layers)
     extra = {"image_break_token_id": BREAK, "image_end_token_id": END} if sep_ids_in_config else {}
     cfg = Mistral3Config(vision_config=vision, text_config=text, image_token_index=IMAGE, spatial_merge_size=2,
                          vision_feature_layer=-1, **extra)
-    cfg._attn_implementation = attn
-    model = Mistral3ForConditionalGeneration(cfg).eval()
-    model.set_attn_implementation(attn) if hasattr(model, "set_attn_implementation") else None
+    model = build_model(Mistral3ForConditionalGeneration, cfg, attn)
     with torch.no_grad():  # the stock init (std 0.02) makes every image token nearly the same vector
         proj = model.model.multi_modal_projector
         for lin in (proj.patch_merger.merging_layer, proj.linear_1, proj.linear_2):
@@ -78,19 +84,13 @@ def mistral3_inputs(model, batch: int = 1, seed: int = 0, images_per_row: int = 
 def tiny_pixtral_llava(attn: str = "sdpa", seed: int = 0, layers: int = 4):
     """Pixtral 12B's layout (``LlavaForConditionalGeneration`` + Pixtral tower, no merger): 8 px patches, so one
     token per 8 x 8 px as above and the same prompts; LLaVA's MLP projector on every patch."""
-    from transformers import LlavaConfig, LlavaForConditionalGeneration, MistralConfig, PixtralVisionConfig
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
 
     torch.manual_seed(seed)
-    vision = PixtralVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                 head_dim=8, patch_size=CELL, image_size=64)
-    text = MistralConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
-                         pad_token_id=PAD, eos_token_id=EOS, bos_token_id=1, rms_norm_eps=1e-6, sliding_window=None)
+    vision, text = _pixtral_and_mistral(CELL, layers)
     cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMAGE, vision_feature_layer=-1,
                       vision_feature_select_strategy="full")
-    cfg._attn_implementation = attn
-    model = LlavaForConditionalGeneration(cfg).eval()
-    model.set_attn_implementation(attn) if hasattr(model, "set_attn_implementation") else None
+    model = build_model(LlavaForConditionalGeneration, cfg, attn)
     with torch.no_grad():
         for lin in (model.model.multi_modal_projector.linear_1, model.model.multi_modal_projector.linear_2):
             lin.weight.normal_(0, 0.1)

@@ -8,7 +8,7 @@ formula (``LlavaNextProcessor._get_number_of_features``), re-implemented here in
 from __future__ import annotations
 
 import torch
-from tiny_models import IMAGE_TOKEN, PAD, VOCAB, left_pad
+from tiny_models import IMAGE_TOKEN, build_model, clip_vision, left_pad, llama_text
 
 CROP = 48
 PATCH = 8
@@ -18,21 +18,13 @@ MATRIX_SIZES = [(30, 90), (90, 30), (40, 90)]
 
 
 def tiny_llava_next(attn: str = "sdpa", seed: int = 0, layers: int = 4):
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
 
     torch.manual_seed(seed)
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-                              image_size=CROP, patch_size=PATCH, projection_dim=32)
-    text = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
-                       num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=1024, pad_token_id=PAD,
-                       rms_norm_eps=1e-6)
-    cfg = LlavaNextConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN,
-                          vision_feature_layer=-2, vision_feature_select_strategy="default",
+    cfg = LlavaNextConfig(vision_config=clip_vision(CROP, PATCH), text_config=llama_text(layers, 1024),
+                          image_token_id=IMAGE_TOKEN, vision_feature_layer=-2, vision_feature_select_strategy="default",
                           image_grid_pinpoints=PINPOINTS)
-    cfg._attn_implementation = attn
-    model = LlavaNextForConditionalGeneration(cfg).eval()
-    model.set_attn_implementation(attn) if hasattr(model, "set_attn_implementation") else None
-    return model
+    return build_model(LlavaNextForConditionalGeneration, cfg, attn)
 
 
 def _best_resolution(h: int, w: int, pinpoints) -> tuple[int, int]:

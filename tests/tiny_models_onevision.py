@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 
 import torch
-from tiny_models import PAD, VOCAB, left_pad
+from tiny_models import PAD, VOCAB, build_model, left_pad
 from tiny_models_next import _best_resolution, unpadded_grid
 
 IMAGE = 120
@@ -42,9 +42,7 @@ def tiny_onevision(attn: str = "sdpa", seed: int = 0, layers: int = 4, aspect: s
                                video_token_index=VIDEO, vision_feature_layer=-1,
                                vision_feature_select_strategy="full", image_grid_pinpoints=PINPOINTS,
                                vision_aspect_ratio=aspect)
-    cfg._attn_implementation = attn
-    model = LlavaOnevisionForConditionalGeneration(cfg).eval()
-    model.set_attn_implementation(attn) if hasattr(model, "set_attn_implementation") else None
+    model = build_model(LlavaOnevisionForConditionalGeneration, cfg, attn)
     model.generation_config.suppress_tokens = SUPPRESS
     return model
 

@@ -13,7 +13,7 @@ per row like the processor's, with ``pixel_attention_mask`` (1 on real sub-image
 from __future__ import annotations
 
 import torch
-from tiny_models import PAD, VOCAB, left_pad
+from tiny_models import build_model, left_pad, llama_text
 
 IMAGE = 120
 FAKE = 121
@@ -27,7 +27,6 @@ MATRIX_GRIDS = [(1, 2), (0, 0), (2, 1)]
 
 
 def tiny_smolvlm(attn: str = "sdpa", seed: int = 0, layers: int = 4, idefics3: bool = False):
-    from transformers import LlamaConfig
 
     if idefics3:
         from transformers import Idefics3Config as Config
@@ -41,13 +40,9 @@ def tiny_smolvlm(attn: str = "sdpa", seed: int = 0, layers: int = 4, idefics3: b
     size, scale = (32, 2) if idefics3 else (48, 3)
     vision = VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                           image_size=size, patch_size=4)
-    text = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
-                       num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=1024, pad_token_id=PAD,
-                       eos_token_id=2, bos_token_id=1, rms_norm_eps=1e-6)
+    text = llama_text(layers, 1024, eos_token_id=2, bos_token_id=1)
     cfg = Config(vision_config=vision.to_dict(), text_config=text.to_dict(), image_token_id=IMAGE, scale_factor=scale)
-    cfg._attn_implementation = attn
-    model = Model(cfg).eval()
-    model.set_attn_implementation(attn) if hasattr(model, "set_attn_implementation") else None
+    model = build_model(Model, cfg, attn)
     model.generation_config.suppress_tokens = SUPPRESS
     return model
 
