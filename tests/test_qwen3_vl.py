@@ -9,12 +9,11 @@ and the from_pretrained / ``vtc generate`` round trip.
 from __future__ import annotations
 
 import functools
-from pathlib import Path
 
 import pytest
+import roundtrip
 import torch
 from replay import replay_config
-from roundtrip import cli_generate
 from test_qwen2_vl import logits, rope_positions
 from tiny_models_qwen import IMAGE, VIDEO
 from tiny_models_qwen3 import (
@@ -326,36 +325,20 @@ def test_vision_side_prompt_equals_the_processors_for_k_tokens():
 
 
 def test_from_pretrained_roundtrip_and_cli(tmp_path):
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
     proc = _processor()
-    _model_for_processor(proc).save_pretrained(tmp_path)
-    proc.save_pretrained(tmp_path)
-    _image(40, 60).save(tmp_path / "img.png")
-    m = AutoModelForImageTextToText.from_pretrained(tmp_path, attn_implementation="sdpa").eval()
-    proc = AutoProcessor.from_pretrained(tmp_path)
+    roundtrip.save_checkpoint(tmp_path, _model_for_processor(proc), proc, _image(40, 60))
+    m, inputs = roundtrip.load_checkpoint(tmp_path,
+                                          "USER: <|vision_start|><|image_pad|><|vision_end|>what colour ? ASSISTANT:")
     assert type(get_adapter(m)) is Qwen3VLAdapter
-    text = "USER: <|vision_start|><|image_pad|><|vision_end|>what colour ? ASSISTANT:"
-    inputs = proc(images=_image(40, 60), text=text, return_tensors="pt")
     n = int((inputs["input_ids"] == m.config.image_token_id).sum())
     with vtc.compress(m, {"stages": [{"method": "fastv", "layer": 1, "budget": 4}]}) as run:
         m.generate(**inputs, max_new_tokens=3, do_sample=False)
     assert run.stats.stages[0].tokens_in == [n] and run.stats.stages[0].tokens_out == [4]
-    cli_generate(tmp_path, "{method: visionzip, budget: 6}")
+    roundtrip.cli_generate(tmp_path, "{method: visionzip, budget: 6}")
 
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "vtc" / "configs" / "qwen3-vl").glob("*.yaml"))
-
-
-@pytest.mark.filterwarnings("ignore::UserWarning")
-@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
-def test_shipped_configs_run(path):
-    m = model_for()
-    inputs = qwen3_inputs(m, batch=2)
-    with vtc.compress(m, path) as run:
-        out = m.generate(**inputs, max_new_tokens=3, do_sample=False)
-    assert out.shape[1] == inputs["input_ids"].shape[1] + 3
-    assert all(o < i for st in run.stats.stages for i, o in zip(st.tokens_in, st.tokens_out))
+test_shipped_configs_run = roundtrip.shipped_configs_test("qwen3-vl", model_for, lambda m: qwen3_inputs(m, batch=2),
+                                                          shrinks=True)
 
 
 # ---- vtc show: the merged grid of an image / a frame group, checked by pixels -------------------------------------

@@ -8,6 +8,7 @@ Prompts look like the processor's: ``text, <|vision_start|>, <|image_pad|> x n, 
 from __future__ import annotations
 
 import torch
+from tiny_models import build_model
 
 VOCAB = 128
 PAD = 0
@@ -36,10 +37,7 @@ def _text_config(layers: int) -> dict:
 
 
 def _finish(model_cls, cfg, attn: str):
-    cfg._attn_implementation = attn
-    model = model_cls(cfg).eval()
-    if hasattr(model, "set_attn_implementation"):
-        model.set_attn_implementation(attn)
+    model = build_model(model_cls, cfg, attn)
     model.generation_config.suppress_tokens = SUPPRESS
     return model
 
@@ -99,6 +97,13 @@ def build_inputs(rows: list[list], seed: int = 0, pad_side: str = "left") -> dic
                 tt += [0] * len(seg)
         seqs.append(ids)
         types.append(tt)
+    return pack_rows(seqs, types, image_grids, video_grids, g, pad_side)
+
+
+def pack_rows(seqs: list[list[int]], types: list[list[int]], image_grids: list, video_grids: list,
+              g: torch.Generator, pad_side: str = "left") -> dict:
+    """Forward kwargs of token rows ``seqs`` (``types``: their mm_token_type_ids), padded on ``pad_side``, with
+    random patch rows for the items of ``image_grids`` / ``video_grids`` (drawn from ``g``) and their grids."""
     B, L = len(seqs), max(len(s) for s in seqs)
     input_ids = torch.full((B, L), PAD, dtype=torch.long)
     mask = torch.zeros(B, L, dtype=torch.long)

@@ -21,8 +21,8 @@ from tiny_models_qwen import (
     VIDEO,
     VSTART,
     _finish,
-    _pixels,
     merged_tokens,
+    pack_rows,
     qwen_inputs,
     qwen_video_inputs,
 )
@@ -98,22 +98,7 @@ def build_inputs3(rows: list[list], seed: int = 0) -> dict:
             video_grids.append((t, h, w))
         seqs.append(ids)
         types.append(tt)
-    B, L = len(seqs), max(len(s) for s in seqs)
-    input_ids = torch.full((B, L), PAD, dtype=torch.long)
-    mask = torch.zeros(B, L, dtype=torch.long)
-    mm = torch.zeros(B, L, dtype=torch.int)
-    for b, (s, t) in enumerate(zip(seqs, types)):
-        input_ids[b, L - len(s):] = torch.tensor(s)
-        mask[b, L - len(s):] = 1
-        mm[b, L - len(s):] = torch.tensor(t, dtype=torch.int)
-    out = {"input_ids": input_ids, "attention_mask": mask, "mm_token_type_ids": mm}
-    if image_grids:
-        out["pixel_values"] = _pixels(image_grids, g)
-        out["image_grid_thw"] = torch.tensor(image_grids, dtype=torch.long)
-    if video_grids:
-        out["pixel_values_videos"] = _pixels(video_grids, g)
-        out["video_grid_thw"] = torch.tensor(video_grids, dtype=torch.long)
-    return out
+    return pack_rows(seqs, types, image_grids, video_grids, g)
 
 
 def qwen3_inputs(model, batch: int = 1, seed: int = 0) -> dict:
