@@ -127,6 +127,7 @@ def run_family(family: str, config, requests: int, max_tokens: int, ttft_request
 
     default_config, size, max_len = FAMILIES[family]
     config = default_config if config is None else config
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         path = _checkpoint(family, Path(tmp))
         reqs = _requests(family, requests + 2, size)
@@ -138,14 +139,24 @@ def run_family(family: str, config, requests: int, max_tokens: int, ttft_request
             gc.collect()
     b, v = rows["baseline"], rows["vtc"]
     return {"family": family, "config": config, "image_size": list(size), "max_tokens": max_tokens,
-            "device": "cpu", "torch_threads": torch.get_num_threads(), "vllm": vllm.__version__,
+            "device": "cpu", "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+            "vllm": vllm.__version__, "load_avg_1min": [load_before, os.getloadavg()[0]],
             "baseline": b, "vtc": v,
             "speedup_req_per_s": v["req_per_s"] / b["req_per_s"], "speedup_ttft": b["ttft_ms"] / v["ttft_ms"]}
 
 
+def _load(r: dict) -> str:
+    """The machine's load while the row was measured (rows written before it was recorded: not recorded)."""
+    if "load_avg_1min" not in r:
+        return "not recorded"
+    a, b = r["load_avg_1min"]
+    return f"{a:.1f} → {b:.1f} / {r.get('cpu_count', '?')}"
+
+
 def render() -> str:
     rows = ["| family | config | image | prompt tokens (base → vtc) | req/s (base / vtc) | out tok/s (base / vtc) "
-            "| TTFT ms (base / vtc) | speedup req/s | speedup TTFT |", "|---" * 9 + "|"]
+            "| TTFT ms (base / vtc) | speedup req/s | speedup TTFT | machine load (1-min avg, start → end / cores) |",
+            "|---" * 10 + "|"]
     for f in sorted(RESULTS.glob("*.json")):
         r = json.loads(f.read_text())
         b, v = r["baseline"], r["vtc"]
@@ -153,7 +164,8 @@ def render() -> str:
         rows.append(f"| {r['family']} | `{cfg}` | {r['image_size'][0]}×{r['image_size'][1]} "
                     f"| {b['prompt_tokens']:.0f} → {v['prompt_tokens']:.0f} "
                     f"| {b['req_per_s']:.2f} / {v['req_per_s']:.2f} | {b['out_tok_per_s']:.1f} / {v['out_tok_per_s']:.1f} "
-                    f"| {b['ttft_ms']:.0f} / {v['ttft_ms']:.0f} | {r['speedup_req_per_s']:.2f}× | {r['speedup_ttft']:.2f}× |")
+                    f"| {b['ttft_ms']:.0f} / {v['ttft_ms']:.0f} | {r['speedup_req_per_s']:.2f}× | {r['speedup_ttft']:.2f}× "
+                    f"| {_load(r)} |")
     return "\n".join(rows)
 
 
