@@ -60,7 +60,7 @@ from ..errors import ConfigError
 from ..layout import Grid
 from ..methods.base import VisionExtras
 from ..models.base import ImageFeatures, ModelAdapter, VisualGroup
-from ..models.qwen2_vl import _TowerScores, segment_received_attention
+from ..models.qwen_vision import TowerScores, segment_received_attention
 from ..reduction import chained_anchor
 from .vllm import config_from_hf, reduced_count, require_whole_tower, run_stages
 
@@ -175,7 +175,7 @@ class VtcQwen2_5_VLMultiModalProcessor(_VtcQwenProcessor, Qwen2_5_VLMultiModalPr
 
 # ---- scores on vLLM's tower -----------------------------------------------------------------------------------------
 
-class VllmQwenScores(_TowerScores):
+class VllmQwenScores(TowerScores):
     """The transformers adapter's tower extras, computed on a vLLM Qwen2-VL / Qwen2.5-VL scoring block.
 
     xn: (N, 1, D) the block's normalised input (what its attention receives, in its token order); segment: (N,)
