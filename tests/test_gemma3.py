@@ -11,6 +11,12 @@ import pytest
 import roundtrip
 import torch
 from replay import replay_config
+from tf_compat import (
+    ROUNDTRIP_STAGE,
+    needs_mm_encoder_outputs,
+    refused_without_mm_encoder_outputs,
+    vision_side_on_the_installed_transformers,
+)
 from tiny_models_gemma3 import BOI, EOI, IMAGE, SIZE, WINDOW, gemma3_inputs, tiny_gemma3
 
 import vtc
@@ -71,6 +77,7 @@ def test_pooled_scores_are_the_projector_pooling():
     torch.testing.assert_close(pool_patches(x[..., 0], 8, 2), ref[..., 0])
 
 
+@needs_mm_encoder_outputs
 def test_vision_side_prompt_equals_processor_prompt_for_k_tokens():
     """pool avg to 2 x 2: the LLM gets what a processor prompt with 4 placeholders (token_type_ids 1 there, so the
     4 tokens attend to each other bidirectionally) and the pooled features gives; generate returns [prompt, new]."""
@@ -131,7 +138,7 @@ def test_from_pretrained_roundtrip_and_cli(tmp_path):
     m, inputs = roundtrip.load_checkpoint(tmp_path, "USER: <start_of_image> what colour ? ASSISTANT:")
     assert int(inputs["token_type_ids"].sum()) == 16
     assert roundtrip.first_stage_counts(m, inputs, {"method": "fastv", "layer": 1, "budget": 4}) == [4]
-    roundtrip.cli_generate(tmp_path, "{method: visionzip, budget: 6}")
+    roundtrip.cli_generate(tmp_path, ROUNDTRIP_STAGE)
 
 
 def test_boi_eoi_are_text():
@@ -148,4 +155,18 @@ def deep_model():
     return tiny_gemma3("sdpa", layers=6)  # room for the configs' layer-4 stages
 
 
-test_shipped_configs_run = roundtrip.shipped_configs_test("gemma3", deep_model, lambda m: gemma3_inputs(m, batch=2))
+test_shipped_configs_run = roundtrip.shipped_configs_test("gemma3", deep_model, lambda m: gemma3_inputs(m, batch=2),
+                                                        needs_mm_encoder_outputs=True)
+
+
+def test_vision_side_refused_without_mm_encoder_outputs():
+    """Where the model's forward takes no mm_encoder_outputs (transformers 5.17; simulated here on a newer one),
+    vision-side stages are refused at attach naming the version (the rebuilt prompt is fed that way: 5.17 would drop
+    the reduced features silently); LLM-side stages still attach."""
+    refused_without_mm_encoder_outputs(model("sdpa"))
+
+
+def test_vision_side_on_the_installed_transformers():
+    """On the installed transformers: vision-side stages run (>= 5.18) or are refused at attach (5.17)."""
+    m = model("sdpa")
+    vision_side_on_the_installed_transformers(m, gemma3_inputs(m, batch=1))

@@ -13,6 +13,7 @@ import pytest
 import roundtrip
 import torch
 from PIL import Image
+from tf_compat import scatter_logits
 from tiny_models_internvl import END, IMAGE, PER_TILE, START, TILE, internvl_inputs, tiny_internvl
 
 import vtc
@@ -194,8 +195,6 @@ def test_vision_side_prompt_equals_processor_prompt_for_k_tokens():
     """pool avg to 2 x 2 per tile on a 3-tile image: the LLM gets exactly what the processor's prompt for 4 tokens
     per tile (<img> + 12 <IMG_CONTEXT> + </img>) with the model's shuffled features pooled 2 x 2 and projected
     gives; generate returns [prompt, new]."""
-    from transformers.modeling_outputs import BaseModelOutputWithPooling
-
     m = _model_for_processor()
     text = "USER: <IMG_CONTEXT> what colour ? ASSISTANT:"
     inputs = _processor()(images=roundtrip.random_image(40, 90), text=text, return_tensors="pt")
@@ -215,8 +214,7 @@ def test_vision_side_prompt_equals_processor_prompt_for_k_tokens():
         emb = m.model.multi_modal_projector(pooled)
     small = _processor(per_tile=4)(images=roundtrip.random_image(40, 90), text=text, return_tensors="pt")
     assert int((small["input_ids"] == 5).sum()) == 12
-    ref = logits(m, {"input_ids": small["input_ids"], "attention_mask": small["attention_mask"],
-                     "mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=emb)}})
+    ref = scatter_logits(m, small["input_ids"], small["attention_mask"], emb, m.config.image_token_id)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     ids = inputs["input_ids"][0]
     assert seq.shape[1] == ids.shape[0] + 3 and torch.equal(seq[0, :ids.shape[0]], ids)

@@ -14,6 +14,7 @@ import roundtrip
 import torch
 from PIL import Image
 from replay import replay_config
+from tf_compat import scatter_logits
 from tiny_models_mistral3 import BREAK, END, IMAGE, image_prompt, mistral3_inputs, tiny_mistral3
 
 import vtc
@@ -189,8 +190,6 @@ def test_grid_outputs_give_the_processors_prompt_for_the_smaller_grid(stage, gri
     """A 40 x 60 image -> 32 x 48 px, 4 x 6 tokens. Reduced to h' x w', the rebuilt prompt's ids equal the
     processor's prompt for an image it sizes to h' x w' tokens (rows of [IMG] with [IMG_BREAK], [IMG_END] last),
     and the logits equal the model on that prompt with the reduced features scattered into its [IMG] tokens."""
-    from transformers.modeling_outputs import BaseModelOutputWithPooling
-
     proc, m = _processor(), _processor_model()
     text = "USER: [IMG] what colour ? ASSISTANT:"
     inputs = proc(images=roundtrip.random_image(40, 60), text=text, return_tensors="pt")
@@ -205,8 +204,7 @@ def test_grid_outputs_give_the_processors_prompt_for_the_smaller_grid(stage, gri
     prompt = rebuild_prompt(run.adapter, inputs["input_ids"], inputs["attention_mask"], images, inputs)
     assert torch.equal(prompt.input_ids, small["input_ids"])
     feats = images[0].embeds[~images[0].protected]
-    ref = logits(m, {"input_ids": small["input_ids"], "attention_mask": small["attention_mask"],
-                     "mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=(feats,))}})
+    ref = scatter_logits(m, small["input_ids"], small["attention_mask"], feats, m.config.image_token_id)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 

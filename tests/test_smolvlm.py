@@ -13,6 +13,7 @@ import functools
 import pytest
 import roundtrip
 import torch
+from tf_compat import scatter_logits
 from tiny_models_smolvlm import FAKE, GLOBAL, IMAGE, NEWLINE, ROW_COL, smolvlm_inputs, tiny_smolvlm
 
 import vtc
@@ -169,7 +170,6 @@ def test_vision_side_prompt_equals_processor_prompt_for_k_tokens(idefics3, monke
     with image_seq_len = 4 (same rows / columns / fake / global tokens, 4 <image> per sub-image), and the logits are
     the model's on that prompt with the pooled features."""
     from PIL import Image
-    from transformers.modeling_outputs import BaseModelOutputWithPooling
 
     import vtc.runtime as rt
 
@@ -194,8 +194,7 @@ def test_vision_side_prompt_equals_processor_prompt_for_k_tokens(idefics3, monke
                                                 int(m.config.scale_factor))  # (3, 16, D f^2)
         pooled = torch.nn.functional.avg_pool2d(feats.transpose(1, 2).reshape(3, -1, 4, 4), 2)
         emb = m.model.connector.modality_projection(pooled.flatten(2).transpose(1, 2)).reshape(-1, 64)
-    ref = logits(m, {"input_ids": expected, "attention_mask": torch.ones_like(expected),
-                     "mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=emb)}})
+    ref = scatter_logits(m, expected, torch.ones_like(expected), emb, m.config.image_token_id)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 

@@ -150,6 +150,10 @@ class ModelAdapter:
     #: LLM-side decoding builds the masks of pruned layers from positions (causal, padding, sliding window) instead
     #: of re-indexing the model's (for models whose decode masks are sized against one cache layer per layer type)
     decode_masks_from_positions: ClassVar[bool] = False
+    #: the prompt rebuilt by vision-side stages is fed as ids + ``mm_encoder_outputs`` (:meth:`prompt_kwargs`):
+    #: vision-side stages are refused at attach where the model's forward has no such argument (transformers < 5.18
+    #: would take it as an unknown keyword and drop the reduced features silently)
+    feeds_mm_encoder_outputs: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -342,7 +346,13 @@ class ModelAdapter:
 
     def check_stage(self, stage) -> None:
         """Refuse, when attached, a stage this family cannot run (ConfigError saying why). Default: a vision-side
-        stage whose ``requires_extras`` (alternatives) are all missing from :meth:`vision_extras_available`."""
+        stage whose ``requires_extras`` (alternatives) are all missing from :meth:`vision_extras_available`, and any
+        vision-side stage of a ``feeds_mm_encoder_outputs`` family on a transformers without that argument."""
+        if (stage.side == "vision" and self.feeds_mm_encoder_outputs
+                and "mm_encoder_outputs" not in inspect.signature(self.inner.forward).parameters):
+            raise ConfigError(f"{self.family}: vision-side stages need transformers >= 5.18 (the model's forward "
+                              "takes the reduced features as mm_encoder_outputs); this one's does not (LLM-side "
+                              "stages work)")
         have = self.vision_extras_available()
         needs = set(stage.requires_extras)
         if stage.side == "vision" and have is not None and needs and not needs & have:

@@ -57,6 +57,7 @@ class Gemma3Adapter(LlavaAdapter):
     model_class_names = ("Gemma3ForConditionalGeneration",)
     vision_only_keys = ()
     decode_masks_from_positions = True
+    feeds_mm_encoder_outputs = True  # the rebuilt prompt (prompt_kwargs; transformers >= 5.18)
 
     # ---- geometry ---------------------------------------------------------------------------------------------
     @property

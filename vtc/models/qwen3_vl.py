@@ -27,7 +27,6 @@ Built on :mod:`vtc.models.qwen2_vl` (units, M-RoPE positions, tower scores, merg
 
 from __future__ import annotations
 
-import inspect
 from typing import Literal
 
 import torch
@@ -47,6 +46,7 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
 
     family = "qwen3_vl"
     model_class_names = ("Qwen3VLForConditionalGeneration", "Qwen3VLMoeForConditionalGeneration")
+    feeds_mm_encoder_outputs = True  # the reduced main + DeepStack features (transformers >= 5.18)
 
     def __init__(self, model, video_units: Literal["frame"] = "frame") -> None:
         if video_units != "frame":
@@ -57,14 +57,6 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
     @classmethod
     def matches(cls, model) -> bool:
         return ModelAdapter.matches.__func__(cls, model)
-
-    def check_stage(self, stage) -> None:
-        """Vision-side stages feed the reduced main + DeepStack features as ``mm_encoder_outputs``: refused (at
-        attach) on a transformers whose Qwen3-VL forward does not take them (it would drop them silently)."""
-        super().check_stage(stage)
-        if stage.side == "vision" and "mm_encoder_outputs" not in inspect.signature(self.inner.forward).parameters:
-            raise ConfigError(f"{self.family}: vision-side stages need a transformers whose Qwen3-VL forward takes "
-                              "mm_encoder_outputs (5.2x); this one does not (LLM-side stages work)")
 
     @property
     def deepstack_levels(self) -> int:
