@@ -348,11 +348,6 @@ class ModelAdapter:
         """Refuse, when attached, a stage this family cannot run (ConfigError saying why). Default: a vision-side
         stage whose ``requires_extras`` (alternatives) are all missing from :meth:`vision_extras_available`, and any
         vision-side stage of a ``feeds_mm_encoder_outputs`` family on a transformers without that argument."""
-        if (stage.side == "vision" and self.feeds_mm_encoder_outputs
-                and "mm_encoder_outputs" not in inspect.signature(self.inner.forward).parameters):
-            raise ConfigError(f"{self.family}: vision-side stages need transformers >= 5.18 (the model's forward "
-                              "takes the reduced features as mm_encoder_outputs); this one's does not (LLM-side "
-                              "stages work)")
         have = self.vision_extras_available()
         needs = set(stage.requires_extras)
         if stage.side == "vision" and have is not None and needs and not needs & have:
@@ -362,6 +357,11 @@ class ModelAdapter:
                 f"{self.family} cannot provide {', '.join(sorted(needs))}{why}; it provides "
                 f"{', '.join(sorted(have)) or 'nothing'}"
             )
+        if (stage.side == "vision" and self.feeds_mm_encoder_outputs
+                and "mm_encoder_outputs" not in inspect.signature(self.inner.forward).parameters):
+            raise ConfigError(f"{self.family}: vision-side stages need transformers >= 5.18 (the model's forward "
+                              "takes the reduced features as mm_encoder_outputs); this one's does not (LLM-side "
+                              "stages work)")
 
     def encode_images(self, kwargs: dict) -> list[VisualGroup]:  # pragma: no cover
         raise NotImplementedError(f"{self.family}: vision-side stages are not supported by this adapter yet")
