@@ -25,6 +25,7 @@ from tiny_models_qwen import (
 import vtc
 from vtc.layout import Grid, Video
 from vtc.models import get_adapter
+from vtc.models.base import cache_kwarg_name
 from vtc.models.qwen2_vl import Qwen2_5_VLAdapter, Qwen2VLAdapter, compose_mrope
 from vtc.scoring import attention_probs
 
@@ -314,7 +315,7 @@ def test_vision_generate_continues_original_positions(family, kind):
                 lg[:, SUPPRESS] = float("-inf")
                 assert torch.equal(lg.argmax(-1), new[:, t])
                 cache = out.cache if "cache" in out else out.past_key_values
-                out = model(input_ids=new[:, t:t + 1], cache=cache, use_cache=True)
+                out = model(input_ids=new[:, t:t + 1], use_cache=True, **{cache_kwarg_name(model.forward): cache})
 
 
 @pytest.mark.parametrize("family", FAMS)
