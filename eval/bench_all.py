@@ -3,6 +3,8 @@
     python -m eval.bench_all --out eval/results/bench                    # the CPU suite (default)
     python -m eval.bench_all --suite gpu --out eval/results/bench        # on a CUDA machine
     python -m eval.bench_all --render-only --out eval/results/bench      # only rebuild the markdown tables
+    python -m eval.bench_all --list                                      # the jobs, as <arch>/<label>
+    python -m eval.bench_all --only '^gemma3-4b/|^cdpruner'              # named rows only (regex)
 
 Suites (:data:`SUITES`):
 
@@ -10,12 +12,18 @@ Suites (:data:`SUITES`):
   one row per other family (:data:`FAMILY_ROWS`: its real-size preset and one of its configs),
   the LLM shortened to ``max(--min-layers, deepest stage layer + 1)`` decoder layers and the CLIP tower to the
   same share of its depth (``round(24 * L / 32)``, >= 2) so that the tower's share of the prefill stays what
-  it is at full depth. Configs that would need more than ``--max-layers`` layers are listed as not run.
+  it is at full depth. Configs that would need more than ``--max-layers`` layers are listed as not run, except
+  those of :data:`SCALABLE_METHODS` (PyramidDrop, SparseVLM), whose cut layers are scaled to an LLM of
+  ``--scaled-depth`` layers (8: pdrop's 8 / 16 / 24 of 32 -> 2 / 4 / 6 of 8; SparseVLM's 3 / 7 / 16 -> 1 / 2 / 4);
+  their full-depth FLOPs are those of the real schedule (:func:`full_depth_lens`).
 - ``gpu``: full-depth fp16 models: LLaVA-1.5-7B at batch 1, 4 and 8 (every ``configs/llava-1.5`` config),
   LLaVA-NeXT-7B (~2.9k visual tokens) at batch 1 and 4 (``configs/llava-next``), Qwen2-VL-7B and Qwen2.5-VL-7B
   at batch 1 (``configs/qwen2-vl``).
 
-A config whose methods are not installed (``vtc.available_methods()``) is listed as skipped. Every result is
+A config whose methods are not installed (``vtc.available_methods()``) is listed as skipped, and so is one naming a
+checkpoint that is not available locally, except the CLIP checkpoints of :data:`RANDOM_TEXT_ENCODERS` (CDPruner's
+text encoder): those run with a random-weight CLIP at the same text shapes, saved once to the temp dir
+(:func:`random_text_encoder`), encoding :data:`BENCH_INSTRUCTION`. Every result is
 ``<out>/<suite>_<arch>_<config>_b<B>_L<layers>_<device>.json`` (+ ``.png``); the markdown tables between
 ``<!-- bench:<suite>:begin -->`` and ``<!-- bench:<suite>:end -->`` in ``--md`` are rebuilt from all the JSON
 files of the suite found in ``--out``, plus ``<out>/<suite>_summary.png``.
@@ -59,7 +67,15 @@ class Job:
 
     @property
     def label(self) -> str:
+        scaled = self.extra.get("scaled")
+        if scaled:
+            return f"{Path(self.config).stem} (scaled: {'/'.join(map(str, scaled['scaled']))} of {self.layers})"
         return Path(self.config).stem
+
+    @property
+    def name(self) -> str:
+        """``<arch>/<label>``: what ``--only`` also matches (family rows share config names)."""
+        return f"{self.arch}/{self.label}"
 
 
 def _config_layers(path: Path) -> int:
@@ -109,6 +125,138 @@ def _skip_reason(path: Path) -> str | None:
     return f"checkpoint(s) {', '.join(ckpts)} not available locally" if ckpts else None
 
 
+#: CLIP checkpoints a config may name as CDPruner's ``text_encoder`` that the suites replace, when they are not
+#: available locally, by a random-weight CLIP of the same text shapes (text tower, text projection; from the
+#: published config): the text tower's cost is part of what the user pays and lands in the vtc time
+RANDOM_TEXT_ENCODERS: dict[str, dict] = {
+    "openai/clip-vit-large-patch14-336": dict(
+        text=dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                  num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu", layer_norm_eps=1e-5,
+                  bos_token_id=49406, eos_token_id=49407, pad_token_id=1),
+        projection_dim=768),
+}
+#: the instruction CDPruner's text tower encodes in the suites (a VQAv2-style question; the random-weight models
+#: have no tokenizer to read it off the prompt, so the config's fixed ``instruction`` is set)
+BENCH_INSTRUCTION = "What is the man on the left side of the picture holding in his right hand?"
+
+
+def _unavailable_text_encoders(path: Path) -> list[str]:
+    """The names in :data:`RANDOM_TEXT_ENCODERS` a config needs that are not available locally."""
+    return [n for n in _missing_checkpoints(path) if n in RANDOM_TEXT_ENCODERS]
+
+
+def random_text_encoder_config(name: str, spec: B.ArchSpec):
+    """The ``CLIPConfig`` of :func:`random_text_encoder`: the text shapes of ``name``, one vision layer of the
+    width of ``spec``'s tower, the projection dimension on both sides."""
+    from transformers import CLIPConfig
+
+    shapes = RANDOM_TEXT_ENCODERS[name]
+    dim = shapes["projection_dim"]
+    vision = {k: spec.vision[k] for k in ("hidden_size", "intermediate_size", "num_attention_heads", "image_size",
+                                         "patch_size", "hidden_act", "layer_norm_eps") if k in spec.vision}
+    return CLIPConfig(text_config=dict(shapes["text"], projection_dim=dim),
+                      vision_config=dict(vision, num_hidden_layers=1, projection_dim=dim), projection_dim=dim)
+
+
+def random_text_encoder(name: str, spec: B.ArchSpec, root: str | Path | None = None) -> Path:
+    """A local CLIP checkpoint with random weights at the text shapes of ``name`` (:data:`RANDOM_TEXT_ENCODERS`)
+    and the vision width of ``spec``'s tower (CDPruner applies its post-LayerNorm and visual projection to the
+    model's own tower states; the checkpoint's own vision encoder is never run, so it has one layer), plus a
+    word-level tokenizer (lower case, punctuation split, CLIP's start / end tokens) that knows
+    :data:`BENCH_INSTRUCTION`'s words. Saved once under ``root`` (default: the temp dir) and reused."""
+    import hashlib
+    import shutil
+    import tempfile
+
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import CLIPModel, PreTrainedTokenizerFast
+
+    from vtc.bench.presets import _default_dtype, _no_init_weights
+
+    shapes = RANDOM_TEXT_ENCODERS[name]
+    words = sorted(set(re.findall(r"\w+|[^\w\s]", BENCH_INSTRUCTION.lower())))
+    key = json.dumps([random_text_encoder_config(name, spec).to_dict(), words], sort_keys=True, default=str)
+    root = Path(root or tempfile.gettempdir())
+    out = root / f"vtc-bench-clip-{hashlib.sha1(key.encode()).hexdigest()[:12]}"
+    if (out / "config.json").is_file() and (out / "tokenizer.json").is_file():
+        return out
+    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=root))
+    try:
+        cfg = random_text_encoder_config(name, spec)
+        with _default_dtype(torch.float32), _no_init_weights():
+            clip = CLIPModel(cfg)
+        B.random_fill_(clip.eval())
+        clip.save_pretrained(tmp)
+        t = shapes["text"]
+        vocab = {"<unk>": 0, "!": 1} | {w: 2 + i for i, w in enumerate(w for w in words if w != "!")}
+        vocab |= {"<|startoftext|>": t["bos_token_id"], "<|endoftext|>": t["eos_token_id"]}
+        tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+        tk.normalizer = normalizers.Lowercase()
+        tk.pre_tokenizer = pre_tokenizers.Whitespace()
+        tk.post_processor = processors.TemplateProcessing(
+            single="<|startoftext|> $A <|endoftext|>",
+            special_tokens=[("<|startoftext|>", t["bos_token_id"]), ("<|endoftext|>", t["eos_token_id"])])
+        PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<|startoftext|>", eos_token="<|endoftext|>",
+                                unk_token="<unk>", pad_token="!").save_pretrained(tmp)
+        try:
+            tmp.rename(out)
+        except OSError:  # another process saved it first
+            pass
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+#: LLM-side methods whose layer schedule the CPU suite scales to a shortened depth when the real one does not fit
+#: (``--scaled-depth``): their cuts split the LLM into segments, so the same share of layers per segment keeps the
+#: share of the prefill each segment costs
+SCALABLE_METHODS = ("pdrop", "sparsevlm")
+
+
+def scaled_schedule(path: Path, full_layers: int, depth: int) -> dict | None:
+    """The config of ``path`` with the ``layers`` of its :data:`SCALABLE_METHODS` stages mapped from the
+    ``full_layers``-deep model to a ``depth``-deep one (``round(l * depth / full_layers)``), or None when the
+    config has another LLM-side stage or the mapped layers are not distinct, >= 1 and < ``depth``.
+
+    Returns {'config': the scaled config (dict), 'real': the real cut layers, 'scaled': the scaled ones (sorted,
+    one-to-one)}."""
+    import vtc
+
+    cfg = vtc.load_config(str(path))
+    stages, real, scaled = [], [], []
+    for s in cfg.stages:
+        d = s.model_dump()
+        if s.side == "llm":
+            if s.method not in SCALABLE_METHODS:
+                return None
+            new = [round(layer * depth / full_layers) for layer in s.layers]
+            if any(b <= a for a, b in zip(new, new[1:])) or new[0] < 1 or new[-1] >= depth:
+                return None
+            real += list(s.layers)
+            scaled += new
+            d["layers"] = new
+        stages.append(d)
+    if not real or sorted(real) != real or sorted(scaled) != scaled or len(set(scaled)) != len(scaled):
+        return None
+    return {"config": {"name": f"{cfg.name or path.stem}-scaled{depth}", "stages": stages, "seed": cfg.seed},
+            "real": real, "scaled": scaled}
+
+
+def full_depth_lens(real: list[int], scaled: list[int], full_layers: int):
+    """The map of per-layer lengths of a scaled run (cuts entering ``scaled``) to the full-depth model with the
+    real cuts (entering ``real``): layer l of the full model gets the length after the last real cut <= l."""
+    import bisect
+
+    def fn(lens: list[int]) -> list[int]:
+        out = []
+        for layer in range(full_layers):
+            j = bisect.bisect_right(real, layer)
+            out.append(lens[0] if j == 0 else lens[scaled[j - 1]])
+        return out
+
+    return fn
+
+
 #: the CPU suite's one row per other family: (bench preset, config under configs/ without .yaml)
 FAMILY_ROWS: list[tuple[str, str]] = [
     ("llava-next-7b", "llava-next/visionzip-320"),
@@ -127,7 +275,17 @@ def _family_configs(folder: str) -> list[Path]:
     return sorted((CONFIGS / folder).glob("*.yaml"))
 
 
-def suite_jobs(suite: str, *, min_layers: int = 3, max_layers: int = 5) -> list[Job]:
+def _plan_job(job: Job, spec: B.ArchSpec, path: Path) -> None:
+    """Skip reason, or the checkpoint substitutions the job runs with."""
+    job.skip = _skip_reason(path)
+    if job.skip is not None and not _missing_methods(path):
+        missing = _missing_checkpoints(path)
+        if missing and missing == _unavailable_text_encoders(path):  # random weights at the real text shapes
+            job.skip = None
+            job.extra["random_text_encoders"] = missing
+
+
+def suite_jobs(suite: str, *, min_layers: int = 3, max_layers: int = 5, scaled_depth: int | None = 8) -> list[Job]:
     """The jobs of a suite (see the module docstring)."""
     jobs: list[Job] = []
     if suite == "cpu":
@@ -137,13 +295,18 @@ def suite_jobs(suite: str, *, min_layers: int = 3, max_layers: int = 5) -> list[
             spec = B.ARCHS[arch]
             path = ROOT / config
             job = Job("cpu", spec.name, config)
-            job.skip = _skip_reason(path)
+            _plan_job(job, spec, path)
             if job.skip is None:
                 need = max(min_layers, _config_layers(path))
                 job.layers = need
-                job.vision_layers = max(2, round(spec.vision_layers * need / spec.text_layers))
                 if need > max_layers:
-                    job.skip = f"needs {need} decoder layers (> --max-layers {max_layers}); run on a GPU"
+                    scaled = scaled_schedule(path, spec.text_layers, scaled_depth) if scaled_depth else None
+                    if scaled is None:
+                        job.skip = f"needs {need} decoder layers (> --max-layers {max_layers}); run on a GPU"
+                    else:
+                        job.layers = scaled_depth
+                        job.extra["scaled"] = scaled
+                job.vision_layers = max(2, round(spec.vision_layers * job.layers / spec.text_layers))
             jobs.append(job)
     elif suite == "gpu":
         plan = [("llava-1.5-7b", "llava-1.5", (1, 4, 8)), ("llava-next-7b", "llava-next", (1, 4)),
@@ -152,11 +315,33 @@ def suite_jobs(suite: str, *, min_layers: int = 3, max_layers: int = 5) -> list[
             for path in _family_configs(folder):
                 for b in batches:
                     job = Job("gpu", arch, str(path.relative_to(ROOT)), batch=b, dtype="float16", device="cuda")
-                    job.skip = _skip_reason(path)
+                    _plan_job(job, B.ARCHS[arch], path)
                     jobs.append(job)
     else:
         raise ValueError(f"unknown --suite {suite!r} (allowed: cpu, gpu)")
     return jobs
+
+
+def job_config(job: Job, root: str | Path | None = None):
+    """What :func:`vtc.bench.bench` runs for ``job``: the config path, or the config with its substitutions (a
+    scaled schedule; random-weight text encoders, saved under ``root``, with :data:`BENCH_INSTRUCTION`)."""
+    scaled = job.extra.get("scaled")
+    encoders = job.extra.get("random_text_encoders")
+    if not scaled and not encoders:
+        return job.config
+    import vtc
+
+    if scaled:
+        data = json.loads(json.dumps(scaled["config"]))
+    else:
+        cfg = vtc.load_config(str(ROOT / job.config))
+        data = {"name": cfg.name or job.label, "stages": [s.model_dump() for s in cfg.stages], "seed": cfg.seed}
+    for st in data["stages"]:
+        if st.get("text_encoder") in (encoders or ()):
+            st["text_encoder"] = str(random_text_encoder(st["text_encoder"], B.ARCHS[job.arch], root))
+            if not st.get("instruction"):
+                st["instruction"] = BENCH_INSTRUCTION
+    return data
 
 
 SUITES = ("cpu", "gpu")
@@ -182,9 +367,20 @@ def run_jobs(jobs: list[Job], out: Path, *, repeats: int, warmup: int, decode_to
             done += 1
             BM._stderr(f"[{done}/{len(todo)}] {job.label} batch {job.batch} ({time.perf_counter() - t_start:.0f} s so far)")
             inputs = B.synthetic_inputs(model, arch, batch=job.batch, text_tokens=job.text_tokens)
-            result = B.bench(model, inputs, job.config, repeats=repeats, warmup=warmup, decode_tokens=decode_tokens)
+            spec = B.ARCHS[arch]
+            scaled = job.extra.get("scaled")
+            lens = full_depth_lens(scaled["real"], scaled["scaled"], spec.text_layers) if scaled else None
+            result = B.bench(model, inputs, job_config(job), repeats=repeats, warmup=warmup,
+                             decode_tokens=decode_tokens, full_depth_lens=lens)
             result["suite"] = job.suite
             result["label"] = job.label
+            result["config"] = job.config
+            if scaled:
+                result["scaled_schedule"] = {"real_layers": scaled["real"], "scaled_layers": scaled["scaled"],
+                                             "full_layers": spec.text_layers}
+            if job.extra.get("random_text_encoders"):
+                result["random_text_encoders"] = job.extra["random_text_encoders"]
+                result["instruction"] = BENCH_INSTRUCTION
             print(B.format_table(result), flush=True)
             jpath, _ = B.write_result(result, out, stem=_stem(job, result))
             written.append(jpath)
@@ -214,9 +410,11 @@ def _load(out: Path, suite: str) -> list[dict]:
     return results
 
 
-def render_markdown(results: list[dict], skipped: list[Job] | None = None) -> str:
-    """The markdown table(s) of one suite's results (one table per arch / dtype / device)."""
-    if not results and not skipped:
+def render_markdown(results: list[dict], skipped: list[Job] | None = None,
+                    pending: list[Job] | None = None) -> str:
+    """The markdown table(s) of one suite's results (one table per arch / dtype / device), then the jobs not run
+    (``skipped``, with their reasons) and the runnable jobs without a result yet (``pending``)."""
+    if not results and not skipped and not pending:
         return "_No results yet: run `python -m eval.bench_all` for this suite._\n"
     lines: list[str] = []
     groups: dict[tuple, list[dict]] = {}
@@ -228,10 +426,12 @@ def render_markdown(results: list[dict], skipped: list[Job] | None = None) -> st
         env = rs[0]["environment"]
         where = env.get("gpu") or f"{env.get('processor') or 'CPU'}, {env.get('cpu_count')} cores, " \
                                   f"{env.get('torch_threads')} torch threads"
+        loads = [r["environment"]["load_average"][0] for r in rs if r["environment"].get("load_average")]
+        load = f" (1-minute load average at the end of a row: {min(loads):.1f} to {max(loads):.1f})" if loads else ""
         lines.append(f"**{arch}**, {dtype}, {device} ({where}); torch {env['torch']}, transformers "
                      f"{env['transformers']}; {rs[0]['repeats']} repeats after {rs[0]['warmup']} warm-up round(s), "
                      f"{rs[0]['decode_tokens']} decoded tokens; measured {min(r['environment']['date'] for r in rs)} "
-                     f"to {max(r['environment']['date'] for r in rs)}.\n")
+                     f"to {max(r['environment']['date'] for r in rs)}{load}.\n")
         lines.append("| config | batch | LLM / vision layers | LLM tokens (first → last layer) | prefill ms: baseline | vtc | "
                      "oracle | speedup | oracle speedup | efficiency | vtc overhead (full depth, est.) | "
                      "decode ms/token: baseline → vtc | "
@@ -265,6 +465,9 @@ def render_markdown(results: list[dict], skipped: list[Job] | None = None) -> st
         lines.append("")
     if skipped:
         lines.append("Not run: " + "; ".join(f"`{j.label}` ({j.skip})" for j in skipped) + ".\n")
+    if pending:
+        lines.append("Not measured yet (`python -m eval.bench_all --only '<arch>/<label>'` runs one): "
+                     + ", ".join(f"`{j.name}`" for j in pending) + ".\n")
     return "\n".join(lines)
 
 
@@ -320,30 +523,45 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--suite", choices=SUITES, default="cpu")
     p.add_argument("--out", default=str(ROOT / "eval" / "results" / "bench"))
     p.add_argument("--md", default=str(ROOT / "eval" / "BENCHMARKS.md"))
-    p.add_argument("--only", default=None, help="run only configs whose name contains this (regex)")
+    p.add_argument("--only", default=None,
+                   help="run only the jobs whose label or <arch>/<label> matches this regex (see --list), e.g. "
+                        "'^cdpruner', 'pdrop|sparsevlm', '^gemma3-4b/'")
+    p.add_argument("--list", action="store_true", help="list the suite's jobs (<arch>/<label>, depths, skip "
+                                                       "reason) and exit")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--decode-tokens", type=int, default=4)
     p.add_argument("--min-layers", type=int, default=3)
     p.add_argument("--max-layers", type=int, default=5)
+    p.add_argument("--scaled-depth", type=int, default=8,
+                   help=f"CPU suite: run a config of {'/'.join(SCALABLE_METHODS)} that needs more than --max-layers "
+                        "layers with its cut layers scaled to an LLM of this depth (0: list it as not run)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--render-only", action="store_true", help="do not measure; rebuild the markdown from the JSONs")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
-    jobs = suite_jobs(args.suite, min_layers=args.min_layers, max_layers=args.max_layers)
+    jobs = all_jobs = suite_jobs(args.suite, min_layers=args.min_layers, max_layers=args.max_layers,
+                                 scaled_depth=args.scaled_depth or None)
     if args.only:
-        jobs = [j for j in jobs if re.search(args.only, j.label)]
+        jobs = [j for j in jobs if re.search(args.only, j.label) or re.search(args.only, j.name)]
+    if args.list:
+        for j in jobs:
+            depth = f"LLM {j.layers} / vision {j.vision_layers} layers" if j.layers else "full depth"
+            print(f"{j.name}: {j.config}, batch {j.batch}, {depth}" + (f"; not run: {j.skip}" if j.skip else "")
+                  + ("; random-weight text encoder" if j.extra.get("random_text_encoders") else ""))
+        return 0
     if not args.render_only:
         if args.suite == "gpu" and not torch.cuda.is_available():
             print("error: the gpu suite needs CUDA", file=sys.stderr)
             return 2
         run_jobs(jobs, out, repeats=args.repeats, warmup=args.warmup, decode_tokens=args.decode_tokens)
     results = _load(out, args.suite)
-    ran = {r.get("label") for r in results}
-    skipped = [j for j in jobs if j.skip is not None and j.label not in ran]
-    update_markdown(Path(args.md), args.suite, render_markdown(results, skipped))
+    ran = {f"{r.get('arch')}/{r.get('label')}" for r in results}
+    skipped = [j for j in all_jobs if j.skip is not None and j.name not in ran]
+    pending = [j for j in all_jobs if j.skip is None and j.name not in ran]
+    update_markdown(Path(args.md), args.suite, render_markdown(results, skipped, pending))
     plot_summary(results, out / f"{args.suite}_summary.png")
     print(f"updated {args.md} ({len(results)} result(s) of suite {args.suite})")
     return 0

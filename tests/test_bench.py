@@ -363,7 +363,7 @@ def test_bench_all_renders_markdown_between_markers(tmp_path, cli_run):
 def test_cpu_suite_covers_every_llava_config_and_one_row_per_family():
     jobs = BA.suite_jobs("cpu", max_layers=5)
     llava = [j for j in jobs if j.arch == "llava-1.5-7b"]
-    assert {j.label for j in llava} == {p.stem for p in (ROOT / "configs" / "llava-1.5").glob("*.yaml")}
+    assert {Path(j.config).stem for j in llava} == {p.stem for p in (ROOT / "configs" / "llava-1.5").glob("*.yaml")}
     others = [(j.arch, j.config) for j in jobs if j.arch != "llava-1.5-7b"]
     assert others == [(a, f"configs/{c}.yaml") for a, c in BA.FAMILY_ROWS]
     families = {B.ARCHS[a].family for a, _ in BA.FAMILY_ROWS} | {"llava"}
@@ -373,3 +373,115 @@ def test_cpu_suite_covers_every_llava_config_and_one_row_per_family():
     for j in llava:
         if j.skip is None:
             assert j.layers >= 3 and j.vision_layers == max(2, round(24 * j.layers / 32))
+
+
+def test_cpu_suite_scales_the_pdrop_and_sparsevlm_schedules_to_its_shortened_depth():
+    jobs = {j.label.split(" ")[0]: j for j in BA.suite_jobs("cpu", max_layers=5) if j.arch == "llava-1.5-7b"}
+    pdrop, sparse = jobs["pdrop"], jobs["sparsevlm-128"]
+    assert pdrop.skip is None and pdrop.layers == 8 and pdrop.vision_layers == 6
+    assert (pdrop.extra["scaled"]["real"], pdrop.extra["scaled"]["scaled"]) == ([8, 16, 24], [2, 4, 6])
+    assert (sparse.extra["scaled"]["real"], sparse.extra["scaled"]["scaled"]) == ([3, 7, 16], [1, 2, 4])
+    assert pdrop.label == "pdrop (scaled: 2/4/6 of 8)"
+    cfg = vtc.load_config(BA.job_config(sparse))  # the official 128 schedule, at the scaled layers
+    assert cfg.stages[0].layers == (1, 2, 4) and cfg.stages[0].keep == vtc.load_config(
+        str(ROOT / sparse.config)).stages[0].keep
+    assert "transprune" in jobs and jobs["transprune"].skip  # no scalable schedule: still listed as not run
+    unscaled = {j.label: j for j in BA.suite_jobs("cpu", max_layers=5, scaled_depth=None)}
+    assert "needs 25 decoder layers" in unscaled["pdrop"].skip
+
+
+def test_full_depth_flops_of_a_scaled_run_follow_the_real_schedule():
+    """pdrop scaled to a 4-layer model (cuts 1/2/3): its full-depth lengths are those of the real schedule
+    (8/16/24) run on a 32-layer model."""
+    real = {"name": "pd", "stages": [{"method": "pdrop", "layers": [8, 16, 24], "keep": [0.5, 0.25, 0.125]}]}
+    deep = B.build_model("tiny", layers=32)
+    inputs = B.synthetic_inputs(deep, "tiny", text_tokens=10)
+    r_real = B.bench(deep, inputs, real, repeats=1, warmup=0, decode_tokens=0, progress=None)
+    path = ROOT / "configs" / "llava-1.5" / "pdrop.yaml"
+    sc = BA.scaled_schedule(path, 32, 4)
+    assert sc["scaled"] == [1, 2, 3]
+    model = B.build_model("tiny", layers=4)
+    r = B.bench(model, inputs, sc["config"], repeats=1, warmup=0, decode_tokens=0, progress=None, full_layers=32,
+                full_depth_lens=BA.full_depth_lens(sc["real"], sc["scaled"], 32))
+    full = r["variants"]["vtc"]["flops_full_depth"]
+    assert full["seq_len_per_layer"] == r_real["variants"]["vtc"]["seq_len_per_layer"]
+    assert full["prefill_total"] == r_real["variants"]["vtc"]["flops"]["prefill_total"]
+    assert r["summary"]["flops_ratio_full_depth"] == pytest.approx(r_real["summary"]["flops_ratio"])
+    # without the map the last length would carry on from layer 4: a different (wrong) full-depth cost
+    r_plain = B.bench(model, inputs, sc["config"], repeats=1, warmup=0, decode_tokens=0, progress=None,
+                      full_layers=32)
+    assert r_plain["variants"]["vtc"]["flops_full_depth"]["prefill_total"] < full["prefill_total"]
+
+
+def test_random_text_encoder_has_the_clip_l14_text_shapes():
+    from transformers import CLIPModel
+
+    cfg = BA.random_text_encoder_config("openai/clip-vit-large-patch14-336", B.ARCHS["llava-1.5-7b"])
+    with torch.device("meta"):
+        clip = CLIPModel(cfg)
+    n = sum(p.numel() for p in clip.text_model.parameters())
+    assert abs(n - 123.06e6) / 123.06e6 < 0.005  # CLIP ViT-L/14's text transformer: 123.06 M parameters
+    assert clip.text_projection.weight.shape == (768, 768)  # projection_dim 768
+    assert clip.visual_projection.weight.shape == (768, 1024)  # from LLaVA-1.5's CLIP-L/14-336 tower states
+    assert clip.vision_model.post_layernorm.normalized_shape == (1024,)
+
+
+def test_cdpruner_bench_runs_with_a_random_text_encoder_in_the_vtc_time(tmp_path, monkeypatch):
+    """A config naming a known CLIP checkpoint that is not available locally runs with a random-weight CLIP
+    (saved once; the tower's vision width from the preset) and the bench instruction; the text tower runs inside
+    vtc's hook, so its cost is in the vtc time."""
+    from vtc.methods.cdpruner import load_clip
+
+    tiny_text = dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                     num_attention_heads=2, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407,
+                     pad_token_id=1)
+    monkeypatch.setitem(BA.RANDOM_TEXT_ENCODERS, "nowhere/clip-t", {"text": tiny_text, "projection_dim": 16})
+    cfg = tmp_path / "cdp.yaml"
+    cfg.write_text("name: cdp-t\nstages:\n  - {method: cdpruner, budget: 8, text_encoder: nowhere/clip-t}\n")
+    job = BA.Job("cpu", "tiny", str(cfg))
+    BA._plan_job(job, B.ARCHS["tiny"], cfg)
+    assert job.skip is None and job.extra["random_text_encoders"] == ["nowhere/clip-t"]
+    data = BA.job_config(job, tmp_path)
+    st = data["stages"][0]
+    assert st["instruction"] == BA.BENCH_INSTRUCTION and Path(st["text_encoder"]).parent == tmp_path
+    assert BA.job_config(job, tmp_path) == data  # saved once, reused
+    clip, tok = load_clip(st["text_encoder"])
+    assert clip.vision_model.post_layernorm.normalized_shape[0] == B.ARCHS["tiny"].vision["hidden_size"]
+    ids = tok(BA.BENCH_INSTRUCTION)["input_ids"]
+    assert ids[0] == 49406 and ids[-1] == 49407 and 0 not in ids  # every word known, CLIP's start / end
+    model = B.build_model("tiny")
+    inputs = B.synthetic_inputs(model, "tiny", text_tokens=10)
+    r = B.bench(model, inputs, data, repeats=1, warmup=0, decode_tokens=0, progress=None)
+    assert r["vtc_stats"]["stages"][0]["tokens_out"] == [8]
+    assert r["variants"]["vtc"]["vtc_time_s"]["median"] > 0
+    # unknown checkpoint names are still listed as not run
+    cfg.write_text(f"stages:\n  - {{method: cdpruner, budget: 8, text_encoder: {tmp_path / 'nope'}}}\n")
+    job = BA.Job("cpu", "tiny", str(cfg))
+    BA._plan_job(job, B.ARCHS["tiny"], cfg)
+    assert "not available locally" in job.skip
+
+
+def test_bench_all_only_matches_arch_and_label_and_lists_jobs(capsys):
+    assert BA.main(["--list", "--only", "^gemma3-4b/"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("gemma3-4b/visionzip-64: configs/gemma3/visionzip-64.yaml")
+    assert BA.main(["--list", "--only", "^pdrop"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("llava-1.5-7b/pdrop (scaled: 2/4/6 of 8)") and "LLM 8 / vision 6 layers" in out
+
+
+def test_bench_runs_on_gemma3_with_its_vision_flops_by_hand():
+    from tiny_models_gemma3 import gemma3_inputs, tiny_gemma3
+
+    model = tiny_gemma3()
+    inputs = gemma3_inputs(model)
+    vc = model.config.vision_config
+    vis = B.vision_flops(model, inputs)
+    T, d, m = (vc.image_size // vc.patch_size) ** 2, vc.hidden_size, vc.intermediate_size  # 64 patches, no CLS
+    tower = 2 * (2 * T * d * 4 * d + 2 * T * d * m * 2 + 2 * 2 * T * T * d) + 2 * T * (3 * vc.patch_size ** 2) * d
+    assert vis["tower"] == tower
+    assert vis["projector"] == 2 * 16 * d * model.config.text_config.hidden_size  # 16 pooled tokens, one linear map
+    r = B.bench(model, inputs, {"name": "vz", "stages": [{"method": "visionzip", "budget": 6}]}, repeats=1, warmup=0,
+                decode_tokens=0, progress=None)
+    assert r["summary"]["oracle_matches_vtc"] is True
+    assert r["variants"]["vtc"]["flops"]["prefill_total"] < r["variants"]["baseline"]["flops"]["prefill_total"]

@@ -79,6 +79,15 @@ def vision_flops(model, inputs: dict, *, projector_rows: int | None = None, visi
         f = int(cfg.scale_factor)
         rows = units * (side * side // (f * f)) if projector_rows is None else projector_rows
         projector = fl.mlp_flops(rows, [vc.hidden_size * f * f, cfg.text_config.hidden_size])
+    elif name.startswith("Gemma3"):  # SigLIP (no CLS) per image; the projector average-pools k x k (no matmul),
+        side = vc.image_size // vc.patch_size  # then RMS-norm and one linear map of the pooled tokens
+        units = inputs["pixel_values"].shape[0]
+        shape = fl.ViTShape(vision_layers or vc.num_hidden_layers, vc.hidden_size, vc.intermediate_size,
+                            vc.num_attention_heads)
+        tower = fl.vit_flops(shape, side * side, units) + units * fl.patch_embed_flops(
+            side * side, 3 * vc.patch_size ** 2, vc.hidden_size)
+        rows = units * cfg.mm_tokens_per_image if projector_rows is None else projector_rows
+        projector = fl.mlp_flops(rows, [vc.hidden_size, cfg.text_config.hidden_size])
     else:  # Qwen2-VL / 2.5-VL / 3-VL: attention per frame group, 2 x 2 merger (3-VL: + one per DeepStack level)
         p, m, tp = vc.patch_size, vc.spatial_merge_size, vc.temporal_patch_size
         qwen25 = hasattr(vc, "fullatt_block_indexes")

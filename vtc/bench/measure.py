@@ -288,10 +288,14 @@ class Variants:
 
 def bench(model, inputs: dict, config, *, repeats: int = 3, warmup: int = 1, decode_tokens: int = 8,
           full_layers: int | None = None, full_vision_layers: int | None = None,
+          full_depth_lens: Callable[[list[int]], list[int]] | None = None,
           progress: Callable[[str], None] | None = _stderr) -> dict:
     """Measure baseline / vtc / oracle (and the vision tower alone) on ``inputs``; returns the result dict
     (see the module docstring). ``full_layers`` / ``full_vision_layers``: depths of the unshortened model, for
-    the full-depth FLOPs (default: the arch preset's when the model was built by :func:`build_model`)."""
+    the full-depth FLOPs (default: the arch preset's when the model was built by :func:`build_model`).
+    ``full_depth_lens``: maps the as-run per-layer lengths (sequence entering each layer, KV-cache length of each
+    layer) to the full-depth model's, for a config whose layers were scaled to the shortened depth (default: the
+    last layer's length carries on, :func:`vtc.bench.cost.extend_to`)."""
     from transformers import LogitsProcessorList
     from transformers.utils import logging as hf_logging
 
@@ -393,11 +397,12 @@ def bench(model, inputs: dict, config, *, repeats: int = 3, warmup: int = 1, dec
             kv = p["kv_cache_len"] or [p["prompt_len"]] * num_layers
             kw = dict(prompt_len=p["prompt_len"], seq_lens=seq, kv_lens=kv,
                       projector_rows=proj_rows if v != "baseline" else None)
+            kw_full = dict(kw, seq_lens=full_depth_lens(seq), kv_lens=full_depth_lens(kv)) if full_depth_lens else kw
             entry.update({"prompt_len": p["prompt_len"], "seq_len_per_layer": seq, "kv_cache_len": kv,
                           "kv_cache_bytes": p["kv_bytes"],
                           "flops": model_flops(model, inputs, **kw),
                           "flops_full_depth": model_flops(model, inputs, full_layers=full_layers,
-                                                          full_vision_layers=full_vision_layers, **kw)})
+                                                          full_vision_layers=full_vision_layers, **kw_full)})
         variants[v] = entry
     tc = model.config.get_text_config()
     vc = model.config.vision_config
