@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from vtc.demo import ASSETS
+
 FRACTIONS = (1.0, 0.5, 0.25, 0.11)
 GRID_TOKENS = 196
 LATENTS = 32
@@ -59,10 +61,14 @@ def grid_configs() -> dict[str, callable]:
         "visionzip + pact": lambda f: vz(min(1.0, f / 0.75)) + [{"method": "pact", "layer": 2, "keep": 0.75}],
         "visionzip + pdrop": lambda f: vz(min(1.0, f * 2)) + [{"method": "pdrop", "layers": [2], "keep": [0.5]}],
         "visionzip + fastv": lambda f: vz(min(1.0, f * 2)) + [{"method": "fastv", "layer": 2, "budget": 0.5}],
-        # vision-side 2025 methods (CDPruner needs a CLIP text tower matching the demo tower: none exists)
+        # vision-side 2025 methods
         "divprune": lambda f: [{"method": "divprune", "budget": _k(f, GRID_TOKENS)}],
         "fastervlm": lambda f: [{"method": "fastervlm", "budget": _k(f, GRID_TOKENS)}],
         "vispruner": lambda f: [{"method": "vispruner", "budget": _k(f, GRID_TOKENS)}],
+        # CDPruner with the demo tower's own CLIP text tower (eval/demo_training/train_text_tower.py); that tower is
+        # trained with the paper's sign of relevance, so the official negation is switched off
+        "cdpruner": lambda f: [{"method": "cdpruner", "budget": _k(f, GRID_TOKENS), "negate": False,
+                                "text_encoder": str(ASSETS / "tiny-llava-clip")}],
     }
 
 

@@ -334,3 +334,35 @@ def test_cached_stage1_leaves_the_same_tower_and_random_state_as_training_it(tmp
         towers.append(tower.state_dict())
     assert torch.equal(draws[0], draws[1])
     assert all(torch.equal(v, towers[1][k]) for k, v in towers[0].items())
+
+
+def test_cdpruner_with_the_demo_text_tower_keeps_the_named_objects(grid):
+    """CDPruner on the grid demo model with the demo tower's own CLIP text tower (vtc/assets/tiny-llava-clip, trained
+    by eval/demo_training/train_text_tower.py): the instruction is read off the demo prompt, and the kept tokens lie
+    on the objects the question names far more often than the named objects' share of the image."""
+    import vtc
+    from eval.demo_training.train_text_tower import named_objects, patch_mask
+    from vtc.demo import ASSETS
+    from vtc.viz import token_groups
+
+    model, proc = grid
+    samples = [s for s in get_samples("test", 60) if s.qtype in ("color", "shape", "exist")][:16]
+    cfg = {"stages": [{"method": "cdpruner", "budget": 16, "negate": False,
+                       "text_encoder": str(ASSETS / "tiny-llava-clip")}]}
+    inputs = proc(images=[s.image for s in samples], text=[format_prompt(s.question) for s in samples],
+                  return_tensors="pt", padding=True)
+    named = [torch.from_numpy(patch_mask(named_objects(s.question, s.scene), 112, 8)).bool() for s in samples]
+    share = np.mean([float(m.float().mean()) for m in named])
+
+    def on_object(negate: bool) -> float:
+        cfg["stages"][0]["negate"] = negate
+        with vtc.compress(model, cfg) as run, torch.no_grad():
+            model(**inputs)
+        kept = [token_groups(run.stats, i)[0] >= 0 for i in range(len(samples))]
+        assert all(int(k.sum()) == 16 for k in kept)
+        return float(np.mean([float((k & m).sum()) / 16 for k, m in zip(kept, named)]))
+
+    paper_sign = on_object(False)
+    assert paper_sign > 3 * share, (paper_sign, share)
+    # the official negation turns this tower's relevance around: the kept tokens avoid the named objects
+    assert on_object(True) < share < paper_sign

@@ -11,11 +11,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["BUNDLED", "resolve_model", "is_bundled", "prompt_suffix_for"]
+__all__ = ["BUNDLED", "BUNDLED_TEXT_ENCODERS", "resolve_model", "is_bundled", "prompt_suffix_for"]
 
 _ASSETS = Path(__file__).resolve().parent / "assets"
 #: bundled name -> folder
 BUNDLED: dict[str, Path] = {"vtc-tiny-llava": _ASSETS / "tiny-llava", "vtc-tiny-1d": _ASSETS / "tiny-1d"}
+#: bundled CLIP text towers (``cdpruner``'s ``text_encoder``) -> folder: the grid demo tower's own, trained by
+#: eval/demo_training/train_text_tower.py
+BUNDLED_TEXT_ENCODERS: dict[str, Path] = {"vtc-tiny-llava-clip": _ASSETS / "tiny-llava-clip"}
 
 
 def _cached_on_hub(name: str) -> bool:

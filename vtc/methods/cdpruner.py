@@ -11,8 +11,8 @@ Per unit (image; LLaVA-NeXT: every crop), with F the projected tokens and h the 
   sqrt(d²_j)``, ``d² -= e²``; the k picks, in raster order.
 
 ``text_encoder`` (required) names a CLIP checkpoint (``CLIPModel``: text tower + text projection, and the visual
-projection and post-LayerNorm applied to h; e.g. ``openai/clip-vit-large-patch14-336`` for LLaVA) with its
-tokenizer; it is loaded once per path when the config is attached. The instruction is the user's question: what
+projection and post-LayerNorm applied to h; e.g. ``openai/clip-vit-large-patch14-336`` for LLaVA;
+``vtc-tiny-llava-clip`` for the grid demo) with its tokenizer, loaded once per path when the config is attached. The instruction is the user's question: what
 ``run.set_instruction(...)`` set, else the config's fixed ``instruction``, else the prompt text between the row's
 last visual token and the chat template's generation prompt (decoded with the model's tokenizer, or ``tokenizer:
 PATH``). The official evaluation
@@ -107,11 +107,14 @@ def cdpruner_select(feats: torch.Tensor, relevance: torch.Tensor, k: int) -> tor
 @functools.lru_cache(maxsize=4)
 def load_clip(path: str) -> tuple[Any, Any]:
     """(CLIPModel in eval mode, tokenizer) of a CLIP checkpoint, once per path; ConfigError naming the field."""
+    from ..model_names import BUNDLED_TEXT_ENCODERS
+
+    folder = str(BUNDLED_TEXT_ENCODERS.get(path, path))
     try:
         from transformers import AutoTokenizer, CLIPModel
 
-        model = CLIPModel.from_pretrained(path).eval()
-        tok = AutoTokenizer.from_pretrained(path)
+        model = CLIPModel.from_pretrained(folder).eval()
+        tok = AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError, KeyError) as err:
         raise ConfigError(f"cdpruner: text_encoder={path!r} is not a loadable CLIP checkpoint (CLIPModel with its "
                           f"tokenizer, e.g. openai/clip-vit-large-patch14-336): {err}") from None
