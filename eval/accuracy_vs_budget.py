@@ -133,6 +133,7 @@ def run(n: int, out: Path, batch_size: int = 50, models=("grid", "1d"), only: se
             table[name] = row
         seconds = time.perf_counter() - t0 + (previous.get(kind, {}).get("seconds", 0.0) if only else 0.0)
         results["models"][kind] = {"path": str(path), "table": table, "seconds": seconds}
+    results["models"] = {k: results["models"][k] for k in ("grid", "1d") if k in results["models"]}
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=1))
     (out / "results.md").write_text(to_markdown(results))
@@ -172,15 +173,17 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     kinds = list(results["models"])
-    fig, axes = plt.subplots(1, len(kinds), figsize=(6.5 * len(kinds), 4.5), squeeze=False)
+    colors = plt.get_cmap("tab10").colors
+    fig, axes = plt.subplots(1, len(kinds), figsize=(8.5 * len(kinds), 5.0), squeeze=False)
     for ax, kind in zip(axes[0], kinds):
         res = results["models"][kind]
         base = res["table"]["uncompressed"]["1.0"]["accuracy"]
-        for name, row in res["table"].items():
-            if name == "uncompressed":
-                continue
+        rows = [(name, row) for name, row in res["table"].items() if name != "uncompressed"]
+        for i, (name, row) in enumerate(rows):
             xs = [f for f in results["fractions"] if "accuracy" in row.get(str(f), {})]
-            ax.plot([100 * x for x in xs], [100 * row[str(x)]["accuracy"] for x in xs], marker="o", label=name)
+            # one (colour, line, marker) per row: ten colours, then the next line style and marker
+            ax.plot([100 * x for x in xs], [100 * row[str(x)]["accuracy"] for x in xs], color=colors[i % 10],
+                    ls=("-", "--", ":")[i // 10 % 3], marker=("o", "s", "^")[i // 10 % 3], label=name)
         ax.axhline(100 * base, color="k", ls="--", lw=1, label="uncompressed")
         ax.set_xscale("log")
         ax.set_xticks([11, 25, 50, 100], ["11%", "25%", "50%", "100%"])
@@ -188,7 +191,7 @@ def plot(results: dict, path: Path) -> None:
         ax.set_ylabel("test accuracy (%)")
         ax.set_title("grid model" if kind == "grid" else "ordered 1D model")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
