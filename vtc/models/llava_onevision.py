@@ -59,8 +59,8 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
     family = "llava_onevision"
     model_class_names = ("LlavaOnevisionForConditionalGeneration",)
     visual_input_keys = ("pixel_values", "pixel_values_videos")
-    vision_only_keys = ("image_sizes", "image_sizes_videos", "batch_num_images", "vision_feature_layer",
-                        "vision_feature_select_strategy", "vision_aspect_ratio")
+    # NeXT's, plus the video sizes, the images-per-row count and the anyres_max aspect setting
+    vision_only_keys = LlavaNextAdapter.vision_only_keys + ("image_sizes_videos", "batch_num_images", "vision_aspect_ratio")
 
     # ---- geometry -----------------------------------------------------------------------------------------------
     def _max_patches(self, kwargs: dict) -> int:

@@ -64,6 +64,8 @@ __all__ = ["Qwen2VLAdapter", "Qwen2_5_VLAdapter", "compose_mrope", "segment_rece
 # ---------------------------------------------------------------------------------------------- adapter
 @register_adapter
 class Qwen2VLAdapter(ModelAdapter):
+    """Adapter for ``Qwen2VLForConditionalGeneration`` (see the module docstring); Qwen2.5-VL and Qwen3-VL extend it."""
+
     family = "qwen2_vl"
     model_class_names = ("Qwen2VLForConditionalGeneration",)
     visual_input_keys = ("pixel_values", "pixel_values_videos")
