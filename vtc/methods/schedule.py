@@ -48,7 +48,9 @@ class ScheduledScorer(ScorerMethod):
 
     @field_validator("keep", check_fields=False)
     @classmethod
-    def _check_keep(cls, v: tuple[float, ...], info: ValidationInfo) -> tuple[float, ...]:
+    def _check_keep(cls, v: tuple[float, ...] | None, info: ValidationInfo) -> tuple[float, ...] | None:
+        if v is None:  # a subclass without fractions for this configuration (SparseVLM v1's rank-adaptive counts)
+            return v
         if any(math.isnan(f) or not (0.0 < f <= 1.0) for f in v):
             raise ValueError("every keep fraction must be in (0, 1]")
         if any(b > a for a, b in zip(v, v[1:])):

@@ -281,7 +281,8 @@ class LLMRuntime:
             user_valid=g(ss.user_valid), identity=False,
             use_bias=ss.use_bias or (red.sizes is not None and red.proportional),
         )
-        new_set.identity = bool(M2 == M and bool(valid.all()))
+        # identity: the slots are still arange(N) (a cut that keeps everything after an earlier cut is not one)
+        new_set.identity = bool(ss.identity and M2 == M and bool(valid.all()))
         return new_set, out_hidden
 
     # ---- slicing --------------------------------------------------------------------------------------------
