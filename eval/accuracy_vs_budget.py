@@ -58,6 +58,9 @@ def grid_configs() -> dict[str, callable]:
                                        "keep": [min(1.0, f * 4), min(1.0, f * 2), f]}],
         "sparsevlm (L=1,2,3)": lambda f: [{"method": "sparsevlm", "layers": [1, 2, 3],
                                            "keep": [min(1.0, f * 4), min(1.0, f * 2), f], "heads": 2}],
+        # v1.5 recycles part of what each cut prunes (the bracketed count is above the column's share)
+        "sparsevlm v1.5 (L=1,2,3)": lambda f: [{"method": "sparsevlm", "version": 1.5, "layers": [1, 2, 3],
+                                                "keep": [min(1.0, f * 4), min(1.0, f * 2), f]}],
         "visionzip + pact": lambda f: vz(min(1.0, f / 0.75)) + [{"method": "pact", "layer": 2, "keep": 0.75}],
         "visionzip + pdrop": lambda f: vz(min(1.0, f * 2)) + [{"method": "pdrop", "layers": [2], "keep": [0.5]}],
         "visionzip + fastv": lambda f: vz(min(1.0, f * 2)) + [{"method": "fastv", "layer": 2, "budget": 0.5}],

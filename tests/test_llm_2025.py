@@ -220,7 +220,7 @@ def test_sparsevlm_budget_selects_official_schedule():
     ({"method": "sparsevlm", "budget": 100}, "budget"),
     ({"method": "sparsevlm", "budget": 64, "keep": [0.5, 0.2, 0.1]}, "not both"),
     ({"method": "sparsevlm", "heads": 0}, "heads"),
-    ({"method": "sparsevlm", "version": 1}, "version"),
+    ({"method": "sparsevlm", "version": 3}, "version"),
 ])
 def test_bad_config(stage, needle):
     with pytest.raises(vtc.ConfigError) as err:

@@ -1,41 +1,25 @@
 """``sparsevlm``: SparseVLM (Zhang et al., "SparseVLM: Visual Token Sparsification for Efficient Vision-Language
-Model Inference", ICML 2025, arXiv:2410.04417), the three versions of the official code (``Gumpest/SparseVLMs``):
-``version: 1`` (the paper, Oct 2024: rank-adaptive counts, recycling), ``version: 1.5`` (the repository's default
-since Mar 2025: fixed schedule, recycling) and ``version: 2`` ("SparseVLM+": fixed schedule, RoPE gravity, head
-selection, no recycling; vtc's default, for existing configs). LLM side, progressive, text-guided.
+Model Inference", ICML 2025, arXiv:2410.04417), the three versions of the official code: ``version: 1`` (the
+paper), ``1.5`` (the repository's default) and ``2`` ("SparseVLM+"; vtc's default, as before). LLM side, progressive.
 
-1. **Raters** (every version; once per prefill, from the layer-0 input embeddings E, no norm, no scale): with V the
-   sample's visual tokens and Q its instruction tokens (text after the last image), s_t = mean_{v in V}
-   softmax_{t in Q}(E_v . E_t); the raters are the t with s_t > mean(s) (all of Q when none is; the last token when
-   Q is empty).
-2. **Cuts**: the official cut "after layer l" is vtc's cut entering l + 1 (the survivors enter it; the scores come
-   from layer l, whose KV cache keeps every token): ``layers: [3, 7, 16]`` for v1.5 / v2, ``[3, 7, 16, 20]`` for
-   v1. The scores use only the rater rows of layer l's attention, re-projected from its captured input (input
-   norm, q / k, RoPE at the slots' position ids): flash-compatible, never ``output_attentions``.
-3. **Scores**: P = the rater x visual attention probabilities (fp32 softmax). v1 / v1.5: score = mean over heads,
-   then over raters. v2: P divided elementwise by the RoPE "gravity" G[m, n] = <RoPE_m(1), RoPE_n(1)> / sqrt(d) of
-   the query and key positions; per head, the sum over raters x visual candidates; the ``heads`` heads with the
-   largest sums are kept; score = mean over those heads and the raters.
-4. **Counts** (per image). v1.5 / v2: the top ``floor(keep[j] * n0)`` of every image, n0 = its count entering the
-   first cut; ``budget: 192 | 128 | 96 | 64`` selects the version's official schedule for 576 tokens (v1.5: 300 /
-   200 / 110, 303 / 110 / 36, 238 / 48 / 26, 66 / 30 / 17; v2: 300 / 200 / 118, 238 / 108 / 60, 246 / 54 / 28,
-   66 / 34 / 20; ``keep`` = count / 576); the budget names the *layer average* the official code prints, not a
-   count per layer. v1: rho = rank(P restricted to the image's candidates) (``torch.linalg.matrix_rank``'s default
-   tolerance sigma_max * max(R, v) * eps, batched over images); nothing is cut when rho = v, else the top
-   k = min(int(rho * scale + bias), v - 1). The paper's settings (official scripts): MME "192" ``scale: 13.5,
-   bias: 0`` (the default), POPE "128" ``scale: 9, bias: 6``, TextVQA "64" ``scale: 0.8, bias: 0``; these counts
-   are content-adaptive and the labels are printed layer averages, not counts.
-5. **Recycling** (v1, v1.5; :func:`recycle`): from the tokens an image loses at a cut (their states entering
-   l + 1 = layer l's output), the m = int(0.3 * pruned) + 1 best-scored are clustered by DPC-kNN into
-   c = int(m / 10) + 1 tokens (:func:`dpc_knn`), each the mean of its members; they stay visual tokens of that
-   image and are candidates of the later cuts, as officially.
-
-Positions (a documented deviation from v1 / v1.5, which renumber the whole sequence contiguously after every cut
-and put the c merged tokens after the kept visual tokens): vtc's LLM-side rule, survivors keep their original
-position ids (as v2 does) and decoding continues at the original length; a merged token takes the slot and
-position id of its cluster centre (one of the recycled tokens), as PACT's merged tokens do, so it sits at the
-centre's place in the sequence. Deliberate fix: the official density adds U(0, 1) * 1e-6 noise (a different
-selection on every run); vtc breaks density ties by the lower sequence position instead (deterministic).
+1. **Raters** (once per prefill, from the layer-0 input embeddings E): s_t = mean_{v in V} softmax_{t in Q}(E_v . E_t)
+   over the visual tokens V and the instruction tokens Q (text after the last image); raters: s_t > mean(s).
+2. **Cuts**: the official cut "after layer l" enters l + 1 in vtc (``layers: [3, 7, 16]``, v1 ``[3, 7, 16, 20]``);
+   the rater rows of layer l's attention are re-projected from its captured input (flash-compatible).
+3. **Scores**: v1 / v1.5: mean over heads, then raters, of the rater x visual probabilities P. v2: P divided by the
+   RoPE "gravity" G[m, n] = <RoPE_m(1), RoPE_n(1)> / sqrt(d); the ``heads`` heads with the largest sums; mean.
+4. **Counts** per image. v1.5 / v2: the top ``floor(keep[j] * n0)``; ``budget: 192 | 128 | 96 | 64`` selects the
+   version's official schedule for 576 tokens (:data:`SCHEDULES_V15`, :data:`SCHEDULES`; the budget is the layer
+   average the official code prints). v1: rho = rank(P) per image (:func:`rank_counts`); nothing cut when rho = v,
+   else the top min(int(rho * scale + bias), v - 1); the paper's settings are :data:`V1_SETTINGS` (MME "192":
+   13.5 / 0, the default; POPE "128": 9 / 6; TextVQA "64": 0.8 / 0).
+5. **Recycling** (v1, v1.5; :func:`recycle`): of an image's pruned tokens (states entering l + 1 = layer l's
+   output), the m = int(0.3 * pruned) + 1 best-scored are clustered by DPC-kNN (:func:`dpc_knn`) into
+   c = int(m / 10) + 1 merged tokens (means), candidates of the later cuts.
+Positions (deviation from v1 / v1.5, which renumber contiguously and put the merged tokens after the kept ones):
+survivors keep their original position ids (vtc's LLM-side rule, as v2); a merged token takes the slot and
+position of its cluster centre, as PACT's merged tokens do. Deliberate fix: the official DPC-kNN density adds
+U(0, 1) * 1e-6 noise (non-deterministic); vtc breaks density ties by the lower sequence position.
 Quirks reproduced and fixed: docs/methods/sparsevlm.md.
 """
 
