@@ -194,6 +194,35 @@ def test_v15_first_cut_matches_restatement(eager, seed):
         assert torch.equal(red.features[0, anchors.index(p)], h[p])
 
 
+def test_v15_second_cut_scores_the_merged_tokens_too(eager):
+    """The second cut ranks the survivors of the first (kept and merged tokens) by the attention of the rater rows in
+    its own layer over the already-cut sequence (the model's eager attention under the first cut alone), keeps the
+    top floor(0.25 * n0) and recycles the rest on top."""
+    inputs = llava_inputs(eager, batch=1, seed=6)
+    vis, text = _layout(inputs)
+    with torch.no_grad():
+        e = eager(**inputs, output_hidden_states=True).hidden_states[0][0].float()
+    s = torch.softmax(e[vis] @ e[text].T, dim=-1).mean(0)
+    raters = [t for t, v in zip(text, s) if v > s.mean()] or text
+    first = {"method": "sparsevlm", "version": 1.5, "layers": [1], "keep": [0.5]}
+    with torch.no_grad(), vtc.compress(eager, [first]) as run:
+        A = eager(**inputs, output_attentions=True).attentions[2][0].float().mean(0)  # layer 2 over the survivors
+        survivors = run.stats.stages[0].kept_positions[0].tolist()
+    cols = [i for i, p in enumerate(survivors) if p in vis]
+    score = A[[survivors.index(r) for r in raters]][:, cols].mean(0)
+    k = resolve_budget(0.25, len(vis))
+    order = sorted(range(len(cols)), key=lambda i: (-float(score[i]), survivors[cols[i]]))
+    kept = sorted(survivors[cols[i]] for i in order[:k])
+    both = dict(first, layers=[1, 3], keep=[0.5, 0.25])
+    with torch.no_grad(), vtc.compress(eager, [both]) as run:
+        eager(**inputs)
+    st = run.stats.stages[-1]
+    got = [p for p in st.kept_positions[0][st.kept_valid[0]].tolist() if p in vis]
+    m = int((len(cols) - k) * 0.3) + 1
+    assert set(kept) <= set(got) and len(got) == k + int(m / 10) + 1
+    assert set(got) - set(kept) <= {survivors[cols[i]] for i in order[k:]}  # centres are recycled (pruned) tokens
+
+
 @pytest.mark.parametrize("scale,bias", [(1.5, 0.0), (V1_SETTINGS["POPE (128)"][0] / 4, 1.0)])
 def test_v1_first_cut_matches_restatement(eager, scale, bias):
     """The rank-adaptive count (matrix_rank of the rater x visual attention) and the same recycling."""
