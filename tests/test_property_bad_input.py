@@ -65,7 +65,11 @@ def stages(draw) -> dict:
         if field == "method" or (not info.is_required() and not draw(st.booleans())):
             continue
         odd = draw(_rarely(6))  # now and then a value of any type or out of range
-        if field == "budget":
+        if field == "budget" and any(typing.get_origin(a) is typing.Literal
+                                     for a in (info.annotation, *typing.get_args(info.annotation))):
+            # a method's own budget type (e.g. SparseVLM's Literal of schedule names): its own values
+            stage[field] = draw(JUNK if odd else _values(info.annotation))
+        elif field == "budget":
             plausible = st.one_of(st.integers(1, 40), st.floats(0.05, 1.0))
             stage[field] = draw(st.one_of(st.integers(-1, 0), st.floats(1.01, 2.0), JUNK) if odd else plausible)
         else:
