@@ -57,6 +57,15 @@ def test_config_errors(stages, match):
         vtc.load_config({"stages": stages})
 
 
+def test_llm_stage_acting_at_no_layer_is_a_config_error():
+    """A registered LLM-side method whose stage names no layer (here the tests' replay method with ``layers: []``)
+    is refused with the stage named, not a ValueError from inside the composition check."""
+    import replay  # noqa: F401  (registers the test-only 'replay' method)
+
+    with pytest.raises(vtc.ConfigError, match=r"stages\[1\] \(replay\): an LLM-side stage must act at one layer"):
+        vtc.load_config([{"method": "fastv", "layer": 2, "budget": 0.5}, {"method": "replay", "key": "", "layers": []}])
+
+
 def test_config_unknown_top_level_key():
     with pytest.raises(vtc.ConfigError, match=r"unknown top-level config key\(s\): stage"):
         vtc.load_config({"stage": []})

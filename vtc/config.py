@@ -127,6 +127,10 @@ def _check_composition(stages: tuple[Method, ...]) -> None:
                 "'llm' space (after the projector); reorder the stages"
             )
     llm = [s for s in stages if s.side == "llm"]
+    for i, s in enumerate(stages):
+        if s.side == "llm" and not s.llm_layers():
+            raise ConfigError(f"stages[{i}] ({s.method}): an LLM-side stage must act at one layer or more; it names "
+                              "none")
     firsts = [min(s.llm_layers()) for s in llm]
     if firsts != sorted(firsts):
         raise ConfigError(
