@@ -24,6 +24,27 @@ from vtc.demo import GRID_MODEL_PATH
 __all__ = ["save_tiny_llava", "save_tiny_llava_next", "save_tiny_qwen2_vl", "qwen_prompt", "GRID_MODEL_PATH"]
 
 
+def _llama_text(tok, hidden: int, layers: int, heads: int, kv_heads: int):
+    """The LLaVA savers' Llama text config over the demo tokenizer (MLP 2x wide, 2048 positions)."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                       num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=len(tok),
+                       max_position_embeddings=2048, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                       rms_norm_eps=1e-6)
+
+
+def _save(model, processor, tok, path: str | Path):
+    """Give ``model`` the tokenizer's eos / pad ids for generation, save it and ``processor`` to ``path``; returns
+    (model, processor)."""
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
+    path = Path(path)
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return model, processor
+
+
 def save_tiny_llava(path: str | Path, *, image_size: int = 336, patch: int = 14, vision_hidden: int = 128,
                     vision_layers: int = 4, text_hidden: int = 256, text_layers: int = 4, heads: int = 4,
                     seed: int = 0):
@@ -35,7 +56,6 @@ def save_tiny_llava(path: str | Path, *, image_size: int = 336, patch: int = 14,
         AutoTokenizer,
         CLIPImageProcessor,
         CLIPVisionConfig,
-        LlamaConfig,
         LlavaConfig,
         LlavaForConditionalGeneration,
         LlavaProcessor,
@@ -46,24 +66,16 @@ def save_tiny_llava(path: str | Path, *, image_size: int = 336, patch: int = 14,
     vision = CLIPVisionConfig(hidden_size=vision_hidden, intermediate_size=4 * vision_hidden,
                               num_hidden_layers=vision_layers, num_attention_heads=4, image_size=image_size,
                               patch_size=patch, projection_dim=vision_hidden)
-    text = LlamaConfig(hidden_size=text_hidden, intermediate_size=2 * text_hidden, num_hidden_layers=text_layers,
-                       num_attention_heads=heads, num_key_value_heads=heads, vocab_size=len(tok),
-                       max_position_embeddings=2048, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-                       rms_norm_eps=1e-6)
+    text = _llama_text(tok, text_hidden, text_layers, heads, heads)
     cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_id=tok.convert_tokens_to_ids("<image>"),
                       vision_feature_layer=-2, vision_feature_select_strategy="default")
     model = LlavaForConditionalGeneration(cfg).eval()
-    model.generation_config.eos_token_id = tok.eos_token_id
-    model.generation_config.pad_token_id = tok.pad_token_id
     image_processor = CLIPImageProcessor(size={"shortest_edge": image_size},
                                          crop_size={"height": image_size, "width": image_size})
     processor = LlavaProcessor(image_processor=image_processor, tokenizer=tok, patch_size=patch,
                                vision_feature_select_strategy="default", image_token="<image>",
                                num_additional_image_tokens=1)
-    path = Path(path)
-    model.save_pretrained(path)
-    processor.save_pretrained(path)
-    return model, processor
+    return _save(model, processor, tok, path)
 
 
 def save_tiny_llava_next(path: str | Path, *, crop: int = 48, patch: int = 8, vision_hidden: int = 32,
@@ -75,7 +87,6 @@ def save_tiny_llava_next(path: str | Path, *, crop: int = 48, patch: int = 8, vi
     from transformers import (
         AutoTokenizer,
         CLIPVisionConfig,
-        LlamaConfig,
         LlavaNextConfig,
         LlavaNextForConditionalGeneration,
         LlavaNextImageProcessor,
@@ -86,25 +97,17 @@ def save_tiny_llava_next(path: str | Path, *, crop: int = 48, patch: int = 8, vi
     torch.manual_seed(seed)
     vision = CLIPVisionConfig(hidden_size=vision_hidden, intermediate_size=4 * vision_hidden, num_hidden_layers=3,
                               num_attention_heads=4, image_size=crop, patch_size=patch, projection_dim=vision_hidden)
-    text = LlamaConfig(hidden_size=text_hidden, intermediate_size=2 * text_hidden, num_hidden_layers=text_layers,
-                       num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=len(tok),
-                       max_position_embeddings=2048, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-                       rms_norm_eps=1e-6)
+    text = _llama_text(tok, text_hidden, text_layers, heads, kv_heads)
     cfg = LlavaNextConfig(vision_config=vision, text_config=text, image_token_id=tok.convert_tokens_to_ids("<image>"),
                           vision_feature_layer=-2, vision_feature_select_strategy="default",
                           image_grid_pinpoints=[list(p) for p in pinpoints])
     model = LlavaNextForConditionalGeneration(cfg).eval()
-    model.generation_config.eos_token_id = tok.eos_token_id
-    model.generation_config.pad_token_id = tok.pad_token_id
     image_processor = LlavaNextImageProcessor(size={"shortest_edge": crop}, crop_size={"height": crop, "width": crop},
                                               image_grid_pinpoints=[list(p) for p in pinpoints])
     processor = LlavaNextProcessor(image_processor=image_processor, tokenizer=tok, patch_size=patch,
                                    vision_feature_select_strategy="default", image_token="<image>",
                                    num_additional_image_tokens=1)
-    path = Path(path)
-    model.save_pretrained(path)
-    processor.save_pretrained(path)
-    return model, processor
+    return _save(model, processor, tok, path)
 
 
 QWEN_TOKENS = {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
@@ -162,16 +165,11 @@ def save_tiny_qwen2_vl(path: str | Path, *, version: str = "2", vision_hidden: i
         cfg = Qwen2_5_VLConfig(text_config=text, vision_config=vision, **tokens)
         model = Qwen2_5_VLForConditionalGeneration(cfg)
     model.eval()
-    model.generation_config.eos_token_id = tok.eos_token_id
-    model.generation_config.pad_token_id = tok.pad_token_id
     size = {"shortest_edge": 16 * 16, "longest_edge": max_pixels}
     kw = dict(patch_size=patch, merge_size=merge, temporal_patch_size=temporal, size=size)
     processor = Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(**kw), tokenizer=tok,
                                  video_processor=Qwen2VLVideoProcessor(**kw))
-    path = Path(path)
-    model.save_pretrained(path)
-    processor.save_pretrained(path)
-    return model, processor
+    return _save(model, processor, tok, path)
 
 
 def _mrope_section(head_dim: int) -> list[int]:

@@ -219,21 +219,29 @@ def test_1d_demo_model_every_vision_method(demo_1d, method):
     assert any(isinstance(e, vtc.ConfigError) and str(e) == refused for e in chain), (refused, chain)
 
 
+def stock_equal_to_keep_all(path, keep_all: dict, prompts, images, **llm_kwargs) -> list:
+    """Stock vLLM's (prompt ids, greedy tokens, log-probs) for the requests, after checking that vLLM with the
+    keep-all config ``keep_all`` gives the same prompt ids and tokens and log-probs within LOGPROB_TOL."""
+    results = []
+    for config in (None, keep_all):
+        llm = vllm_llm(path, config, **llm_kwargs)
+        try:
+            results.append(vllm_generate(llm, prompts, images, logprobs=True))
+        finally:
+            release(llm)
+    stock, kept = results
+    assert [(p, g) for p, g, _ in kept] == [(p, g) for p, g, _ in stock]
+    assert max(abs(a - b) for (_, _, x), (_, _, y) in zip(kept, stock) for a, b in zip(x, y)) < LOGPROB_TOL
+    return stock
+
+
 def test_1d_keep_all_equals_unwrapped_model(demo_1d):
     """No config and a keep-all config give the same vLLM outputs, equal to the unwrapped transformers model's."""
     model, processor = demo_1d
     prompts = [format_prompt(s.question) for s in SAMPLES]
     images = [s.image for s in SAMPLES]
-    results = []
-    for config in (None, {"stages": [{"method": "prefix", "budget": 1.0}]}):
-        llm = vllm_llm(ORDERED_MODEL_PATH, config)
-        try:
-            results.append(vllm_generate(llm, prompts, images, logprobs=True))
-        finally:
-            release(llm)
-    stock, keep_all = results
-    assert [(p, g) for p, g, _ in keep_all] == [(p, g) for p, g, _ in stock]
-    assert max(abs(a - b) for (_, _, x), (_, _, y) in zip(keep_all, stock) for a, b in zip(x, y)) < LOGPROB_TOL
+    stock = stock_equal_to_keep_all(ORDERED_MODEL_PATH, {"stages": [{"method": "prefix", "budget": 1.0}]}, prompts,
+                                    images)
     want = hf_reference(model, processor, None, prompts, images)
     eos = model.generation_config.eos_token_id
     assert [(p, until_eos(g, eos)) for p, g, _ in stock] == [(p, until_eos(g, eos)) for p, g in want]
@@ -502,16 +510,8 @@ def test_qwen_matches_transformers(qwen_model, name):
 def test_qwen_keep_all_equals_stock_vllm(qwen_model):
     model, processor, path = qwen_model
     prompts, images = _qwen_requests()
-    results = []
-    for config in (None, {"stages": [{"method": "pool", "budget": 1.0}]}):
-        llm = vllm_llm(path, config, images_per_prompt=2)
-        try:
-            results.append(vllm_generate(llm, prompts, images, logprobs=True))
-        finally:
-            release(llm)
-    stock, keep_all = results
-    assert [(p, g) for p, g, _ in keep_all] == [(p, g) for p, g, _ in stock]
-    assert max(abs(a - b) for (_, _, x), (_, _, y) in zip(keep_all, stock) for a, b in zip(x, y)) < LOGPROB_TOL
+    stock = stock_equal_to_keep_all(path, {"stages": [{"method": "pool", "budget": 1.0}]}, prompts, images,
+                                    images_per_prompt=2)
     check_qwen(model, stock, qwen_reference(model, processor, None, prompts, images))
 
 
