@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Literal
 
+import torch
+
 import vtc
 from vtc.methods import Method, register_method
 
@@ -40,3 +42,29 @@ def replay_config(config: vtc.Config, stats, key: str) -> dict:
         else:
             stages.append(stage.model_dump())
     return {"stages": [s for s in stages if s.get("method") != "replay" or s["layers"]], "seed": config.seed}
+
+
+def extend_with(inputs: dict, new: torch.Tensor) -> dict:
+    """``inputs`` with the tokens ``new`` (B, t) appended: the ids, the attention mask with ones, and every other
+    per-token tensor (``token_type_ids``, ``mm_token_type_ids``, ...) with zeros (generated tokens are text)."""
+    ids = inputs["input_ids"]
+    step = dict(inputs, input_ids=torch.cat([ids, new], dim=1))
+    for key, value in inputs.items():
+        if key != "input_ids" and isinstance(value, torch.Tensor) and value.shape == ids.shape:
+            fill = torch.ones_like if key == "attention_mask" else torch.zeros_like
+            step[key] = torch.cat([value, fill(new).to(value.dtype)], dim=1)
+    return step
+
+
+def assert_cached_equals_uncached(model, config, inputs: dict, out, *, stats=None, key: str | None = None,
+                                  tol: float = 1e-4) -> None:
+    """Decode consistency: the logits of every step of the cached ``generate`` output ``out`` equal an uncached
+    forward over the prompt and the tokens generated so far. With ``stats`` (and ``key``) the recorded LLM-side
+    reductions are replayed (a score-based method would re-select on the longer prompt); without, ``config`` runs
+    again as is (for selections that do not depend on the prompt's length)."""
+    run_config = config if stats is None else replay_config(vtc.load_config(config), stats, key)
+    new = out.sequences[:, inputs["input_ids"].shape[1]:]
+    with vtc.compress(model, run_config), torch.no_grad():
+        for t in range(new.shape[1]):
+            full = model(**extend_with(inputs, new[:, :t]), use_cache=False).logits[:, -1]
+            torch.testing.assert_close(full, out.logits[t], atol=tol, rtol=tol)

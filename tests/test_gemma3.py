@@ -10,7 +10,7 @@ import functools
 import pytest
 import roundtrip
 import torch
-from replay import replay_config
+from replay import assert_cached_equals_uncached
 from tf_compat import (
     ROUNDTRIP_STAGE,
     needs_mm_encoder_outputs,
@@ -57,15 +57,7 @@ def test_sliding_window_decode_cached_equals_uncached(attn, stage):
         out = m.generate(**inputs, **gen, output_logits=True, return_dict_in_generate=True)
     first = min(s.layer for s in run.stats.stages)
     assert run.stats.kv_cache_len[first] < run.stats.prompt_len
-    replay = replay_config(config, run.stats, key=f"gemma3-{attn}-{stage['method']}")
-    new = out.sequences[:, inputs["input_ids"].shape[1]:]
-    with vtc.compress(m, replay):
-        for t in range(new.shape[1]):
-            ext = torch.ones_like(new[:, :t])
-            step = dict(inputs, input_ids=torch.cat([inputs["input_ids"], new[:, :t]], 1),
-                        attention_mask=torch.cat([inputs["attention_mask"], ext], 1),
-                        token_type_ids=torch.cat([inputs["token_type_ids"], 0 * ext], 1))
-            torch.testing.assert_close(logits(m, step, use_cache=False)[:, -1], out.logits[t], atol=1e-4, rtol=1e-4)
+    assert_cached_equals_uncached(m, config, inputs, out, stats=run.stats, key=f"gemma3-{attn}-{stage['method']}")
 
 
 def test_pooled_scores_are_the_projector_pooling():

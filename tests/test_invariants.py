@@ -11,7 +11,7 @@ import functools
 import pytest
 import torch
 from matrix import discover
-from replay import replay_config
+from replay import assert_cached_equals_uncached
 from tf_compat import HAS_MM_ENCODER_OUTPUTS
 
 import vtc
@@ -146,23 +146,8 @@ def test_decode_consistency(family, case, batch, attn):
     config = vtc.load_config(cfg(case.reduce))
     with vtc.compress(model, config) as run:
         out = model.generate(**inputs, **GEN, output_logits=True, return_dict_in_generate=True)
-        stats = run.stats
-    replay = replay_config(config, stats, key=f"{family}-{case.name}-{batch}-{attn}")
-    prompt_len = inputs["input_ids"].shape[1]
-    new_tokens = out.sequences[:, prompt_len:]
-    with vtc.compress(model, replay):
-        for t in range(new_tokens.shape[1]):
-            step = dict(inputs)
-            step["input_ids"] = torch.cat([inputs["input_ids"], new_tokens[:, :t]], dim=1)
-            if inputs.get("attention_mask") is not None:
-                step["attention_mask"] = torch.cat(
-                    [inputs["attention_mask"], torch.ones_like(new_tokens[:, :t])], dim=1)
-            for key, v in inputs.items():  # other per-token inputs (e.g. mm_token_type_ids): new tokens are text
-                if key not in ("input_ids", "attention_mask") and isinstance(v, torch.Tensor) \
-                        and v.shape == inputs["input_ids"].shape:
-                    step[key] = torch.cat([v, torch.zeros_like(new_tokens[:, :t]).to(v.dtype)], dim=1)
-            full = logits(model, step, use_cache=False)[:, -1]
-            torch.testing.assert_close(full, out.logits[t], atol=case.tol, rtol=case.tol)
+    assert_cached_equals_uncached(model, config, inputs, out, stats=run.stats,
+                                  key=f"{family}-{case.name}-{batch}-{attn}", tol=case.tol)
 
 
 # ---- 4. backend agnostic --------------------------------------------------------------------------------------

@@ -125,18 +125,12 @@ def test_video_per_frame_budgets_batch_and_decode(stage, per_frame):
             row["input_ids"], row["attention_mask"] = row["input_ids"][:, keep], row["attention_mask"][:, keep]
             torch.testing.assert_close(logits(m, row)[0, -1], out[b], atol=1e-4, rtol=1e-4)
     if st.side == "llm":
-        from replay import replay_config
+        from replay import assert_cached_equals_uncached
 
-        with vtc.compress(m, {"stages": [stage]}) as run:
+        config = {"stages": [stage]}
+        with vtc.compress(m, config) as run:
             cached = m.generate(**inputs, **GEN, output_logits=True, return_dict_in_generate=True)
-        replay = replay_config(vtc.load_config({"stages": [stage]}), run.stats, key=f"ov-video-{stage['method']}")
-        new = cached.sequences[:, inputs["input_ids"].shape[1]:]
-        with vtc.compress(m, replay):
-            for t in range(new.shape[1]):
-                step = dict(inputs, input_ids=torch.cat([inputs["input_ids"], new[:, :t]], 1),
-                            attention_mask=torch.cat([inputs["attention_mask"], torch.ones_like(new[:, :t])], 1))
-                torch.testing.assert_close(logits(m, step, use_cache=False)[:, -1], cached.logits[t], atol=1e-4,
-                                           rtol=1e-4)
+        assert_cached_equals_uncached(m, config, inputs, cached, stats=run.stats, key=f"ov-video-{stage['method']}")
 
 
 @pytest.mark.parametrize("size", [(30, 90), (90, 90)])

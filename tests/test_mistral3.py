@@ -13,7 +13,7 @@ import pytest
 import roundtrip
 import torch
 from PIL import Image
-from replay import replay_config
+from replay import assert_cached_equals_uncached
 from tf_compat import scatter_logits
 from tiny_models_mistral3 import BREAK, END, IMAGE, image_prompt, mistral3_inputs, tiny_mistral3
 
@@ -250,13 +250,7 @@ def test_pruned_tokens_packed_in_their_rows_and_decode_consistent(budget, per_ro
         assert torch.equal(run_len, kept_rows), (run_len, kept_rows)
     prompt = rebuild_prompt(run.adapter, inputs["input_ids"], inputs["attention_mask"], images, inputs)
     assert torch.equal(prompt.token_map.protected, (prompt.input_ids == BREAK) | (prompt.input_ids == END))
-    replay = replay_config(config, stats, key=f"mistral3-rows-{budget}-{per_row}")
-    new = out.sequences[:, inputs["input_ids"].shape[1]:]
-    with vtc.compress(m, replay):
-        for t in range(new.shape[1]):
-            step = dict(inputs, input_ids=torch.cat([inputs["input_ids"], new[:, :t]], 1),
-                        attention_mask=torch.cat([inputs["attention_mask"], torch.ones_like(new[:, :t])], 1))
-            torch.testing.assert_close(logits(m, step, use_cache=False)[:, -1], out.logits[t], atol=1e-4, rtol=1e-4)
+    assert_cached_equals_uncached(m, config, inputs, out, stats=stats, key=f"mistral3-rows-{budget}-{per_row}")
 
 
 def test_llm_side_keeps_every_separator():
@@ -382,9 +376,4 @@ def test_pixtral_llava_batch_equals_single_and_decode(stage, attn):
     with vtc.compress(m, config) as run:
         out = m.generate(**inputs, max_new_tokens=3, do_sample=False, output_logits=True, return_dict_in_generate=True)
     assert all(o < i for st in run.stats.stages for i, o in zip(st.tokens_in, st.tokens_out))
-    new = out.sequences[:, inputs["input_ids"].shape[1]:]
-    with vtc.compress(m, replay_config(config, run.stats, key=f"pixtral-{stage['method']}-{attn}")):
-        for t in range(new.shape[1]):
-            step = dict(inputs, input_ids=torch.cat([inputs["input_ids"], new[:, :t]], 1),
-                        attention_mask=torch.cat([inputs["attention_mask"], torch.ones_like(new[:, :t])], 1))
-            torch.testing.assert_close(logits(m, step, use_cache=False)[:, -1], out.logits[t], atol=1e-4, rtol=1e-4)
+    assert_cached_equals_uncached(m, config, inputs, out, stats=run.stats, key=f"pixtral-{stage['method']}-{attn}")

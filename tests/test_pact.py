@@ -756,7 +756,7 @@ def test_qwen2_vl_video_batch_and_decode(scope):
     """Qwen2-VL video (M-RoPE, frames numbered as separate units): a padded batch of 3 equals each sample alone,
     ``scope`` decides whether clusters may span frames, and cached decoding with proportional attention equals
     recomputing every step without a cache over the same kept / merged tokens."""
-    from replay import replay_config
+    from replay import assert_cached_equals_uncached
     from tiny_models_qwen import qwen_video_inputs, split_row, tiny_qwen2_vl
 
     from vtc.models import get_adapter
@@ -787,14 +787,4 @@ def test_qwen2_vl_video_batch_and_decode(scope):
     with vtc.compress(model, config) as run:
         out = model.generate(**inp, max_new_tokens=3, do_sample=False, pad_token_id=0, output_logits=True,
                              return_dict_in_generate=True)
-    replay = replay_config(config, run.stats, key=f"pact-video-{scope}")
-    n = inp["input_ids"].shape[1]
-    new = out.sequences[:, n:]
-    with torch.no_grad(), vtc.compress(model, replay):
-        for t in range(new.shape[1]):
-            step = dict(inp)
-            step["input_ids"] = torch.cat([inp["input_ids"], new[:, :t]], 1)
-            step["attention_mask"] = torch.cat([inp["attention_mask"], torch.ones_like(new[:, :t])], 1)
-            step["mm_token_type_ids"] = torch.cat([inp["mm_token_type_ids"], torch.zeros_like(new[:, :t])], 1)
-            full = model(**step, use_cache=False).logits[:, -1]
-            torch.testing.assert_close(full, out.logits[t], atol=1e-4, rtol=1e-4)
+    assert_cached_equals_uncached(model, config, inp, out, stats=run.stats, key=f"pact-video-{scope}")

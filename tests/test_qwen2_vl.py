@@ -9,6 +9,7 @@ import functools
 
 import pytest
 import torch
+from replay import assert_cached_equals_uncached
 from tiny_models_qwen import (
     IMAGE,
     MERGE,
@@ -359,16 +360,7 @@ def test_llm_side_generate_and_decode_consistency(family, kind, stage):
     if stage["method"] != "random":
         return
     # random keeps the same ranks at every recomputation: an uncached full forward per step reproduces the logits
-    prompt_len = inp["input_ids"].shape[1]
-    new = out.sequences[:, prompt_len:]
-    with vtc.compress(model, {"stages": [stage]}):
-        for t in range(new.shape[1]):
-            step = dict(inp)
-            step["input_ids"] = torch.cat([inp["input_ids"], new[:, :t]], dim=1)
-            step["attention_mask"] = torch.cat([inp["attention_mask"], torch.ones_like(new[:, :t])], dim=1)
-            step["mm_token_type_ids"] = torch.cat([inp["mm_token_type_ids"], torch.zeros_like(new[:, :t]).int()], 1)
-            full = logits(model, step, use_cache=False)[:, -1]
-            torch.testing.assert_close(full, out.logits[t], atol=1e-4, rtol=1e-4)
+    assert_cached_equals_uncached(model, {"stages": [stage]}, inp, out)
 
 
 @pytest.mark.parametrize("family", FAMS)

@@ -13,7 +13,7 @@ import functools
 import pytest
 import roundtrip
 import torch
-from replay import replay_config
+from replay import assert_cached_equals_uncached
 from test_qwen2_vl import logits, rope_positions
 from tf_compat import (
     ROUNDTRIP_STAGE,
@@ -176,16 +176,8 @@ def test_llm_stage_inside_deepstack_layers(kind, attn):
         config = vtc.load_config({"stages": [{"method": "fastv", "layer": 1, "budget": 4}]})
         with vtc.compress(model, config) as run:
             out = model.generate(**inp, **GEN, output_logits=True, return_dict_in_generate=True)
-        replay = replay_config(config, run.stats, key=f"qwen3-{kind}-{attn}-{inp['input_ids'].shape}")
-        new = out.sequences[:, inp["input_ids"].shape[1]:]
-        with vtc.compress(model, replay):
-            for t in range(new.shape[1]):
-                ext = torch.ones_like(new[:, :t])
-                step = dict(inp, input_ids=torch.cat([inp["input_ids"], new[:, :t]], 1),
-                            attention_mask=torch.cat([inp["attention_mask"], ext], 1),
-                            mm_token_type_ids=torch.cat([inp["mm_token_type_ids"], 0 * ext.int()], 1))
-                torch.testing.assert_close(logits(model, step, use_cache=False)[:, -1], out.logits[t],
-                                           atol=1e-4, rtol=1e-4)
+        assert_cached_equals_uncached(model, config, inp, out, stats=run.stats,
+                                      key=f"qwen3-{kind}-{attn}-{inp['input_ids'].shape}")
 
 
 def logits_plain(model, inp):

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from replay import replay_config
+from replay import assert_cached_equals_uncached
 from tiny_models import IMAGE_TOKEN, llava_inputs, tiny_llava
 
 import vtc
@@ -333,15 +333,7 @@ def test_decode_consistency_after_three_pruning_points(attn):
         assert torch.equal(state.acc, acc_prefill)
         assert [len(s.tokens_out) for s in run.stats.stages] == [2, 2, 2]
         stats = run.stats
-    replay = replay_config(config, stats, key=f"transprune-direct-{attn}")
-    n = inputs["input_ids"].shape[1]
-    new = out.sequences[:, n:]
-    with vtc.compress(model, replay), torch.no_grad():
-        for t in range(new.shape[1]):
-            step = dict(inputs, input_ids=torch.cat([inputs["input_ids"], new[:, :t]], 1),
-                        attention_mask=torch.cat([inputs["attention_mask"], torch.ones_like(new[:, :t])], 1))
-            full = model(**step, use_cache=False).logits[:, -1]
-            torch.testing.assert_close(full, out.logits[t], atol=1e-4, rtol=1e-4)
+    assert_cached_equals_uncached(model, config, inputs, out, stats=stats, key=f"transprune-direct-{attn}")
 
 
 def test_batch_rows_equal_single(model, inputs):
