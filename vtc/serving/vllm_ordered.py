@@ -44,9 +44,7 @@ from ..errors import ConfigError
 from ..layout import Sequence
 from ..models.base import VisualGroup
 from ..models.ordered_vlm import OrderedVLMAdapter
-from ..runtime.stats import Stats
-from ..runtime.vision import VisionRuntime
-from .vllm import add_vision_model_level, config_from_hf
+from .vllm import add_vision_model_level, config_from_hf, run_stages
 
 __all__ = ["VtcOrderedVLMForConditionalGeneration", "VtcOrderedProcessingInfo", "ordered_count"]
 
@@ -97,9 +95,7 @@ def ordered_count(cfg: Config | None, hf_config) -> int:
 def _ordered_count(cfg: Config, n_latents: int) -> int:
     counts = set()
     for seed in (0, 1):
-        runtime = VisionRuntime(_DryOrderedSide(n_latents, seed), list(enumerate(cfg.vision_stages)), Stats(),
-                                cfg.seed)
-        (image,) = runtime.reduce_images({})
+        (image,) = run_stages(_DryOrderedSide(n_latents, seed), cfg, {})
         counts.add(image.embeds.shape[0])
     if len(counts) != 1:
         raise ConfigError(
@@ -210,8 +206,7 @@ class VtcOrderedVLMForConditionalGeneration(nn.Module, SupportsMultiModal):
             (group,) = side.encode_images({"pixel_values": pixel_values})
             return tuple(side.project(group.features))
         cfg = self.vtc_config
-        runtime = VisionRuntime(side, list(enumerate(cfg.vision_stages)), Stats(), cfg.seed)
-        images = runtime.reduce_images({"pixel_values": pixel_values})
+        images = run_stages(side, cfg, {"pixel_values": pixel_values})
         got = {im.embeds.shape[0] for im in images}
         if got != {self._vtc_expected}:
             raise RuntimeError(f"vtc: the stages delivered {sorted(got)} tokens per image, but the prompt was "
