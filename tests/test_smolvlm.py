@@ -125,6 +125,27 @@ def test_partly_masked_sub_image_is_refused():
     assert torch.isfinite(logits(m, smolvlm_inputs(m, batch=1))).all()
 
 
+@pytest.mark.parametrize("idefics3", [False, True])
+def test_cls_only_and_clip_space_methods_are_refused(idefics3):
+    """The (family x method) cells the matrix leaves out (tests/cases: CLS-only and CLIP-space cases run on CLIP
+    towers only): a stage that can only use CLS attention is refused when attached (SigLIP has no CLS token) and
+    leaves the model untouched; CDPruner, whose relevance needs the CLIP image space, is refused on the first call
+    (the pixel-shuffled SigLIP features are not CLIP patch states)."""
+    from models_clip import tiny_clip_dir
+
+    m = model(idefics3)
+    with pytest.raises(vtc.ConfigError, match="no CLS token"):
+        vtc.compress(m, {"stages": [{"method": "pool", "mode": "cluster", "budget": 4, "weights": "cls"}]})
+    assert not hasattr(m, "_vtc_run")
+    inputs = smolvlm_inputs(m, batch=1)
+    ref = logits(m, inputs)
+    cfg = {"stages": [{"method": "cdpruner", "budget": 4, "text_encoder": tiny_clip_dir(), "instruction": "w5"}]}
+    with vtc.compress(m, cfg):
+        with pytest.raises(vtc.ConfigError, match="no CLIP image space"):
+            logits(m, inputs)
+    torch.testing.assert_close(logits(m, inputs), ref, atol=0, rtol=0)
+
+
 def test_prompt_without_the_structure_is_refused():
     m = model()
     inputs = smolvlm_inputs(m, batch=2)
@@ -147,15 +168,23 @@ SPECIALS = ["<fake_token_around_image>", "<global-img>", "<end_of_utterance>", "
     f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)]
 
 
-def _processor(size: int, seq_len: int):
+def _processor(size: int, seq_len: int, idefics3: bool = True):
+    """The family's own processor over an offline word-level tokenizer: Idefics3Processor, or SmolVLMProcessor (its
+    image and video processors; it needs ``num2words``, a dev dependency) with sub-images of ``size`` px."""
     from transformers import Idefics3ImageProcessor, Idefics3Processor
 
     from vtc.demo.build import build_tokenizer
 
     tok = build_tokenizer()
     tok.add_special_tokens({"additional_special_tokens": ["<image>", *SPECIALS]})
-    ip = Idefics3ImageProcessor(size={"longest_edge": 2 * size}, max_image_size={"longest_edge": size})
-    return Idefics3Processor(image_processor=ip, tokenizer=tok, image_seq_len=seq_len)
+    if idefics3:
+        ip = Idefics3ImageProcessor(size={"longest_edge": 2 * size}, max_image_size={"longest_edge": size})
+        return Idefics3Processor(image_processor=ip, tokenizer=tok, image_seq_len=seq_len)
+    from transformers import SmolVLMImageProcessor, SmolVLMProcessor, SmolVLMVideoProcessor
+
+    ip = SmolVLMImageProcessor(size={"longest_edge": 2 * size}, max_image_size={"longest_edge": size})
+    vp = SmolVLMVideoProcessor(size={"longest_edge": size}, max_image_size={"longest_edge": size})
+    return SmolVLMProcessor(image_processor=ip, video_processor=vp, tokenizer=tok, image_seq_len=seq_len)
 
 
 def _tiny_for(tok, idefics3: bool):
@@ -166,15 +195,15 @@ def _tiny_for(tok, idefics3: bool):
 
 @pytest.mark.parametrize("idefics3", [False, True])
 def test_vision_side_prompt_equals_processor_prompt_for_k_tokens(idefics3, monkeypatch):
-    """pool avg to 2 x 2 per sub-image: vtc's rebuilt ids are exactly what transformers' Idefics3 processor emits
-    with image_seq_len = 4 (same rows / columns / fake / global tokens, 4 <image> per sub-image), and the logits are
+    """pool avg to 2 x 2 per sub-image: vtc's rebuilt ids are exactly what the family's own processor
+    (SmolVLMProcessor / Idefics3Processor) emits with image_seq_len = 4 (same rows / columns / fake / global tokens, 4 <image> per sub-image), and the logits are
     the model's on that prompt with the pooled features."""
     from PIL import Image
 
     import vtc.runtime as rt
 
     S = 32 if idefics3 else 48
-    proc16, proc4 = _processor(S, 16), _processor(S, 4)
+    proc16, proc4 = _processor(S, 16, idefics3), _processor(S, 4, idefics3)
     m = _tiny_for(proc16.tokenizer, idefics3)
     image = Image.new("RGB", (2 * S, S - 10), (90, 160, 40))  # -> 1 x 2 crops + the global view
     text = "what colour <image> ?"
@@ -229,19 +258,29 @@ def test_show_draws_the_global_view_and_every_crop_in_place():
 
 
 # ---- from_pretrained round trip -----------------------------------------------------------------------------------
-def _checkpoint(path):
+def _checkpoint(path, idefics3: bool):
     from vtc.demo.build import CHAT_TEMPLATE
 
-    proc = _processor(32, 16)
+    proc = _processor(32 if idefics3 else 48, 16, idefics3)
     proc.chat_template = CHAT_TEMPLATE
-    m = _tiny_for(proc.tokenizer, idefics3=True)
+    m = _tiny_for(proc.tokenizer, idefics3=idefics3)
     m.generation_config.suppress_tokens = proc.tokenizer.convert_tokens_to_ids(["<image>", *SPECIALS[:2]])
-    roundtrip.save_checkpoint(path, m, proc, roundtrip.random_image(30, 60))
+    image = roundtrip.random_image(30, 60) if idefics3 else roundtrip.random_image(45, 90)
+    roundtrip.save_checkpoint(path, m, proc, image)
 
 
-def test_from_pretrained_roundtrip_and_cli(tmp_path):
-    _checkpoint(tmp_path)
+@pytest.mark.parametrize("idefics3", [False, True])
+def test_from_pretrained_roundtrip_and_cli(tmp_path, idefics3):
+    """A tiny checkpoint saved with the family's processor (SmolVLMProcessor with its image and video processors, or
+    Idefics3Processor) loads through AutoModelForImageTextToText + AutoProcessor, runs a compressed generate and
+    ``vtc generate`` from the command line."""
+    from transformers import AutoProcessor
+
+    _checkpoint(tmp_path, idefics3)
     m, inputs = roundtrip.load_checkpoint(tmp_path, "USER: <image> what colour ? ASSISTANT:")
+    name = "Idefics3" if idefics3 else "SmolVLM"
+    assert type(m).__name__ == f"{name}ForConditionalGeneration"
+    assert type(AutoProcessor.from_pretrained(tmp_path)).__name__ == f"{name}Processor"
     assert get_adapter(m).image_grids(inputs["input_ids"]) == [(1, 2)]
     with vtc.compress(m, {"stages": [{"method": "visionzip", "budget": 6}]}) as run:
         out = m.generate(**inputs, max_new_tokens=3, do_sample=False)
