@@ -1,10 +1,11 @@
-"""SmolVLM / Idefics3 specifics (the invariant matrix runs every method on SmolVLM: tests/cases/smolvlm.py; Idefics3
-shares the adapter and gets the identity, processor-prompt and round-trip checks here): the prompt structure (row /
-column / fake / global tokens are text, an image is all its sub-images), the pixel-shuffle mapping of tower scores
-(crafted input), the rebuilt prompt against transformers' own processor for the reduced count, LLM-side budgets per
-image, padding sub-images / pixel_attention_mask, ``vtc show``'s crops-in-place picture by pixels, and the
-from_pretrained / AutoProcessor / ``vtc generate`` round trip (an Idefics3 checkpoint: SmolVLM's processor needs
-``num2words``, which is not a vtc dependency; both processors build the same prompt)."""
+"""SmolVLM / Idefics3 specifics (the invariant matrix runs every method on both: tests/cases/smolvlm.py): the prompt
+structure (row / column / fake / global tokens are text, an image is all its sub-images), the pixel-shuffle mapping of
+tower scores (crafted input), the rebuilt prompt against each family's own processor (SmolVLMProcessor, which needs
+``num2words`` from the dev extra, and Idefics3Processor) for the reduced count, LLM-side budgets per image, padding
+sub-images / pixel_attention_mask, the refusals of the cells the matrix leaves out (CLS-only, CLIP-space), SmolVLM2
+video (SmolVLMProcessor's frames with their timestamps: keep-all = the model, cached = uncached, batch = single, the
+rebuilt prompt = the processor's video prompt for k), ``vtc show``'s crops-in-place picture by pixels, and the
+from_pretrained / AutoProcessor / ``vtc generate`` round trip of a SmolVLM and an Idefics3 checkpoint."""
 
 from __future__ import annotations
 
@@ -224,6 +225,139 @@ def test_vision_side_prompt_equals_processor_prompt_for_k_tokens(idefics3, monke
         pooled = torch.nn.functional.avg_pool2d(feats.transpose(1, 2).reshape(3, -1, 4, 4), 2)
         emb = m.model.connector.modality_projection(pooled.flatten(2).transpose(1, 2)).reshape(-1, 64)
     ref = scatter_logits(m, expected, torch.ones_like(expected), emb, m.config.image_token_id)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+# ---- SmolVLM2 video --------------------------------------------------------------------------------------------
+VIDEO_TEXT = "what happens in <video> ?"
+
+
+def _frames(n: int, seed: int):
+    """n RGB frames as one (n, H, W, 3) uint8 array (no file, no decoder)."""
+    import numpy as np
+
+    return (np.random.default_rng(seed).random((n, 30, 40, 3)) * 255).astype("uint8")
+
+
+def _video_inputs(proc, lengths=(3,), text: str = VIDEO_TEXT) -> dict:
+    """SmolVLMProcessor's tensors for one video per row (``lengths`` frames each, already sampled: frame i at second
+    i), left-padded; a shorter video's frames are padded with all-zero frames, as the processor does."""
+    from transformers.video_utils import VideoMetadata
+
+    meta = [VideoMetadata(total_num_frames=n, fps=1, frames_indices=list(range(n)), duration=float(n))
+            for n in lengths]
+    out = proc(videos=[_frames(n, seed=n) for n in lengths], text=[text] * len(lengths), video_metadata=meta,
+               padding=True, return_tensors="pt")
+    return dict(out)
+
+
+@functools.cache
+def video_setup(seq_len: int = 16):
+    proc = _processor(48, seq_len, idefics3=False)
+    return proc, _tiny_for(proc.tokenizer, idefics3=False)
+
+
+def test_video_frames_are_units_and_timestamps_are_text():
+    """SmolVLMProcessor writes a video as its intro, then per frame ``\nFrame from MM:SS:`` and the frame as one
+    unsplit image (``<fake><global-img><image>*t^2<fake>``): every frame is a unit and an image of its own (an LLM-side
+    int budget is per frame), the intro and timestamps are text (never candidates, never counted)."""
+    proc, m = video_setup()
+    inputs = _video_inputs(proc, (3, 2))
+    ids = inputs["input_ids"]
+    ad = get_adapter(m)
+    tm = ad.token_map(ids, inputs)
+    assert torch.equal(tm.is_visual, ids == proc.image_token_id)
+    assert torch.bincount(tm.image_id[tm.is_visual]).tolist() == [16] * 5  # 3 frames, then 2
+    assert ad.image_grids(ids) == [(0, 0)] * 5 and ad.unit_layouts(inputs, 4) == [Grid(4, 4)]
+    tok = proc.tokenizer
+    colon = tok.convert_tokens_to_ids(":")
+    assert int((ids[0] == colon).sum()) >= 3 * 2  # the timestamps (MM:SS:) are there, as text
+    with vtc.compress(m, {"stages": [{"method": "fastv", "layer": 1, "budget": 5}]}) as run:
+        logits(m, inputs)
+    st = run.stats.stages[0]
+    assert st.tokens_in == [48, 32] and st.tokens_out == [15, 10]  # 5 per frame
+    n_text = int(((ids != proc.image_token_id) & inputs["attention_mask"].bool()).sum(-1).max())
+    assert run.stats.kv_cache_len[1] >= n_text
+
+
+@pytest.mark.parametrize("stage", [{"method": "visionzip", "budget": 1.0, "contextual": 0, "keep_cls": False},
+                                   {"method": "pool", "mode": "avg", "budget": 1.0},
+                                   {"method": "fastv", "layer": 1, "budget": 1.0}], ids=["visionzip", "pool", "fastv"])
+def test_video_keep_all_is_the_model(stage):
+    proc, m = video_setup()
+    inputs = _video_inputs(proc, (3, 2))
+    ref, ref_gen = logits(m, inputs), m.generate(**inputs, max_new_tokens=3, do_sample=False)
+    with vtc.compress(m, {"stages": [stage]}):
+        torch.testing.assert_close(logits(m, inputs), ref, atol=1e-5, rtol=1e-5)
+        assert torch.equal(m.generate(**inputs, max_new_tokens=3, do_sample=False), ref_gen)
+
+
+@pytest.mark.parametrize("stage", [{"method": "visionzip", "budget": 6},
+                                   {"method": "fastv", "layer": 1, "budget": 5},
+                                   {"method": "pdrop", "layers": [1, 2], "keep": [0.5, 0.25]}], ids=["vision", "fastv", "pdrop"])
+def test_video_cached_decode_equals_uncached_over_the_kept_tokens(stage):
+    """Cached greedy generate on a padded batch of two videos == recomputing every step without a cache over the same
+    kept tokens (LLM side: the recorded reductions replayed; vision side: the same deterministic stage)."""
+    from replay import replay_config
+
+    proc, m = video_setup()
+    inputs = _video_inputs(proc, (3, 2))
+    config = vtc.load_config({"stages": [stage]})
+    with vtc.compress(m, config) as run:
+        out = m.generate(**inputs, max_new_tokens=3, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    replay = replay_config(config, run.stats, key=f"smolvlm-video-{stage['method']}")
+    new = out.sequences[:, inputs["input_ids"].shape[1]:]
+    with vtc.compress(m, replay):
+        for t in range(new.shape[1]):
+            step = dict(inputs, input_ids=torch.cat([inputs["input_ids"], new[:, :t]], 1),
+                        attention_mask=torch.cat([inputs["attention_mask"], torch.ones_like(new[:, :t])], 1))
+            torch.testing.assert_close(logits(m, step, use_cache=False)[:, -1], out.logits[t], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("stage", [{"method": "visionzip", "dominant": 5, "contextual": 2},
+                                   {"method": "fastv", "layer": 1, "budget": 5}], ids=["vision", "llm"])
+def test_video_batch_equals_single(stage):
+    """Two videos of 3 and 2 frames in one padded batch (the shorter one's padding frame is all zero, dropped as the
+    model drops it) give each row what the row alone gives (its prompt unpadded, its real frames only: the processor
+    itself writes the batch's padded frame count into every video's intro, so a video processed alone differs)."""
+    proc, m = video_setup()
+    inputs = _video_inputs(proc, (3, 2))
+    with vtc.compress(m, {"stages": [stage]}):
+        batched = logits(m, inputs)[:, -1]
+        for b, n in enumerate((3, 2)):
+            keep = inputs["attention_mask"][b].bool()
+            single = {"input_ids": inputs["input_ids"][b][keep][None], "attention_mask": torch.ones_like(keep[keep])[None],
+                      "pixel_values": inputs["pixel_values"][b:b + 1, :n],
+                      "pixel_attention_mask": inputs["pixel_attention_mask"][b:b + 1, :n]}
+            torch.testing.assert_close(logits(m, single)[0, -1], batched[b], atol=1e-4, rtol=1e-4)
+
+
+def test_video_vision_side_prompt_is_the_processors_for_k_tokens(monkeypatch):
+    """pool avg to 2 x 2 per frame: the rebuilt ids are exactly SmolVLMProcessor's video prompt with
+    image_seq_len = 4 (intro, timestamps and fake / global tokens unchanged), padded rows included, and the logits
+    are the model's on that prompt with the pooled frame features."""
+    import vtc.runtime as rt
+
+    proc, m = video_setup()
+    proc4 = _processor(48, 4, idefics3=False)
+    inputs = _video_inputs(proc, (3, 2))
+    expected = _video_inputs(proc4, (3, 2))
+    seen = []
+    real_rebuild = rt.rebuild_prompt
+    monkeypatch.setattr(rt, "rebuild_prompt", lambda *a, **k: seen.append(real_rebuild(*a, **k)) or seen[-1])
+    with vtc.compress(m, {"stages": [{"method": "pool", "mode": "avg", "budget": 4}]}) as run:
+        out = logits(m, inputs)
+    assert run.stats.stages[0].tokens_out == [4] * 5
+    assert torch.equal(seen[0].input_ids, expected["input_ids"])  # padded rows too (left padding, as the processor)
+    assert torch.equal(seen[0].attention_mask, expected["attention_mask"])
+    with torch.no_grad():
+        pv = inputs["pixel_values"].flatten(0, 1)
+        pv = pv[pv.flatten(1).abs().sum(-1) > 0]  # the model's real frames (the padding frame dropped)
+        feats = m.model.connector.pixel_shuffle(m.model.vision_model(pixel_values=pv).last_hidden_state,
+                                                int(m.config.scale_factor))
+        pooled = torch.nn.functional.avg_pool2d(feats.transpose(1, 2).reshape(5, -1, 4, 4), 2)
+        emb = m.model.connector.modality_projection(pooled.flatten(2).transpose(1, 2)).reshape(-1, 64)
+    ref = scatter_logits(m, expected["input_ids"], expected["attention_mask"], emb, m.config.image_token_id)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
