@@ -1,7 +1,7 @@
 """The invariants 1-6 (README, "Invariants") as a data-driven matrix: every family x every method case x batch {1, 3} x
 {sdpa, eager}. Families and cases come from tests/cases/*.py (see tests/matrix.py). The expensive invariants (2.
 detach, 3. decode consistency, 5. batch = single) run a family's ``heavy_cases`` subset where it declares one
-(SmolVLM: tests/cases/smolvlm.py, Qwen3-VL: tests/cases/qwen3_vl.py; each file says what its subset covers);
+(SmolVLM and Idefics3: tests/cases/smolvlm.py, Qwen3-VL: tests/cases/qwen3_vl.py; each file says what its subset covers);
 identity, sdpa = eager and budgets always run every case."""
 
 from __future__ import annotations

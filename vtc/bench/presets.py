@@ -149,6 +149,10 @@ ARCHS: dict[str, ArchSpec] = {
         image_size=(896, 896), text_ids=(1000, 20000), bos=None,
         description="InternVL3-8B: InternViT-300M-448px-V2.5 (24 layers), pixel shuffle 0.5 + 2-layer GELU MLP, "
                     "Qwen2.5-7B; 896 px = 2 x 2 tiles + thumbnail = 1280 tokens"),
+    # checked against HuggingFaceTB/SmolVLM2-2.2B-Instruct's config.json (SmolVLMForConditionalGeneration,
+    # image_token_id 49190, scale_factor 3; text: hidden 2048, head_dim 64, intermediate 8192, 24 layers, max positions
+    # 8192, no head counts given, so Llama's default 32 / 32 (= 2048 / 64), vocab 49280, RMS eps 1e-5) and the SmolVLM
+    # paper's tower for the 2.2B (SigLIP-SO400M at 384 px, patch 14: 1152 wide, 4304 MLP, 27 layers, 16 heads)
     "smolvlm2-2.2b": ArchSpec(
         "smolvlm2-2.2b", "smolvlm",
         dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=24, num_attention_heads=32,

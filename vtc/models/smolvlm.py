@@ -32,6 +32,11 @@ row-major over a ``t x t`` grid (``t = P / f``), then one linear map. The prompt
 - **Vision side.** Sub-image j's reduced tokens replace the first ``k_j`` placeholders of its run
   (``ImageFeatures.runs``); the structural text stays: the rebuilt prompt is what the processor emits with
   ``image_seq_len = k`` (equal ``k`` per sub-image).
+- **Video** (SmolVLM2's processor, ``videos=``): each sampled frame is one unsplit image
+  (``<fake><global-img><image>*t^2<fake>``) after its ``\nFrame from MM:SS:`` text, and the frames fill
+  ``pixel_values`` like sub-images: the structure above reads every frame as an image of one unit (units = frames,
+  LLM-side budgets per frame), the intro and timestamps are text, and the rebuilt prompt is the processor's video
+  prompt for ``image_seq_len = k``. Nothing in the inputs tells a video from images; nothing needs to.
 - **Padding.** Padding sub-images (all zero, as the model defines them) are dropped like the model drops them;
   ``pixel_attention_mask`` is turned into the model's patch mask and passed to the tower; a sub-image whose patches
   are partly masked (the processor never emits one) is refused (the pixel shuffle would mix padding into tokens).
