@@ -28,6 +28,9 @@ def model(attn: str = "sdpa", qk_norm: bool = False):
     return tiny_internvl(attn, qk_norm=qk_norm)
 
 
+GEN = {"max_new_tokens": 3, "do_sample": False}
+
+
 @torch.no_grad()
 def logits(m, inputs, **kw):
     return m(**inputs, **kw).logits
@@ -218,6 +221,136 @@ def test_vision_side_prompt_equals_processor_prompt_for_k_tokens():
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     ids = inputs["input_ids"][0]
     assert seq.shape[1] == ids.shape[0] + 3 and torch.equal(seq[0, :ids.shape[0]], ids)
+
+
+# ---- video ----------------------------------------------------------------------------------------------------------
+#: a batch of a video row (3 frames: "Frame1: <img> 16 x <IMG_CONTEXT> </img>" ... as InternVLProcessor writes it) and
+#: an image row (40 x 90 px: 2 x 1 tiles + the thumbnail), left-padded
+VIDEO_TEXTS = ["USER: <video> what happens ? ASSISTANT:", "USER: <IMG_CONTEXT> what colour ? ASSISTANT:"]
+
+
+def _video_inputs(per_tile: int = PER_TILE, frames: int = 3) -> dict:
+    import numpy as np
+
+    video = (np.random.default_rng(1).random((frames, 40, 50, 3)) * 255).astype("uint8")  # frames as arrays
+    return _processor(per_tile)(videos=[video], images=[roundtrip.random_image(40, 90)], text=VIDEO_TEXTS,
+                                padding=True, return_tensors="pt")
+
+
+def _row(inputs: dict, b: int, tiles: list[int]) -> dict:
+    """Row b of the video batch alone, unpadded (its tiles out of the flat pixel_values)."""
+    keep = inputs["attention_mask"][b].bool()
+    start = sum(tiles[:b])
+    return {"input_ids": inputs["input_ids"][b:b + 1, keep], "attention_mask": inputs["attention_mask"][b:b + 1, keep],
+            "pixel_values": inputs["pixel_values"][start:start + tiles[b]]}
+
+
+def test_video_frames_are_one_tile_units_and_frame_text_is_text():
+    """InternVLProcessor's video prompt: every frame is its own <img> ... </img> run of one tile after its "FrameN:"
+    text. Units = frames (one Grid(4, 4) each, drawn without an image size); the frame text is never visual, never
+    pruned, never counted; an int budget is per frame on both sides (vision: per tile; LLM: per image = per frame,
+    so the video row keeps 3 x k); the padded batch gives each row what it gives alone."""
+    m = _model_for_processor()
+    inputs = _video_inputs()
+    ids = inputs["input_ids"]
+    assert inputs["pixel_values"].shape[0] == 6  # 3 frames + 3 tiles of the image
+    ad = get_adapter(m)
+    assert ad.tiles(ids, inputs) == [1, 1, 1, 3]
+    assert [ad.unit_layouts(inputs, i) for i in range(3)] == [[Grid(4, 4)]] * 3
+    assert ad.picture_layouts(inputs, 1) == [Grid(4, 4)]  # a frame needs no vtc_image_sizes
+    tm = ad.token_map(ids, inputs)
+    assert torch.equal(tm.is_visual, ids == 5) and not tm.protected.any()
+    assert torch.bincount(tm.image_id[tm.is_visual]).tolist() == [16, 16, 16, 48]
+    text = (ids != 5) & inputs["attention_mask"].bool()
+    starts = (ids[0] == 4).nonzero().flatten()  # every frame's <img> follows its "FrameN:" text ('<unk>' ':' here)
+    assert len(starts) == 3 and (ids[0, starts - 1] == 8).all() and (ids[0, starts - 2] == 3).all()
+    for stage, counts in (({"method": "fastervlm", "budget": 5}, [5, 5, 5, 15]),
+                          ({"method": "fastv", "layer": 1, "budget": 5}, [15, 5])):
+        with vtc.compress(m, {"stages": [stage]}) as run:
+            out = logits(m, inputs)[:, -1]
+        st = run.stats.stages[0]
+        if st.side == "vision":
+            assert run.stats.image_tokens == counts
+        else:
+            assert st.tokens_out == counts
+            for b in range(2):  # every text position (the frame text included) survives the cut
+                kept = set(st.kept_positions[b][st.kept_valid[b]].tolist())
+                assert set(text[b].nonzero().flatten().tolist()) <= kept
+        for b in range(2):
+            with vtc.compress(m, {"stages": [stage]}):
+                alone = logits(m, _row(inputs, b, [3, 3]))[0, -1]
+            torch.testing.assert_close(alone, out[b], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("stage", [{"method": "fastervlm", "budget": 1.0}, {"method": "divprune", "budget": 1.0},
+                                   {"method": "fastv", "layer": 2, "budget": 1.0},
+                                   {"method": "pdrop", "layers": [1, 2, 3], "keep": [1.0, 1.0, 1.0]}],
+                         ids=lambda s: s["method"])
+def test_video_keep_all_is_the_model(stage):
+    """A stage that keeps every token gives the model's own logits and generate output on the video batch."""
+    m = _model_for_processor()
+    inputs = _video_inputs()
+    ref = logits(m, inputs)
+    ref_gen = m.generate(**inputs, **GEN)
+    with vtc.compress(m, {"stages": [stage]}):
+        out = logits(m, inputs)
+        gen = m.generate(**inputs, **GEN)
+    assert torch.equal(out, ref)
+    assert torch.equal(gen, ref_gen)
+
+
+@pytest.mark.parametrize("stages", [[{"method": "fastv", "layer": 2, "budget": 5}],
+                                    [{"method": "fastervlm", "budget": 8},
+                                     {"method": "pdrop", "layers": [1, 3], "keep": [0.5, 0.25]}]],
+                         ids=["fastv", "fastervlm+pdrop"])
+def test_video_cached_decode_equals_uncached(stages):
+    """Cached greedy decoding of the video batch after pruning == recomputing every step without a cache over the
+    same kept tokens (the LLM-side selections replayed)."""
+    from replay import replay_config
+
+    m = _model_for_processor()
+    inputs = _video_inputs()
+    config = vtc.load_config({"stages": stages})
+    with vtc.compress(m, config) as run:
+        cached = m.generate(**inputs, **GEN, output_logits=True, return_dict_in_generate=True)
+    replay = replay_config(config, run.stats, key=f"internvl-video-{len(stages)}")
+    new = cached.sequences[:, inputs["input_ids"].shape[1]:]
+    with vtc.compress(m, replay):
+        for t in range(new.shape[1]):
+            step = dict(inputs, input_ids=torch.cat([inputs["input_ids"], new[:, :t]], 1),
+                        attention_mask=torch.cat([inputs["attention_mask"], torch.ones_like(new[:, :t])], 1))
+            torch.testing.assert_close(logits(m, step, use_cache=False)[:, -1], cached.logits[t], atol=1e-4,
+                                       rtol=1e-4)
+
+
+def test_video_vision_side_prompt_equals_processor_prompt_for_k_tokens():
+    """pool avg to 2 x 2 per tile on the video batch: the LLM gets exactly what InternVLProcessor's prompt for 4 tokens
+    per tile gives (every frame "FrameN: <img> 4 x <IMG_CONTEXT> </img>", the image's tiles 4 each) with the model's
+    shuffled features pooled 2 x 2 and projected; generate returns [prompt, new]."""
+    m = _model_for_processor()
+    inputs = _video_inputs()
+    with vtc.compress(m, {"stages": [{"method": "pool", "mode": "avg", "budget": 4}]}):
+        out = logits(m, inputs)
+        seq = m.generate(**inputs, **GEN)
+    seen = {}
+    h = m.model.multi_modal_projector.register_forward_pre_hook(lambda mod, a: seen.__setitem__("x", a[0]))
+    try:
+        logits(m, inputs)  # unwrapped: the model's own shuffled features, frames and tiles in prompt order
+    finally:
+        h.remove()
+    x = seen["x"]  # (6, 16, 4C)
+    pooled = torch.nn.functional.avg_pool2d(x.transpose(1, 2).reshape(6, -1, 4, 4), 2).flatten(2).transpose(1, 2)
+    with torch.no_grad():
+        emb = m.model.multi_modal_projector(pooled)
+    small = _video_inputs(per_tile=4)
+    assert (small["input_ids"] == 5).sum(-1).tolist() == [12, 12]
+    ref = scatter_logits(m, small["input_ids"], small["attention_mask"], emb, m.config.image_token_id)
+    # the reduced prompt is shorter than the padded original: compare each row's real positions
+    for b in range(2):
+        n = int(small["attention_mask"][b].sum())
+        torch.testing.assert_close(out[b, -n:], ref[b, -n:], atol=1e-5, rtol=1e-5)
+    L = inputs["input_ids"].shape[1]
+    assert seq.shape[1] == L + GEN["max_new_tokens"] and torch.equal(seq[:, :L], inputs["input_ids"])
 
 
 def test_show_picture_tiles_in_place_and_thumbnail_as_base():

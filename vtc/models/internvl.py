@@ -30,6 +30,14 @@ image (video frames: one such image of one tile each). ``pixel_values`` are all 
   ``weights: cls``) are refused when attached.
 - **Positions.** Plain 1D RoPE: LLM-side survivors keep their ids; vision-side reduction keeps the first ``k``
   placeholders of each image, i.e. ``<img>`` + k ``<IMG_CONTEXT>`` + ``</img>``, the processor's prompt for k.
+- **Video.** ``InternVLProcessor`` writes a video of F sampled frames as F images of one tile each (every frame
+  resized to 448 px by ``InternVLVideoProcessor``), each ``Frame{i}: <img>`` + 256 ``<IMG_CONTEXT>`` + ``</img>``
+  (joined by newlines), and merges their tiles into ``pixel_values`` in prompt order: the model cannot tell a frame
+  from a one-tile image, and neither needs vtc. A frame is one unit (``Grid(16, 16)``), an int budget keeps k per
+  frame on both sides (vision: per tile; LLM: per image), the ``FrameN:`` text is never visual, never pruned, never
+  counted, and a vision-reduced frame is ``Frame{i}: <img>`` + k ``<IMG_CONTEXT>`` + ``</img>``, the processor's
+  video prompt for k (tested against ``InternVLProcessor``). ``vtc show`` takes an image; through the API a frame's
+  picture is its ``Grid`` (no image size needed).
 - **Drawing.** The tile arrangement is not in the inputs: ``vtc show`` passes the image's size
   (``vtc_image_sizes``) and :func:`tile_grid` re-derives the processor's ``cols x rows`` for the tile count; the
   picture is a :class:`MultiCrop` whose crops are the tiles in place and whose base (last in token order) is the
