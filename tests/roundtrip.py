@@ -93,6 +93,15 @@ def first_stage_counts(model, inputs: dict, stage: dict, **gen) -> list[int]:
     return run.stats.stages[0].tokens_out
 
 
+def config_depth(family_dir: str, at_least: int = 6) -> int:
+    """Decoder layers a tiny model needs so that every bundled config of a family attaches at its own layers: one more
+    than the deepest layer an LLM-side stage of them acts at (the configs keep the real models' layer numbers, e.g.
+    PyramidDrop's cut entering layer 24), and at least ``at_least``."""
+    deepest = max((layer for path in (CONFIG_DIR / family_dir).glob("*.yaml")
+                   for stage in vtc.load_config(path).stages for layer in stage.llm_layers()), default=0)
+    return max(at_least, deepest + 1)
+
+
 def shipped_configs_test(family_dir: str, model, inputs, shrinks: bool = False,
                          needs_mm_encoder_outputs: bool = False, **gen):
     """The test that each bundled config of a family (``vtc/configs/<family_dir>/*.yaml``) runs: a compressed

@@ -144,7 +144,7 @@ def test_boi_eoi_are_text():
 
 @functools.cache
 def deep_model():
-    return tiny_gemma3("sdpa", layers=6)  # room for the configs' layer-4 stages
+    return tiny_gemma3("sdpa", layers=roundtrip.config_depth("gemma3"))  # room for the configs' deepest layers
 
 
 test_shipped_configs_run = roundtrip.shipped_configs_test("gemma3", deep_model, lambda m: gemma3_inputs(m, batch=2),

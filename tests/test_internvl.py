@@ -400,7 +400,7 @@ def test_from_pretrained_roundtrip_and_cli(tmp_path, capsys):
 
 @functools.cache
 def deep_model():
-    return tiny_internvl("sdpa", layers=6)  # room for the configs' deeper LLM-side stages
+    return tiny_internvl("sdpa", layers=roundtrip.config_depth("internvl3"))  # room for the configs' deepest layers
 
 
 test_shipped_configs_run = roundtrip.shipped_configs_test(

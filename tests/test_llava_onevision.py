@@ -26,7 +26,7 @@ def model(aspect: str = "anyres_max_1", attn: str = "sdpa"):
 
 @functools.cache
 def deep_model():
-    return tiny_onevision("sdpa", layers=6)  # room for the configs' layer-4 stages
+    return tiny_onevision("sdpa", layers=roundtrip.config_depth("llava-onevision"))  # the configs' deepest layers
 
 
 @torch.no_grad()

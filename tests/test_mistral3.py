@@ -291,7 +291,7 @@ def test_show_places_every_token_on_a_non_square_image(side):
 
 @functools.cache
 def deep_model():
-    return tiny_mistral3("sdpa", layers=6)  # room for the configs' layer-4 stages
+    return tiny_mistral3("sdpa", layers=roundtrip.config_depth("mistral3"))  # room for the configs' deepest layers
 
 
 test_shipped_configs_run = roundtrip.shipped_configs_test("mistral3", deep_model, lambda m: mistral3_inputs(m, batch=2))

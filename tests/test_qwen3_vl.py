@@ -340,7 +340,12 @@ def test_from_pretrained_roundtrip_and_cli(tmp_path):
     roundtrip.cli_generate(tmp_path, ROUNDTRIP_STAGE)
 
 
-test_shipped_configs_run = roundtrip.shipped_configs_test("qwen3-vl", model_for, lambda m: qwen3_inputs(m, batch=2),
+@functools.cache
+def deep_model():
+    return tiny_qwen3_vl("sdpa", layers=roundtrip.config_depth("qwen3-vl", at_least=4))  # the configs' deepest layers
+
+
+test_shipped_configs_run = roundtrip.shipped_configs_test("qwen3-vl", deep_model, lambda m: qwen3_inputs(m, batch=2),
                                                           shrinks=True, needs_mm_encoder_outputs=True)
 
 

@@ -424,7 +424,7 @@ def test_from_pretrained_roundtrip_and_cli(tmp_path, idefics3):
 
 @functools.cache
 def deep_model():
-    return tiny_smolvlm("sdpa", layers=6)  # room for the configs' layer-4 stages
+    return tiny_smolvlm("sdpa", layers=roundtrip.config_depth("smolvlm"))  # room for the configs' deepest layers
 
 
 test_shipped_configs_run = roundtrip.shipped_configs_test("smolvlm", deep_model, lambda m: smolvlm_inputs(m, batch=2))
