@@ -74,7 +74,12 @@ _INTERNVIT_300M = dict(hidden_size=1024, intermediate_size=4096, num_hidden_laye
 _INTERNVL_TOP = dict(image_token_id=151667, downsample_ratio=0.5, projector_hidden_act="gelu",
                      vision_feature_layer=-1, vision_feature_select_strategy="default")
 
-#: Qwen2-7B as the LLM of LLaVA-OneVision-7B (no M-RoPE)
+#: Qwen2-7B as the LLM of LLaVA-OneVision-7B (no M-RoPE). The llava-onevision-7b preset was checked against
+#: transformers' convert_llava_onevision_weights_to_hf.py, which built llava-hf/llava-onevision-qwen2-7b-ov-hf: the
+#: text config is Qwen/Qwen2-7B-Instruct's (28 layers, 3584 wide, 28 / 4 heads, 18944 MLP, vocab 152064) with
+#: <image> and <video> added and the embeddings padded to a multiple of 64 (152064 + 2 -> 152128); the tower is
+#: SigLIP so400m/14-384 with 26 layers and no head; the rest is LlavaOnevisionConfig's defaults (token ids
+#: 151646 / 151647, vision_feature_layer -1, "full", anyres_max_9, the 6 x 6 pinpoints of 384 px).
 _QWEN2_7B_TEXT = dict(model_type="qwen2", hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
                       num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=32768,
                       rms_norm_eps=1e-6, rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
