@@ -13,6 +13,7 @@ import pytest
 import roundtrip
 import torch
 from PIL import Image
+from replay import assert_cached_equals_uncached
 from tf_compat import scatter_logits
 from tiny_models_internvl import END, IMAGE, PER_TILE, START, TILE, internvl_inputs, tiny_internvl
 
@@ -306,21 +307,12 @@ def test_video_keep_all_is_the_model(stage):
 def test_video_cached_decode_equals_uncached(stages):
     """Cached greedy decoding of the video batch after pruning == recomputing every step without a cache over the
     same kept tokens (the LLM-side selections replayed)."""
-    from replay import replay_config
-
     m = _model_for_processor()
     inputs = _video_inputs()
-    config = vtc.load_config({"stages": stages})
+    config = {"stages": stages}
     with vtc.compress(m, config) as run:
         cached = m.generate(**inputs, **GEN, output_logits=True, return_dict_in_generate=True)
-    replay = replay_config(config, run.stats, key=f"internvl-video-{len(stages)}")
-    new = cached.sequences[:, inputs["input_ids"].shape[1]:]
-    with vtc.compress(m, replay):
-        for t in range(new.shape[1]):
-            step = dict(inputs, input_ids=torch.cat([inputs["input_ids"], new[:, :t]], 1),
-                        attention_mask=torch.cat([inputs["attention_mask"], torch.ones_like(new[:, :t])], 1))
-            torch.testing.assert_close(logits(m, step, use_cache=False)[:, -1], cached.logits[t], atol=1e-4,
-                                       rtol=1e-4)
+    assert_cached_equals_uncached(m, config, inputs, cached, stats=run.stats, key=f"internvl-video-{len(stages)}")
 
 
 def test_video_vision_side_prompt_equals_processor_prompt_for_k_tokens():
