@@ -129,21 +129,21 @@ def test_partly_masked_sub_image_is_refused():
 @pytest.mark.parametrize("idefics3", [False, True])
 def test_cls_only_and_clip_space_methods_are_refused(idefics3):
     """The (family x method) cells the matrix leaves out (tests/cases: CLS-only and CLIP-space cases run on CLIP
-    towers only): a stage that can only use CLS attention is refused when attached (SigLIP has no CLS token) and
-    leaves the model untouched; CDPruner, whose relevance needs the CLIP image space, is refused on the first call
-    (the pixel-shuffled SigLIP features are not CLIP patch states)."""
+    towers only) are refused when attached, saying why, and leave the model untouched: a stage that can only use CLS
+    attention (SigLIP has no CLS token) and CDPruner, whose relevance needs the CLIP image space (the pixel-shuffled
+    SigLIP features are not CLIP patch states)."""
     from models_clip import tiny_clip_dir
 
     m = model(idefics3)
+    inputs = smolvlm_inputs(m, batch=1)
+    ref = logits(m, inputs)
     with pytest.raises(vtc.ConfigError, match="no CLS token"):
         vtc.compress(m, {"stages": [{"method": "pool", "mode": "cluster", "budget": 4, "weights": "cls"}]})
     assert not hasattr(m, "_vtc_run")
-    inputs = smolvlm_inputs(m, batch=1)
-    ref = logits(m, inputs)
     cfg = {"stages": [{"method": "cdpruner", "budget": 4, "text_encoder": tiny_clip_dir(), "instruction": "w5"}]}
-    with vtc.compress(m, cfg):
-        with pytest.raises(vtc.ConfigError, match="no CLIP image space"):
-            logits(m, inputs)
+    with pytest.raises(vtc.ConfigError, match="not a CLIP tower: no CLIP image space"):
+        vtc.compress(m, cfg)
+    assert not hasattr(m, "_vtc_run")
     torch.testing.assert_close(logits(m, inputs), ref, atol=0, rtol=0)
 
 
@@ -298,20 +298,14 @@ def test_video_keep_all_is_the_model(stage):
 def test_video_cached_decode_equals_uncached_over_the_kept_tokens(stage):
     """Cached greedy generate on a padded batch of two videos == recomputing every step without a cache over the same
     kept tokens (LLM side: the recorded reductions replayed; vision side: the same deterministic stage)."""
-    from replay import replay_config
+    from replay import assert_cached_equals_uncached
 
     proc, m = video_setup()
     inputs = _video_inputs(proc, (3, 2))
-    config = vtc.load_config({"stages": [stage]})
+    config = {"stages": [stage]}
     with vtc.compress(m, config) as run:
         out = m.generate(**inputs, max_new_tokens=3, do_sample=False, output_logits=True, return_dict_in_generate=True)
-    replay = replay_config(config, run.stats, key=f"smolvlm-video-{stage['method']}")
-    new = out.sequences[:, inputs["input_ids"].shape[1]:]
-    with vtc.compress(m, replay):
-        for t in range(new.shape[1]):
-            step = dict(inputs, input_ids=torch.cat([inputs["input_ids"], new[:, :t]], 1),
-                        attention_mask=torch.cat([inputs["attention_mask"], torch.ones_like(new[:, :t])], 1))
-            torch.testing.assert_close(logits(m, step, use_cache=False)[:, -1], out.logits[t], atol=1e-4, rtol=1e-4)
+    assert_cached_equals_uncached(m, config, inputs, out, stats=run.stats, key=f"smolvlm-video-{stage['method']}")
 
 
 @pytest.mark.parametrize("stage", [{"method": "visionzip", "dominant": 5, "contextual": 2},

@@ -265,6 +265,35 @@ def test_cdpruner_refuses_towers_without_clip_space():
             model(**qwen_inputs(model, batch=1, seed=0))
 
 
+def test_cdpruner_refused_at_attach_without_a_clip_tower():
+    """Every matrix family whose adapter knows its tower refuses CDPruner when attached unless the tower is a CLIP
+    (CLS) tower: SigLIP (LLaVA-OneVision, Gemma 3, SmolVLM / Idefics3), InternViT (its CLS unused) and Pixtral have no
+    CLIP image space; the refusal names it and leaves the model untouched. Qwen's adapters do not declare their tower
+    extras: refused on the first call (above)."""
+    from matrix import discover
+    from models_clip import tiny_clip_dir
+
+    from vtc.models import get_adapter
+
+    cfg = {"stages": [{"method": "cdpruner", "budget": 4, "text_encoder": tiny_clip_dir(), "instruction": "w5"}]}
+    refused, accepted = set(), set()
+    for fam in discover()[0]:
+        model = fam.build("sdpa")
+        have = get_adapter(model).vision_extras_available()
+        if have is None:
+            continue
+        if "clip_patch_states" in have:
+            with vtc.compress(model, cfg):
+                accepted.add(fam.name)
+            continue
+        with pytest.raises(vtc.ConfigError, match=r"stages\[0\] \(cdpruner\): .*no CLIP image space"):
+            vtc.compress(model, cfg)
+        assert not hasattr(model, "_vtc_run")
+        refused.add(fam.name)
+    assert {"llava", "llava_next"} <= accepted
+    assert {"llava_onevision", "gemma3", "smolvlm", "idefics3", "internvl", "mistral3"} <= refused
+
+
 def test_cdpruner_instruction_from_the_prompt(tmp_path):
     """The instruction is the question between the image and the chat template's generation prompt (the model's own
     tokenizer), equal to passing it with run.set_instruction; batched rows read their own question."""

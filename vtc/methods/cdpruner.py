@@ -21,7 +21,8 @@ call ``run.set_instruction`` to do the same.
 
 Budget: ``budget: k`` keeps exactly k per unit (README: 128 / 64 on LLaVA-1.5; 32 per crop on LLaVA-NeXT = 5 x 32);
 a float is a keep fraction, floor(f * n). Needs a CLIP vision tower whose patch width matches the checkpoint's
-(LLaVA families); Qwen2-VL / 2.5-VL have no CLIP image space and are refused (no official code either).
+(LLaVA families with a CLIP tower); the others have no CLIP image space and are refused (no official code either):
+when attached where the adapter knows its tower is not CLIP (``requires_extras``), else on the first call.
 
 Official quirks: *fixed*: the DPP stops adding volume instead of producing NaN when the remaining tokens are
 linearly dependent (``d² <= 1e-10``: the next pick is the first remaining token of largest ``d²``), so k distinct
@@ -211,6 +212,13 @@ class CDPruner(Method):
 
     #: the runtime passes the batch's prompt (``VisionContext.prompt``) to read the instruction from
     reads_prompt: ClassVar[bool] = True
+
+    @property
+    def requires_extras(self) -> tuple[str, ...]:
+        """The CLIP image space (the patch states of a CLIP vision tower, which the checkpoint's visual projection maps
+        into its text space): adapters that know their tower refuse CDPruner when attached on any other (SigLIP,
+        InternViT, Pixtral, ...); the width check on the first call stays for the others."""
+        return ("clip_patch_states",)
 
     def attach(self, run: Any, state: Any) -> list[Any]:
         load_clip(self.text_encoder)  # fail at attach time, not mid-generate

@@ -353,6 +353,8 @@ class ModelAdapter:
         if stage.side == "vision" and have is not None and needs and not needs & have:
             why = " (the vision tower has no CLS token)" if needs <= {"cls_attention", "cls_token",
                                                                       "hidden_with_cls"} else ""
+            if needs == {"clip_patch_states"}:
+                why = " (its vision tower is not a CLIP tower: no CLIP image space for the text encoder)"
             raise ConfigError(
                 f"{self.family} cannot provide {', '.join(sorted(needs))}{why}; it provides "
                 f"{', '.join(sorted(have)) or 'nothing'}"

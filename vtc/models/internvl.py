@@ -233,7 +233,8 @@ class InternVLAdapter(LlavaAdapter):
 
     def check_stage(self, stage) -> None:
         needs = set(stage.requires_extras)
-        if stage.side == "vision" and needs and not needs & self.vision_extras_available():
+        cls_only = needs <= {"cls_attention", "cls_token", "hidden_with_cls"}
+        if stage.side == "vision" and needs and cls_only and not needs & self.vision_extras_available():
             raise ConfigError(
                 f"internvl cannot provide {', '.join(sorted(needs))}: InternViT's CLS output is discarded by the "
                 "model, so its CLS attention row is not a trained score (vtc uses the mean-query "

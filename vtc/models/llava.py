@@ -88,7 +88,8 @@ class LlavaAdapter(ModelAdapter):
 
     def vision_extras_available(self) -> frozenset[str]:
         if self._tower_has_cls():
-            return frozenset({"cls_attention", "received_attention", "keys", "cls_token", "hidden_with_cls"})
+            return frozenset({"cls_attention", "received_attention", "keys", "cls_token", "hidden_with_cls",
+                              "clip_patch_states"})  # a CLS tower: CLIP (CDPruner's image space)
         return frozenset({"received_attention", "keys"})
 
     def _tower_has_cls(self) -> bool:
