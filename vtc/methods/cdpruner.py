@@ -21,8 +21,7 @@ call ``run.set_instruction`` to do the same.
 
 Budget: ``budget: k`` keeps exactly k per unit (README: 128 / 64 on LLaVA-1.5; 32 per crop on LLaVA-NeXT = 5 x 32);
 a float is a keep fraction, floor(f * n). Needs a CLIP vision tower whose patch width matches the checkpoint's
-(LLaVA families with a CLIP tower); the others have no CLIP image space and are refused (no official code either):
-when attached where the adapter knows its tower is not CLIP (``requires_extras``), else on the first call.
+(LLaVA families with a CLIP tower); the others have no CLIP image space and are refused (docs page: Families).
 
 Official quirks: *fixed*: the DPP stops adding volume instead of producing NaN when the remaining tokens are
 linearly dependent (``d² <= 1e-10``: the next pick is the first remaining token of largest ``d²``), so k distinct
