@@ -21,6 +21,49 @@ def test_shipped_config_loads(path):
     assert cfg.stages, f"{path} has no stages"
 
 
+#: the real models each bundled config folder is written for: bench presets with the published shapes, or (tiny) the
+#: bundled demo models' own configs
+CONFIG_MODELS = {
+    "llava-1.5": ["llava-1.5-7b", "llava-1.5-13b"], "llava-next": ["llava-next-7b"],
+    "qwen2-vl": ["qwen2-vl-7b", "qwen2.5-vl-7b"], "qwen3-vl": ["qwen3-vl-8b"], "gemma3": ["gemma3-4b", "gemma3-12b"],
+    "llava-onevision": ["llava-onevision-7b"], "smolvlm": ["smolvlm2-2.2b"], "mistral3": ["mistral-small-3.1-24b"],
+    "internvl3": ["internvl3-8b"], "tiny": ["vtc/assets/tiny-llava", "vtc/assets/tiny-1d"],
+}
+
+
+def _text_shape(model: str) -> tuple[int, int]:
+    """(decoder layers, query heads) of a preset or a bundled demo model."""
+    import json
+
+    from vtc.bench.presets import ARCHS
+
+    if model in ARCHS:
+        text = ARCHS[model].text
+    else:
+        text = json.loads((CONFIGS[0].parents[2] / model / "config.json").read_text())["text_config"]
+    return int(text["num_hidden_layers"]), int(text["num_attention_heads"])
+
+
+def test_every_config_folder_names_its_models():
+    assert {p.parent.name for p in CONFIGS} == set(CONFIG_MODELS)
+
+
+@pytest.mark.parametrize("folder", sorted(CONFIG_MODELS))
+def test_bundled_configs_fit_the_real_models(folder):
+    """Every config of a folder attaches to the real models it is for (the tests run them on tiny models built deep
+    enough, so only this check sees the real depth): its LLM-side layers exist there (the attach-time check), and a
+    SparseVLM head selection picks fewer heads than the model has (else it silently selects all)."""
+    paths = [p for p in CONFIGS if p.parent.name == folder]
+    assert paths
+    for model in CONFIG_MODELS[folder]:
+        layers, heads = _text_shape(model)
+        for path in paths:
+            for stage in vtc.load_config(path).stages:
+                stage.validate_for_model(layers)  # ConfigError names the layer and the allowed range
+                if getattr(stage, "heads", None) is not None and getattr(stage, "version", None) == 2:
+                    assert stage.heads < heads, f"{path.name} on {model}: heads={stage.heads} of {heads}"
+
+
 def test_bundled_config_by_name():
     assert vtc.load_config("llava-1.5/fastv-50").stages[0].method == "fastv"
 
