@@ -1,10 +1,10 @@
-"""InternVL specifics (the invariant matrix runs every method on it: tests/cases/internvl.py): the pixel-shuffle
-mapping of the tower scores (a planted patch score makes its shuffled token the top one; the scores equal the
-model's own q / k), the tiles read off the prompt (bad runs refused), ``<img>`` / ``</img>`` as text, the rebuilt
-prompt against the real ``InternVLProcessor`` for the reduced count, the tile arrangement against the processor's
-rule, video prompts from ``InternVLProcessor`` (frames = one-tile units, frame text never pruned, keep-all, decode
-consistency, the rebuilt prompt for k), the ``vtc show`` picture (tiles in place, the thumbnail as the base panel), the from_pretrained / AutoProcessor
-/ ``vtc generate`` / ``vtc show`` round trip, and the shipped configs."""
+"""InternVL specifics (the invariant matrix runs every method on it: tests/cases/internvl.py): the pixel-shuffle mapping
+of the tower scores (a planted patch score makes its shuffled token the top one; the scores equal the model's own q /
+k), the tiles read off the prompt (bad runs refused), ``<img>`` / ``</img>`` as text, the rebuilt prompt against the
+real ``InternVLProcessor`` for the reduced count, the tile arrangement against the processor's rule, video prompts
+from ``InternVLProcessor`` (frames = one-tile units, frame text never pruned, keep-all, decode consistency, the
+rebuilt prompt for k), the ``vtc show`` picture (tiles in place, the thumbnail as the base panel), the from_pretrained
+/ AutoProcessor / ``vtc generate`` / ``vtc show`` round trip, and the shipped configs."""
 
 from __future__ import annotations
 
