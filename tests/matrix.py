@@ -33,10 +33,6 @@ class Family:
     #: the method cases the expensive invariants (detach, decode consistency, batch = single) run on for this family
     #: (a representative subset, to keep the suite's time); None: every case. The cheap ones run every case.
     heavy_cases: tuple[str, ...] | None = None
-    #: the adapter feeds the prompt rebuilt by vision-side stages as ``mm_encoder_outputs`` (transformers >= 5.18):
-    #: on an older transformers those stages are refused at attach (tests/test_gemma3.py, tests/test_qwen3_vl.py)
-    #: and the matrix skips the family's vision-side cases
-    needs_mm_encoder_outputs: bool = False
 
 
 @dataclass

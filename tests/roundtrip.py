@@ -102,18 +102,15 @@ def config_depth(family_dir: str, at_least: int = 6) -> int:
     return max(at_least, deepest + 1)
 
 
-def shipped_configs_test(family_dir: str, model, inputs, shrinks: bool = False,
-                         needs_mm_encoder_outputs: bool = False, **gen):
+def shipped_configs_test(family_dir: str, model, inputs, shrinks: bool = False, **gen):
     """The test that each bundled config of a family (``vtc/configs/<family_dir>/*.yaml``) runs: a compressed
     generate of ``inputs(model())`` adds ``max_new_tokens`` tokens to every row (``gen``: generate's arguments,
-    default 3 new tokens, greedy) and no stage adds tokens to any image (``shrinks``: every stage removes some).
-    ``needs_mm_encoder_outputs``: configs with a vision-side stage skip below transformers 5.18 (tests/tf_compat.py)."""
+    default 3 new tokens, greedy) and no stage adds tokens to any image (``shrinks``: every stage removes some)."""
     import pytest
-    from tf_compat import config_params
 
     configs = sorted((CONFIG_DIR / family_dir).glob("*.yaml"))
     gen = {"max_new_tokens": 3, "do_sample": False, **gen}
-    params = config_params(configs) if needs_mm_encoder_outputs else [pytest.param(p, id=p.stem) for p in configs]
+    params = [pytest.param(p, id=p.stem) for p in configs]
 
     @pytest.mark.filterwarnings("ignore::UserWarning")
     @pytest.mark.parametrize("path", params)

@@ -12,12 +12,11 @@ import roundtrip
 import torch
 from replay import assert_cached_equals_uncached
 from tf_compat import (
-    ROUNDTRIP_STAGE,
-    needs_mm_encoder_outputs,
-    refused_without_mm_encoder_outputs,
-    vision_side_on_the_installed_transformers,
+    encoded_logits,
+    fed_through_getters_equals_mm_encoder_outputs,
+    vision_side_generate_rows_equal_single,
 )
-from tiny_models_gemma3 import BOI, EOI, IMAGE, SIZE, WINDOW, gemma3_inputs, tiny_gemma3
+from tiny_models_gemma3 import BOI, EOI, IMAGE, SIZE, WINDOW, gemma3_inputs, gemma3_row, tiny_gemma3
 
 import vtc
 from vtc.models.gemma3 import Gemma3Adapter, pool_patches
@@ -69,7 +68,6 @@ def test_pooled_scores_are_the_projector_pooling():
     torch.testing.assert_close(pool_patches(x[..., 0], 8, 2), ref[..., 0])
 
 
-@needs_mm_encoder_outputs
 def test_vision_side_prompt_equals_processor_prompt_for_k_tokens():
     """pool avg to 2 x 2: the LLM gets what a processor prompt with 4 placeholders (token_type_ids 1 there, so the
     4 tokens attend to each other bidirectionally) and the pooled features gives; generate returns [prompt, new]."""
@@ -90,12 +88,11 @@ def test_vision_side_prompt_equals_processor_prompt_for_k_tokens():
     new_ids = torch.cat([ids[:first + 4], ids[first + 16:]])[None]
     from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-    ref = logits(m, {"input_ids": new_ids, "attention_mask": torch.ones_like(new_ids),
-                     "token_type_ids": (new_ids == IMAGE).long(),
-                     "mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=emb.to(pooled))}})
+    ref = encoded_logits(m, {"image": BaseModelOutputWithPooling(pooler_output=emb.to(pooled))}, input_ids=new_ids,
+                         attention_mask=torch.ones_like(new_ids), token_type_ids=(new_ids == IMAGE).long())
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
-    without_types = logits(m, {"input_ids": new_ids, "attention_mask": torch.ones_like(new_ids),
-                               "mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=emb)}})
+    without_types = encoded_logits(m, {"image": BaseModelOutputWithPooling(pooler_output=emb)}, input_ids=new_ids,
+                                   attention_mask=torch.ones_like(new_ids))
     assert not torch.allclose(out, without_types, atol=1e-4)  # the bidirectional block matters
     assert seq.shape[1] == ids.shape[0] + 3 and torch.equal(seq[0, :ids.shape[0]], ids)
 
@@ -130,7 +127,7 @@ def test_from_pretrained_roundtrip_and_cli(tmp_path):
     m, inputs = roundtrip.load_checkpoint(tmp_path, "USER: <start_of_image> what colour ? ASSISTANT:")
     assert int(inputs["token_type_ids"].sum()) == 16
     assert roundtrip.first_stage_counts(m, inputs, {"method": "fastv", "layer": 1, "budget": 4}) == [4]
-    roundtrip.cli_generate(tmp_path, ROUNDTRIP_STAGE)
+    roundtrip.cli_generate(tmp_path)
 
 
 def test_boi_eoi_are_text():
@@ -147,18 +144,20 @@ def deep_model():
     return tiny_gemma3("sdpa", layers=roundtrip.config_depth("gemma3"))  # room for the configs' deepest layers
 
 
-test_shipped_configs_run = roundtrip.shipped_configs_test("gemma3", deep_model, lambda m: gemma3_inputs(m, batch=2),
-                                                        needs_mm_encoder_outputs=True)
+test_shipped_configs_run = roundtrip.shipped_configs_test("gemma3", deep_model, lambda m: gemma3_inputs(m, batch=2))
 
 
-def test_vision_side_refused_without_mm_encoder_outputs():
-    """Where the model's forward takes no mm_encoder_outputs (transformers 5.17; simulated here on a newer one),
-    vision-side stages are refused at attach naming the version (the rebuilt prompt is fed that way: 5.17 would drop
-    the reduced features silently); LLM-side stages still attach."""
-    refused_without_mm_encoder_outputs(model("sdpa"))
-
-
-def test_vision_side_on_the_installed_transformers():
-    """On the installed transformers: vision-side stages run (>= 5.18) or are refused at attach (5.17)."""
+def test_vision_side_fed_through_get_image_features():
+    """Where the forward takes no mm_encoder_outputs (transformers 5.17; simulated on a newer one), the reduced
+    features go in through the base model's get_image_features: same logits and generate results, the model left
+    exactly as before (also after an error)."""
     m = model("sdpa")
-    vision_side_on_the_installed_transformers(m, gemma3_inputs(m, batch=1))
+    fed_through_getters_equals_mm_encoder_outputs(m, gemma3_inputs(m, batch=3), ("get_image_features",))
+
+
+def test_vision_side_beams_rows_equal_single():
+    """Beam search with num_return_sequences on a padded batch (two images in a row): every copy of a row gets that
+    row's reduced features (transformers' own expansion of precomputed features cannot split a flat (N, D) tensor
+    per image; vtc expands them itself)."""
+    m = model("sdpa")
+    vision_side_generate_rows_equal_single(m, gemma3_inputs(m, batch=3, images_per_row=2), gemma3_row)

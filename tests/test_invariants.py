@@ -12,7 +12,6 @@ import pytest
 import torch
 from matrix import discover
 from replay import assert_cached_equals_uncached
-from tf_compat import HAS_MM_ENCODER_OUTPUTS
 
 import vtc
 
@@ -30,10 +29,7 @@ def _pairs():
                 continue
             if case.families is not None and fam.name not in case.families:
                 continue
-            marks = ()
-            if case.side == "vision" and fam.needs_mm_encoder_outputs and not HAS_MM_ENCODER_OUTPUTS:
-                marks = pytest.mark.skip(reason=f"{fam.name} vision side: transformers >= 5.18 (refused at attach)")
-            out.append(pytest.param(fam.name, case, id=f"{fam.name}-{case.name}", marks=marks))
+            out.append(pytest.param(fam.name, case, id=f"{fam.name}-{case.name}"))
     return out
 
 

@@ -16,10 +16,9 @@ import torch
 from replay import assert_cached_equals_uncached
 from test_qwen2_vl import logits, rope_positions
 from tf_compat import (
-    ROUNDTRIP_STAGE,
-    needs_mm_encoder_outputs,
-    refused_without_mm_encoder_outputs,
-    vision_side_on_the_installed_transformers,
+    encoded_logits,
+    fed_through_getters_equals_mm_encoder_outputs,
+    vision_side_generate_rows_equal_single,
 )
 from tiny_models_qwen import IMAGE, VIDEO
 from tiny_models_qwen3 import (
@@ -109,7 +108,6 @@ def _pool2x2(x: torch.Tensor, side: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("kind", list(BUILD))
-@needs_mm_encoder_outputs
 def test_vision_pool_reduces_every_deepstack_level_alike(kind):
     """pool avg 4x4 -> 2x2 on one image: vtc's logits == the model fed the processor-style prompt with 4 placeholders
     and, as main and DeepStack features, the same 2x2 means of the model's own main and level features (positions:
@@ -130,13 +128,13 @@ def test_vision_pool_reduces_every_deepstack_level_alike(kind):
     assert torch.equal(prompt.input_ids, new_ids)
     enc = BaseModelOutputWithDeepstackFeatures(pooler_output=[_pool2x2(main, 4)],
                                                deepstack_features=[[_pool2x2(lv, 4)] for lv in levels])
-    ref = logits(model, {"input_ids": new_ids, "attention_mask": torch.ones_like(new_ids),
-                         "position_ids": prompt.position_ids, "mm_encoder_outputs": {"image": enc}})
+    ref = encoded_logits(model, {"image": enc}, input_ids=new_ids, attention_mask=torch.ones_like(new_ids),
+                         position_ids=prompt.position_ids)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     plain = BaseModelOutputWithDeepstackFeatures(pooler_output=[_pool2x2(main, 4)],
                                                  deepstack_features=[[lv[:4]] for lv in levels])
-    other = logits(model, {"input_ids": new_ids, "attention_mask": torch.ones_like(new_ids),
-                           "position_ids": prompt.position_ids, "mm_encoder_outputs": {"image": plain}})
+    other = encoded_logits(model, {"image": plain}, input_ids=new_ids, attention_mask=torch.ones_like(new_ids),
+                           position_ids=prompt.position_ids)
     assert not torch.allclose(out, other, atol=1e-4)  # the levels matter: they must be pooled, not cut
 
 
@@ -232,7 +230,6 @@ def test_video_units_are_frame_groups_and_timestamps_are_text():
     assert adapter.unit_layouts(inp, 0) == [Grid(4, 4)] and adapter.unit_layouts(inp, 3) == [Grid(4, 3)]
 
 
-@needs_mm_encoder_outputs
 def test_video_vision_side_prompt_is_the_processors_for_the_reduced_frames():
     """pool to 2x2 per frame group: the rebuilt prompt is what the processor writes for 2x2-token frames (each
     frame's run after its own timestamp, the timestamps unchanged), positions are the anchors' triples, and
@@ -254,8 +251,7 @@ def test_video_vision_side_prompt_is_the_processors_for_the_reduced_frames():
         assert torch.equal(logits(model, inp), logits_plain(model, inp))
 
 
-@pytest.mark.parametrize("stage", [pytest.param({"method": "visionzip", "dominant": 6, "contextual": 2}, id="vision",
-                                                marks=needs_mm_encoder_outputs),
+@pytest.mark.parametrize("stage", [pytest.param({"method": "visionzip", "dominant": 6, "contextual": 2}, id="vision"),
                                    pytest.param({"method": "fastv", "layer": 2, "budget": 5}, id="llm")])
 def test_video_batch_equals_single(stage):
     model = model_for()
@@ -307,7 +303,6 @@ def _model_for_processor(proc):
     return m
 
 
-@needs_mm_encoder_outputs
 def test_vision_side_prompt_equals_the_processors_for_k_tokens():
     """A 32 x 32 image is 4 x 4 merged tokens; pool to 2 x 2: the LLM gets exactly the processor's prompt for a
     16 x 16 image (4 placeholders), built by the real Qwen3VLProcessor."""
@@ -337,7 +332,7 @@ def test_from_pretrained_roundtrip_and_cli(tmp_path):
     with vtc.compress(m, {"stages": [{"method": "fastv", "layer": 1, "budget": 4}]}) as run:
         m.generate(**inputs, max_new_tokens=3, do_sample=False)
     assert run.stats.stages[0].tokens_in == [n] and run.stats.stages[0].tokens_out == [4]
-    roundtrip.cli_generate(tmp_path, ROUNDTRIP_STAGE)
+    roundtrip.cli_generate(tmp_path)
 
 
 @functools.cache
@@ -346,11 +341,10 @@ def deep_model():
 
 
 test_shipped_configs_run = roundtrip.shipped_configs_test("qwen3-vl", deep_model, lambda m: qwen3_inputs(m, batch=2),
-                                                          shrinks=True, needs_mm_encoder_outputs=True)
+                                                          shrinks=True)
 
 
 # ---- vtc show: the merged grid of an image / a frame group, checked by pixels -------------------------------------
-@needs_mm_encoder_outputs
 @pytest.mark.parametrize("kind", ["image", "video"])
 def test_show_draws_the_merged_grid(kind):
     from PIL import Image
@@ -375,13 +369,18 @@ def test_show_draws_the_merged_grid(kind):
         assert max(px) < 80 if v < 0 else all(abs(a - b) <= 12 for a, b in zip(px, grey))
 
 
-def test_vision_side_refused_without_mm_encoder_outputs():
-    """Where the model's forward takes no mm_encoder_outputs (transformers 5.17; simulated here on a newer one by an
-    instance-level forward without it), vision-side stages are refused at attach naming the version (the reduced
-    DeepStack features could not reach the model); LLM-side stages still attach."""
-    refused_without_mm_encoder_outputs(model_for())
+@pytest.mark.parametrize("video", [False, True], ids=["image", "video"])
+def test_vision_side_fed_through_the_getters(video):
+    """Where the forward takes no mm_encoder_outputs (transformers 5.17; simulated on a newer one), the reduced main
+    and DeepStack features go in through the base model's get_image_features / get_video_features: same logits and
+    generate results, the model left exactly as before (also after an error)."""
+    model = model_for()
+    inp = qwen3_video_inputs(model, batch=2) if video else qwen3_inputs(model, batch=3)
+    fed_through_getters_equals_mm_encoder_outputs(model, inp, ("get_image_features", "get_video_features"))
 
 
-def test_vision_side_on_the_installed_transformers():
-    """On the installed transformers: vision-side stages run (>= 5.18) or are refused at attach (5.17)."""
-    vision_side_on_the_installed_transformers(model_for(), qwen3_inputs(model_for(), batch=1))
+def test_vision_side_beams_rows_equal_single():
+    """Beam search with num_return_sequences on a padded batch: every copy of a row gets that row's reduced main and
+    DeepStack features."""
+    model = model_for()
+    vision_side_generate_rows_equal_single(model, qwen3_inputs(model, batch=3), split_row3)

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import transformers
 from packaging.version import Version
 
-#: transformers >= 5.18: the multimodal forwards take precomputed features as ``mm_encoder_outputs`` (Gemma 3 and
-#: Qwen3-VL feed the prompt rebuilt by vision-side stages that way; on 5.17 those stages are refused at attach)
+#: transformers >= 5.18: the multimodal forwards take precomputed features as ``mm_encoder_outputs``. vtc feeds the
+#: prompt rebuilt by vision-side stages of Gemma 3 and Qwen3-VL that way, and on 5.17 through the base model's
+#: ``get_image_features`` / ``get_video_features`` (vtc/runtime/feed.py); tests build their references accordingly
 HAS_MM_ENCODER_OUTPUTS = Version(transformers.__version__) >= Version("5.18")
-
-needs_mm_encoder_outputs = pytest.mark.skipif(
-    not HAS_MM_ENCODER_OUTPUTS, reason="needs transformers >= 5.18 (mm_encoder_outputs); refused at attach before")
 
 
 def scatter_logits(model, input_ids, attention_mask, feats, token_id: int, **kwargs):
@@ -26,54 +26,111 @@ def scatter_logits(model, input_ids, attention_mask, feats, token_id: int, **kwa
         return model(inputs_embeds=emb, attention_mask=attention_mask, **kwargs).logits
 
 
-def config_params(paths):
-    """pytest params of shipped config files for a family that feeds ``mm_encoder_outputs``: those with a
-    vision-side stage are skipped on transformers < 5.18 (refused at attach there)."""
-    from vtc.config import load_config
+def encoded_logits(model, enc: dict, **inputs):
+    """The unwrapped model's logits for ``inputs`` (ids, mask, ...) with the precomputed features ``enc`` (kind ->
+    the model's encoder output, as ``mm_encoder_outputs`` takes it: Qwen3-VL's DeepStack levels split per unit):
+    passed as ``mm_encoder_outputs`` (>= 5.18), or on 5.17, where the forward has no such argument, returned by a
+    stand-in for the base model's ``get_<kind>_features`` set on the instance for this one call (5.17's form:
+    ``pooler_output`` as given, one tensor per DeepStack level) with an empty tensor as the pixel input."""
+    import torch
 
-    out = []
-    for p in paths:
-        vision = any(st.side == "vision" for st in load_config(p).stages)
-        out.append(pytest.param(p, id=p.stem, marks=needs_mm_encoder_outputs if vision else ()))
-    return out
+    with torch.no_grad():
+        if HAS_MM_ENCODER_OUTPUTS:
+            return model(**inputs, mm_encoder_outputs=enc).logits
+        inner, pixel_arg = model.model, {"image": "pixel_values", "video": "pixel_values_videos"}
+        for kind, out in enc.items():
+            levels = getattr(out, "deepstack_features", None)
+            if levels is not None:
+                out.deepstack_features = [lv if torch.is_tensor(lv) else torch.cat(list(lv)) for lv in levels]
+            setattr(inner, f"get_{kind}_features", lambda *a, _out=out, **k: _out)
+        try:
+            return model(**inputs, **{pixel_arg[k]: torch.empty(0) for k in enc}).logits
+        finally:
+            for kind in enc:
+                delattr(inner, f"get_{kind}_features")
 
 
-#: the round trip's command-line stage: vision side where the installed transformers can feed it, else LLM side
-ROUNDTRIP_STAGE = "{method: visionzip, budget: 6}" if HAS_MM_ENCODER_OUTPUTS else "{method: fastv, layer: 1, budget: 4}"
-
-
-def refused_without_mm_encoder_outputs(model) -> None:
-    """Vision-side stages are refused at attach, naming transformers >= 5.18, when the model's base forward has no
-    ``mm_encoder_outputs`` (an instance-level forward without it stands for transformers 5.17's); LLM-side stages
-    still attach; nothing is left on the model."""
-    import vtc
-
+@contextlib.contextmanager
+def forward_without_mm_encoder_outputs(model):
+    """The base model's forward as transformers 5.17's is to vtc: without ``mm_encoder_outputs`` in its signature
+    (an instance-level wrapper of the installed forward, removed after), so vtc feeds the reduced features through
+    the base model's getters on any installed version."""
     inner = model.model
     original = inner.forward
 
     def forward_517(input_ids=None, attention_mask=None, position_ids=None, **kwargs):
+        assert not kwargs.pop("mm_encoder_outputs", None)  # the outer forward passes on its None / generate's {}
         return original(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs)
 
     inner.forward = forward_517
     try:
-        with pytest.raises(vtc.ConfigError, match=r"vision-side stages need transformers >= 5\.18"):
-            vtc.compress(model, {"stages": [{"method": "pool", "budget": 4}]})
-        assert not hasattr(model, "_vtc_run")
-        with vtc.compress(model, {"stages": [{"method": "fastv", "layer": 1, "budget": 4}]}):
-            pass
+        yield
     finally:
         del inner.forward
 
 
-def vision_side_on_the_installed_transformers(model, inputs) -> None:
-    """A vision-side stage on the installed transformers: it reduces (>= 5.18) or is refused at attach (5.17)."""
+def fed_through_getters_equals_mm_encoder_outputs(model, inputs, getters: tuple[str, ...]) -> None:
+    """Vision-side stages with the features fed through the getters (the 5.17 path, simulated here on any version)
+    give the same logits and generate results (beams + num_return_sequences, sampling, no cache, on the padded
+    batch) as the installed forward's own way (``mm_encoder_outputs`` from 5.18 on); the instance has no vtc
+    attribute left afterwards, also after a forward that failed half-way, and a forward that does not ask for the
+    features it was fed is an error."""
+    import torch
+
     import vtc
 
+    inner = model.model
+    before = dict(inner.__dict__)
     cfg = {"stages": [{"method": "pool", "budget": 4}]}
-    if not HAS_MM_ENCODER_OUTPUTS:
-        with pytest.raises(vtc.ConfigError, match=r"transformers >= 5\.18"):
-            vtc.compress(model, cfg)
-        return
-    with vtc.compress(model, cfg) as run:
-        model(**inputs)
-    assert run.stats.stages[0].tokens_out and all(o <= 4 for o in run.stats.stages[0].tokens_out)
+    gens = [dict(num_beams=2, num_return_sequences=2), dict(do_sample=True), dict(use_cache=False)]
+
+    def results():
+        out = []
+        with vtc.compress(model, cfg), torch.no_grad():
+            out.append(model(**inputs).logits)
+            for g in gens:
+                torch.manual_seed(0)
+                out.append(model.generate(**inputs, max_new_tokens=3, pad_token_id=0, **g))
+        return out
+
+    real = results()
+    with forward_without_mm_encoder_outputs(model):
+        with vtc.compress(model, cfg):
+            assert all(callable(inner.__dict__.get(name)) for name in getters)  # the feed is in place
+        simulated = results()
+        with vtc.compress(model, cfg), torch.no_grad():
+            boom = model.model.language_model.register_forward_pre_hook(lambda *a: 1 / 0)
+            try:
+                with pytest.raises(ZeroDivisionError):
+                    model(**inputs)
+            finally:
+                boom.remove()
+            torch.testing.assert_close(model(**inputs).logits, simulated[0], atol=0, rtol=0)
+        # a forward that drops the pixel inputs never reaches the getters: an error, not the placeholders' embeddings
+        forward = inner.forward
+        inner.forward = lambda *a, pixel_values=None, pixel_values_videos=None, **k: forward(*a, **k)
+        try:
+            with vtc.compress(model, cfg), torch.no_grad(), pytest.raises(RuntimeError, match="did not ask"):
+                model(**inputs)
+        finally:
+            inner.forward = forward
+    for a, b in zip(real, simulated):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    assert inner.__dict__.keys() == before.keys() and not hasattr(model, "_vtc_run")
+    assert all(inner.__dict__[k] is before[k] for k in ("forward", *getters) if k in before)
+
+
+def vision_side_generate_rows_equal_single(model, inputs, row) -> None:
+    """A padded batch's vision-side beam search (``num_return_sequences`` 2) returns, row by row, what each row's
+    own call returns: ``generate``'s expansion gives every copy of a row that row's reduced features."""
+    import torch
+
+    import vtc
+
+    gen = dict(max_new_tokens=4, do_sample=False, num_beams=2, num_return_sequences=2, pad_token_id=0)
+    with vtc.compress(model, {"stages": [{"method": "pool", "budget": 4}]}), torch.no_grad():
+        batched = model.generate(**inputs, **gen)
+        n = inputs["input_ids"].shape[0]
+        for b in range(n):
+            single = model.generate(**row(inputs, b), **gen)
+            torch.testing.assert_close(batched[2 * b:2 * b + 2, -4:], single[:, -4:], atol=0, rtol=0)

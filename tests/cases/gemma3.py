@@ -8,5 +8,5 @@ from tiny_models_gemma3 import gemma3_inputs, gemma3_row, tiny_gemma3
 
 FAMILIES = [
     Family("gemma3", build=lambda attn: tiny_gemma3(attn), inputs=lambda m, b, s: gemma3_inputs(m, batch=b, seed=s),
-           tokens_per_unit=16, row=gemma3_row, needs_mm_encoder_outputs=True),
+           tokens_per_unit=16, row=gemma3_row),
 ]

@@ -19,6 +19,5 @@ HEAVY = ("random-vision", "downsample", "visionzip-per-image", "pool-attn", "poo
 
 FAMILIES = [
     Family("qwen3_vl", build=lambda attn: tiny_qwen3_vl(attn), inputs=lambda m, b, s: qwen3_inputs(m, batch=b, seed=s),
-           tokens_per_unit=16, row=split_row3, heavy_cases=HEAVY,
-           needs_mm_encoder_outputs=True),
+           tokens_per_unit=16, row=split_row3, heavy_cases=HEAVY),
 ]

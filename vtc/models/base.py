@@ -150,10 +150,14 @@ class ModelAdapter:
     #: LLM-side decoding builds the masks of pruned layers from positions (causal, padding, sliding window) instead
     #: of re-indexing the model's (for models whose decode masks are sized against one cache layer per layer type)
     decode_masks_from_positions: ClassVar[bool] = False
-    #: the prompt rebuilt by vision-side stages is fed as ids + ``mm_encoder_outputs`` (:meth:`prompt_kwargs`):
-    #: vision-side stages are refused at attach where the model's forward has no such argument (transformers < 5.18
-    #: would take it as an unknown keyword and drop the reduced features silently)
+    #: the prompt rebuilt by vision-side stages is fed as ids + ``mm_encoder_outputs`` (:meth:`prompt_kwargs`);
+    #: where the model's forward has no such argument (transformers 5.17) the features go in through the base
+    #: model's own getters instead (:attr:`encoder_getters`, :class:`vtc.runtime.feed.FeatureFeed`)
     feeds_mm_encoder_outputs: ClassVar[bool] = False
+    #: for ``feeds_mm_encoder_outputs`` on a forward without that argument: per kind of ``mm_encoder_outputs``
+    #: entry, the forward argument that makes the model encode that kind and the base model's method it calls to
+    #: do so (vtc sets that method per instance while attached; :meth:`encoder_rows` / :meth:`encoder_output`)
+    encoder_getters: ClassVar[dict[str, tuple[str, str]]] = {"image": ("pixel_values", "get_image_features")}
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -251,6 +255,25 @@ class ModelAdapter:
         ``mm_encoder_outputs``) instead of ``inputs_embeds``. Default: none."""
         return {}
 
+    def takes_mm_encoder_outputs(self) -> bool:
+        """The base model's forward takes precomputed features as ``mm_encoder_outputs`` (transformers >= 5.18)."""
+        return "mm_encoder_outputs" in inspect.signature(self.inner.forward).parameters
+
+    def encoder_rows(self, kind: str, output) -> list[torch.Tensor]:
+        """One ``mm_encoder_outputs`` entry of :meth:`prompt_kwargs` as per-token tensors (N, d_i), rows in the
+        placeholder order of its kind (so ``generate``'s expansion can gather them per batch row). Default: the
+        flat ``pooler_output``."""
+        feats = output.pooler_output
+        return [feats if isinstance(feats, torch.Tensor) else torch.cat(list(feats))]
+
+    def encoder_output(self, kind: str, rows: list[torch.Tensor]):
+        """What the base model's ``get_<kind>_features`` returns for the features ``rows`` (:meth:`encoder_rows`'
+        form) on the installed transformers, for a forward without ``mm_encoder_outputs``. Default: the flat
+        features as ``pooler_output``."""
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        return BaseModelOutputWithPooling(pooler_output=rows[0])
+
     def input_norm(self, layer_idx: int, hidden_states: torch.Tensor) -> torch.Tensor:
         """Decoder layer ``layer_idx``'s own input norm applied to ``hidden_states`` (B, M, D) (the space q / k
         are projected from; e.g. PACT's mean query is averaged here)."""
@@ -347,7 +370,8 @@ class ModelAdapter:
     def check_stage(self, stage) -> None:
         """Refuse, when attached, a stage this family cannot run (ConfigError saying why). Default: a vision-side
         stage whose ``requires_extras`` (alternatives) are all missing from :meth:`vision_extras_available`, and any
-        vision-side stage of a ``feeds_mm_encoder_outputs`` family on a transformers without that argument."""
+        vision-side stage of a ``feeds_mm_encoder_outputs`` family whose forward has no ``mm_encoder_outputs`` and
+        whose base model lacks the getters the features would go through instead."""
         have = self.vision_extras_available()
         needs = set(stage.requires_extras)
         if stage.side == "vision" and have is not None and needs and not needs & have:
@@ -359,11 +383,13 @@ class ModelAdapter:
                 f"{self.family} cannot provide {', '.join(sorted(needs))}{why}; it provides "
                 f"{', '.join(sorted(have)) or 'nothing'}"
             )
-        if (stage.side == "vision" and self.feeds_mm_encoder_outputs
-                and "mm_encoder_outputs" not in inspect.signature(self.inner.forward).parameters):
-            raise ConfigError(f"{self.family}: vision-side stages need transformers >= 5.18 (the model's forward "
-                              "takes the reduced features as mm_encoder_outputs); this one's does not (LLM-side "
-                              "stages work)")
+        if stage.side == "vision" and self.feeds_mm_encoder_outputs and not self.takes_mm_encoder_outputs():
+            missing = [name for _arg, name in self.encoder_getters.values() if not callable(getattr(self.inner, name,
+                                                                                                    None))]
+            if missing:
+                raise ConfigError(f"{self.family}: vision-side stages feed the reduced features as "
+                                  f"mm_encoder_outputs or, where the forward has no such argument, through the base "
+                                  f"model's {', '.join(missing)}; this model has neither (LLM-side stages work)")
 
     def encode_images(self, kwargs: dict) -> list[VisualGroup]:  # pragma: no cover
         raise NotImplementedError(f"{self.family}: vision-side stages are not supported by this adapter yet")

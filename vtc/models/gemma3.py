@@ -57,7 +57,7 @@ class Gemma3Adapter(LlavaAdapter):
     model_class_names = ("Gemma3ForConditionalGeneration",)
     vision_only_keys = ()
     decode_masks_from_positions = True
-    feeds_mm_encoder_outputs = True  # the rebuilt prompt (prompt_kwargs; transformers >= 5.18)
+    feeds_mm_encoder_outputs = True  # the rebuilt prompt (prompt_kwargs; 5.17: through get_image_features)
 
     # ---- geometry ---------------------------------------------------------------------------------------------
     @property
@@ -104,7 +104,8 @@ class Gemma3Adapter(LlavaAdapter):
 
     def prompt_kwargs(self, prompt, kwargs: dict) -> dict:
         """A rebuilt prompt is fed as ids + the reduced features (``mm_encoder_outputs``, which the model scatters
-        into its placeholders), because Gemma 3's ``generate`` does not take ``inputs_embeds``; its token_type_ids
+        into its placeholders; on transformers 5.17 vtc feeds them through the base model's ``get_image_features``,
+        :mod:`vtc.runtime.feed`), because Gemma 3's ``generate`` does not take ``inputs_embeds``; its token_type_ids
         are 1 at the kept placeholders."""
         from transformers.modeling_outputs import BaseModelOutputWithPooling
 

@@ -9,7 +9,9 @@ Built on :mod:`vtc.models.qwen2_vl` (units, M-RoPE positions, tower scores, merg
   stage's :class:`~vtc.reduction.Reduction` is applied to them exactly as to the main tokens
   (:meth:`~vtc.reduction.Reduction.reduce_like`: kept tokens gathered, merged tokens merged with the same
   weights, windows pooled alike); the rebuilt prompt is fed as ids + ``mm_encoder_outputs`` holding the reduced
-  main and DeepStack features, so the model builds its own masks over the shorter prompt. *LLM side*: when a
+  main and DeepStack features, so the model builds its own masks over the shorter prompt (transformers 5.17, whose
+  forward has no ``mm_encoder_outputs``: the same features are what the base model's ``get_image_features`` /
+  ``get_video_features`` return for that forward, :mod:`vtc.runtime.feed`). *LLM side*: when a
   stage acts at a layer that still receives DeepStack input (``layer < len(deepstack_visual_indexes)``), vtc
   takes the model's DeepStack input for the prefill and adds it itself after each of those layers, the mask and
   the embeddings sliced to the slots in force there (survivors keep their own level features; a token an
@@ -27,6 +29,7 @@ Built on :mod:`vtc.models.qwen2_vl` (units, M-RoPE positions, tower scores, merg
 
 from __future__ import annotations
 
+import inspect
 from typing import Literal
 
 import torch
@@ -46,7 +49,9 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
 
     family = "qwen3_vl"
     model_class_names = ("Qwen3VLForConditionalGeneration", "Qwen3VLMoeForConditionalGeneration")
-    feeds_mm_encoder_outputs = True  # the reduced main + DeepStack features (transformers >= 5.18)
+    feeds_mm_encoder_outputs = True  # the reduced main + DeepStack features (5.17: through the getters)
+    encoder_getters = {"image": ("pixel_values", "get_image_features"),
+                       "video": ("pixel_values_videos", "get_video_features")}
 
     def __init__(self, model, video_units: Literal["frame"] = "frame") -> None:
         if video_units != "frame":
@@ -109,6 +114,21 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
                     pooler_output=[main[u] for u in units],
                     deepstack_features=[[side[u][lvl] for u in units] for lvl in range(levels)])
         return {"input_ids": prompt.input_ids, "mm_encoder_outputs": enc}
+
+    def encoder_rows(self, kind: str, output) -> list[torch.Tensor]:
+        """The main features, then each DeepStack level, flat over the units (placeholder order)."""
+        return [torch.cat(list(output.pooler_output)), *(torch.cat(list(lv)) for lv in output.deepstack_features)]
+
+    def encoder_output(self, kind: str, rows: list[torch.Tensor]):
+        """As the base model's getters return them: ``pooler_output`` a sequence of tensors; the DeepStack levels one
+        tensor each where the forward has no ``mm_encoder_outputs`` in the class (transformers 5.17), else split per
+        unit like the rest (what the getters return from 5.18 on; reached there only by an instance-level forward
+        without that argument, as the tests simulate 5.17)."""
+        from transformers.models.qwen3_vl.modeling_qwen3_vl import BaseModelOutputWithDeepstackFeatures
+
+        per_unit = "mm_encoder_outputs" in inspect.signature(type(self.inner).forward).parameters
+        return BaseModelOutputWithDeepstackFeatures(pooler_output=[rows[0]],
+                                                    deepstack_features=[[lv] if per_unit else lv for lv in rows[1:]])
 
     # ---- DeepStack, LLM side ------------------------------------------------------------------------------------
     def attach(self, run) -> list:

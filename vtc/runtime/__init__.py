@@ -5,13 +5,17 @@ same :class:`Run` handle (``.remove()``). Everything vtc adds is per instance an
 forward pre-hooks on the model and on decoder layers, one forward hook, the family's own hooks
 (``ModelAdapter.attach``, e.g. Qwen3-VL's DeepStack under LLM-side stages), an instance-level ``generate`` wrapper
 (only for vision-side stages) and an instance-level ``_reorder_cache`` (only for LLM-side stages: beam search
-reorders vtc's per-row state with the cache). Removing them restores the model bit for bit, including a
-``generate`` the user had set on the instance before.
+reorders vtc's per-row state with the cache), and, for Gemma 3 / Qwen3-VL vision-side stages on transformers 5.17,
+an instance-level ``get_image_features`` (``get_video_features``) on the base model through which the reduced
+features are fed (:mod:`vtc.runtime.feed`).
+Removing them restores the model bit for bit, including a ``generate`` the user had set on the instance before.
 
 ``generate`` with vision-side stages: with a cache (the default), the wrapper reduces the images once and calls
 the model's ``generate`` on the rebuilt, shorter prompt (``inputs_embeds``); beams / ``num_return_sequences``
 expand that prompt like any other input, and the output gets the caller's prompt ids back in front (repeated per
 returned sequence). transformers decodes an ``inputs_embeds`` prompt with a KV cache even under ``use_cache=False``.
+Families fed ids + features (Gemma 3, Qwen3-VL) get the rebuilt ids; their features are held by the run's
+:class:`~vtc.runtime.feed.FeatureFeed` and put into the forwards that read the prompt, row by row.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from ..config import Config, load_config
 from ..errors import ConfigError
 from ..models import get_adapter
 from ..models.base import ModelAdapter, cache_kwarg_name
+from .feed import FeatureFeed
 from .llm import LLMRuntime
 from .stats import Stats
 from .view import RunView
@@ -67,6 +72,9 @@ class Run:
         self._attached = False
         self._entered: list[bool] = []  # one per open ``with`` block: did that block attach?
         self._pending_token_map = None
+        #: how a rebuilt prompt's reduced features reach the forward, for the families fed ids + features
+        #: (``ModelAdapter.feeds_mm_encoder_outputs``; set while attached)
+        self._feed: FeatureFeed | None = None
         self._forward_sig = inspect.signature(model.forward)
         self._cache_key = cache_kwarg_name(model.forward)
 
@@ -88,6 +96,9 @@ class Run:
                 self._handles.append(layers[i].register_forward_pre_hook(self.llm.layer_hook(i), with_kwargs=True))
             view = RunView(self)
             self._handles.extend(self.adapter.attach(view))
+            if self.vision.stages and self.adapter.feeds_mm_encoder_outputs:
+                self._feed = FeatureFeed(self.adapter)
+                self._handles.extend(self._feed.install())
             for i, stage in enumerate(self.config.stages):
                 self.states[i] = stage.new_state()
                 self._handles.extend(stage.attach(view, self.states[i]))
@@ -107,6 +118,7 @@ class Run:
         """Detach everything; the model is exactly as before (safe to call twice)."""
         while self._handles:
             self._handles.pop().remove()
+        self._feed = None
         self.states.clear()
         self.llm.reset()
         self._pending_token_map = None
@@ -150,6 +162,9 @@ class Run:
     def _pre_forward(self, module, args, kwargs):
         t0 = time.perf_counter()
         kwargs = self._bind(args, kwargs)
+        feed = self._feed
+        if feed is not None:
+            feed.discard()  # what a failed forward left
         cache = self._cache(kwargs)
         is_prefill = cache is None or (hasattr(cache, "get_seq_length") and cache.get_seq_length() == 0)
         if is_prefill and cache is not None and getattr(cache, "is_compileable", False) and self.llm.stages:
@@ -162,6 +177,8 @@ class Run:
             prompt = self._reduce_prompt(kwargs)
             kwargs = self._replace_inputs(kwargs, prompt)
             token_map = prompt.token_map
+            if feed is not None and kwargs.get("mm_encoder_outputs") is not None:
+                kwargs = feed.load(kwargs, kwargs.pop("mm_encoder_outputs"))
         elif self._pending_token_map is not None and is_prefill:
             token_map = self._pending_token_map
             ref = kwargs.get("inputs_embeds")
@@ -172,6 +189,8 @@ class Run:
         elif input_ids is not None and is_prefill and self.llm.stages:
             tm = self.adapter.token_map(input_ids, kwargs)
             token_map = tm if bool(tm.is_visual.any()) else None
+        if feed is not None and feed.held is not None and is_prefill and kwargs.get("input_ids") is not None:
+            kwargs = feed.load(kwargs)  # a prefill of generate on the rebuilt ids (every step without a cache)
         self._pending_token_map = None
         self._last_was_prefill = is_prefill
         ref = kwargs.get("inputs_embeds")
@@ -193,6 +212,8 @@ class Run:
         return (), kwargs
 
     def _post_forward(self, module, args, kwargs, output):
+        if self._feed is not None:
+            self._feed.check_consumed()
         self.llm.end_prefill()
         if getattr(self, "_last_was_prefill", False):
             self._last_was_prefill = False
@@ -248,10 +269,15 @@ class Run:
             new_kwargs = run._replace_inputs(call, prompt)
             new_kwargs.pop("labels", None)
             run._pending_token_map = prompt.token_map
+            feed = run._feed
+            if feed is not None and new_kwargs.get("mm_encoder_outputs") is not None:
+                feed.hold(new_kwargs.pop("mm_encoder_outputs"), new_kwargs["input_ids"])
             try:
                 out = original(**new_kwargs)
             finally:
                 run._pending_token_map = None
+                if feed is not None:
+                    feed.release()
             fed = new_kwargs.get("input_ids")  # adapters that feed the rebuilt ids get them back: strip them
             return _prepend_prompt(out, input_ids, 0 if fed is None else fed.shape[1])
 
