@@ -204,15 +204,19 @@ def test_placeholder_count_checked_like_the_model(family_model, drop, call):
 
     fam, model = family_model
     inputs = _short(model, fam.inputs(model, 2, 1), drop)
-    with pytest.raises(ValueError, match="do not match") as model_err:  # what the model itself says
+    with pytest.raises(ValueError) as model_err:  # what the model itself says
         with torch.no_grad():
             model(**inputs)
+    own_words = "do not match" in str(model_err.value)
+    # transformers 5.17's SmolVLM checks instead that each row holds whole images, in other words ("... not divisible
+    # by patch_size"); vtc's error keeps its total-count wording there
+    assert own_words or (fam.name == "smolvlm" and "not divisible by patch_size" in str(model_err.value))
     tokens = int(_placeholders(model, inputs["input_ids"]).sum())
     with pytest.raises(vtc.ConfigError, match=rf"^Image features and image tokens do not match, tokens: {tokens}, "
                                               r"features: \d+ \(vtc, \w+: the prompt rows hold \[\d+, \d+\] image") as err:
         with torch.no_grad(), vtc.compress(model, {"stages": [{"method": "random", "budget": 4}]}):
             model(**inputs) if call == "forward" else model.generate(**inputs, max_new_tokens=1, do_sample=False)
-    assert str(err.value).startswith(str(model_err.value).split(", features")[0])
+    assert not own_words or str(err.value).startswith(str(model_err.value).split(", features")[0])
     _untouched(model)
 
 

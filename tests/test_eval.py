@@ -466,7 +466,8 @@ def test_lmms_eval_end_to_end_offline(tmp_path):
         (info / "METADATA").write_text("Metadata-Version: 2.1\nName: vtc-lmms-entry-point\nVersion: 0.0\n")
         (info / "entry_points.txt").write_text(ENTRY_POINT)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tmp_path / "ep"), env.get("PYTHONPATH")]))
-    cmd = [str(Path(sys.executable).with_name("lmms-eval"))]
+    # lmms-eval's console script, run by this interpreter (a venv without its own copy of the script still runs it)
+    cmd = [sys.executable, "-c", "import sys; from lmms_eval.cli.dispatch import main; sys.exit(main())"]
     proc = subprocess.run(cmd + ["--model", "vtc", "--model_args", f"pretrained={GRID_MODEL_PATH},config={cfg}",
                                  "--tasks", "vtc_local_vqa", "--include_path", str(tasks), "--batch_size", "4",
                                  "--output_path", str(tmp_path / "out")],

@@ -26,7 +26,23 @@ def test_bundled_configs_live_in_the_package_once():
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
-    """Build the wheel from a copy of the sources (the checkout stays clean) and unpack it."""
+    """Build the wheel from a copy of the sources (the checkout stays clean) and unpack it. The build runs offline
+    without isolation, so it needs the build backend pyproject names (setuptools, at the version it asks for)
+    installed here: skipped where it is not (e.g. a venv whose own older setuptools shadows the system's). Recent
+    setuptools build wheels themselves, so the separate ``wheel`` requirement is not checked."""
+    tomllib = pytest.importorskip("tomllib")
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+
+    requires = tomllib.loads((ROOT / "pyproject.toml").read_text())["build-system"]["requires"]
+    (backend,) = [r for r in map(Requirement, requires) if r.name == "setuptools"]
+    try:
+        have = metadata.version("setuptools")
+    except metadata.PackageNotFoundError:
+        have = None
+    if have is None or not backend.specifier.contains(have, prereleases=True):
+        pytest.skip(f"the build backend {backend} is not installed here (installed: setuptools {have})")
     tmp = tmp_path_factory.mktemp("wheel")
     src = tmp / "src"
     src.mkdir()

@@ -22,6 +22,7 @@ from ..errors import ConfigError
 from ..methods import Method
 from ..models import get_adapter
 from ..runtime import compress
+from ..runtime.feed import feeding
 from ..runtime.stats import cache_lengths
 from .cost import llm_seq_lens, lm_shape, model_flops
 from .presets import ARCHS
@@ -216,6 +217,9 @@ class Variants:
             finally:
                 h.remove()
             self.token_map = self.run.llm.token_map
+            feed = self.run._feed
+            if feed is not None and feed.last is not None:  # ids + features fed through the getters (5.17)
+                captured["mm_encoder_outputs"] = feed.last
         if self.has_vision and "inputs_embeds" not in captured and "mm_encoder_outputs" not in captured:
             raise RuntimeError("could not capture the reduced prompt of the vision-side stages")
         self.oracle_inputs = captured if self.has_vision else inputs
@@ -243,13 +247,18 @@ class Variants:
             with self.run:
                 yield self.inputs
         elif name == "oracle":
-            if self.replay is None:
-                yield self.oracle_inputs
-                return
-            with self.replay:
-                if self.has_vision:  # the token map of the rebuilt prompt (inputs_embeds carry none)
-                    self.replay._pending_token_map = self.token_map
-                yield self.oracle_inputs
+            with contextlib.ExitStack() as stack:
+                inputs = self.oracle_inputs
+                adapter = self.run.adapter
+                if inputs.get("mm_encoder_outputs") is not None and not adapter.takes_mm_encoder_outputs():
+                    inputs = {k: v for k, v in inputs.items() if k != "mm_encoder_outputs"}
+                    stack.enter_context(feeding(adapter, self.oracle_inputs["mm_encoder_outputs"],
+                                                inputs["input_ids"]))
+                if self.replay is not None:
+                    stack.enter_context(self.replay)
+                    if self.has_vision:  # the token map of the rebuilt prompt (inputs_embeds carry none)
+                        self.replay._pending_token_map = self.token_map
+                yield inputs
         else:
             yield self.inputs
 

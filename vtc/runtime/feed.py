@@ -21,11 +21,12 @@ expands a batch into adjacent copies of each row, and each copy gets its row's f
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
 
-__all__ = ["FeatureFeed"]
+__all__ = ["FeatureFeed", "feeding"]
 
 
 class FeatureFeed:
@@ -42,6 +43,9 @@ class FeatureFeed:
         self.held_ids: torch.Tensor | None = None
         #: the forward in progress (getters only): kind -> (marker passed as the pixel input, the getter's output)
         self.loaded: dict[str, tuple[torch.Tensor, Any]] = {}
+        #: getters only: the features of the last forward fed its own rebuilt prompt (what its kwargs carry as
+        #: ``mm_encoder_outputs`` where the forward takes them; the benchmark's oracle reads them)
+        self.last: dict | None = None
 
     def install(self) -> list:
         from . import _InstanceAttr
@@ -60,7 +64,7 @@ class FeatureFeed:
         return handles
 
     def remove(self) -> None:
-        self.held = self.held_ids = None
+        self.held = self.held_ids = self.last = None
         self.loaded = {}
 
     # ---- generate ---------------------------------------------------------------------------------------------
@@ -82,7 +86,7 @@ class FeatureFeed:
             if self.as_kwarg:
                 kwargs["mm_encoder_outputs"] = enc
                 return kwargs
-            rows = self._rows(enc)
+            rows, self.last = self._rows(enc), enc
         elif self.held is not None:
             rows = self._expand(self.held, self.held_ids, ids)
         else:
@@ -153,3 +157,31 @@ class FeatureFeed:
             return output if kwargs.get("return_dict", True) else output.to_tuple()
 
         return get_features
+
+
+@contextlib.contextmanager
+def feeding(adapter, enc: dict, input_ids: torch.Tensor):
+    """The model, without a vtc run, fed the features ``enc`` (kind -> encoder output, as ``mm_encoder_outputs``
+    takes them) of the prompt ``input_ids`` in every forward that reads that prompt (``model(...)`` or
+    ``model.generate(...)`` on ``input_ids``), on any transformers: a :class:`FeatureFeed` holding them plus a forward
+    pre-hook / hook pair on the model, all removed on exit (the benchmark's oracle on a transformers whose forward has
+    no ``mm_encoder_outputs``)."""
+    model = adapter.model
+    feed = FeatureFeed(adapter)
+    feed.hold(enc, input_ids)
+
+    def pre(module, args, kwargs):
+        feed.discard()
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if kwargs.get("input_ids") is None or (cache is not None and cache.get_seq_length() > 0):
+            return None
+        return args, feed.load(kwargs)
+
+    handles = feed.install()
+    try:
+        handles.append(model.register_forward_pre_hook(pre, with_kwargs=True))
+        handles.append(model.register_forward_hook(lambda *_: feed.check_consumed()))
+        yield
+    finally:
+        for h in reversed(handles):
+            h.remove()
