@@ -433,3 +433,13 @@ def test_vision_then_llm_stage(family):
     assert torch.equal(logits(model, inp), before)
     for mod in model.modules():
         assert not any((getattr(h, "__module__", "") or "").startswith("vtc") for h in mod._forward_pre_hooks.values())
+
+
+@pytest.mark.parametrize("family", FAMS)
+def test_cls_only_stage_refused_at_attach(family):
+    """Qwen's ViT has no CLS token: a stage that can only use CLS attention is refused when attached (naming why),
+    and the model is left as it was."""
+    model = model_for(family)
+    with pytest.raises(vtc.ConfigError, match="no CLS token"):
+        vtc.compress(model, {"stages": [{"method": "pool", "mode": "cluster", "budget": 4, "weights": "cls"}]})
+    assert not hasattr(model, "_vtc_run")

@@ -255,12 +255,17 @@ def test_cdpruner_needs_a_text_encoder(tmp_path):
 
 
 def test_cdpruner_refuses_towers_without_clip_space():
+    """A model whose adapter does not declare its tower's extras: the width check refuses on the first call."""
     from models_clip import tiny_clip_dir
     from tiny_models_qwen import qwen_inputs, tiny_qwen2_vl
 
+    from vtc.models import get_adapter
+
     model = tiny_qwen2_vl("sdpa")
+    adapter = get_adapter(model)
+    adapter.vision_extras_available = lambda: None  # an adapter that knows nothing of its tower
     cfg = {"stages": [{"method": "cdpruner", "budget": 4, "text_encoder": tiny_clip_dir(), "instruction": "w5"}]}
-    with vtc.compress(model, cfg):
+    with vtc.compress(model, cfg, adapter=adapter):
         with pytest.raises(vtc.ConfigError, match="no CLIP image space"):
             model(**qwen_inputs(model, batch=1, seed=0))
 
@@ -268,8 +273,7 @@ def test_cdpruner_refuses_towers_without_clip_space():
 def test_cdpruner_refused_at_attach_without_a_clip_tower():
     """Every matrix family whose adapter knows its tower refuses CDPruner when attached unless the tower is a CLIP
     (CLS) tower: SigLIP (LLaVA-OneVision, Gemma 3, SmolVLM / Idefics3), InternViT (its CLS unused) and Pixtral have no
-    CLIP image space; the refusal names it and leaves the model untouched. Qwen's adapters do not declare their tower
-    extras: refused on the first call (above)."""
+    CLIP image space, nor has Qwen's ViT; the refusal names it and leaves the model untouched."""
     from matrix import discover
     from models_clip import tiny_clip_dir
 
@@ -291,7 +295,8 @@ def test_cdpruner_refused_at_attach_without_a_clip_tower():
         assert not hasattr(model, "_vtc_run")
         refused.add(fam.name)
     assert {"llava", "llava_next"} <= accepted
-    assert {"llava_onevision", "gemma3", "smolvlm", "idefics3", "internvl", "mistral3"} <= refused
+    assert {"llava_onevision", "gemma3", "smolvlm", "idefics3", "internvl", "mistral3", "qwen2_vl", "qwen2_5_vl",
+            "qwen3_vl"} <= refused
 
 
 def test_cdpruner_instruction_from_the_prompt(tmp_path):

@@ -216,7 +216,7 @@ class CDPruner(Method):
     def requires_extras(self) -> tuple[str, ...]:
         """The CLIP image space (the patch states of a CLIP vision tower, which the checkpoint's visual projection maps
         into its text space): adapters that know their tower refuse CDPruner when attached on any other (SigLIP,
-        InternViT, Pixtral, ...); the width check on the first call stays for the others."""
+        InternViT, Pixtral, Qwen's ViT, ...); the width check on the first call stays for adapters that do not say."""
         return ("clip_patch_states",)
 
     def attach(self, run: Any, state: Any) -> list[Any]:

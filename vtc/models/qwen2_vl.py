@@ -105,6 +105,11 @@ class Qwen2VLAdapter(ModelAdapter):
         names = {c.__name__ for c in type(model).__mro__}
         return "Qwen2VLForConditionalGeneration" in names and "Qwen2_5_VLForConditionalGeneration" not in names
 
+    def vision_extras_available(self) -> frozenset[str]:
+        """Qwen's ViT (and Qwen3-VL's) has no CLS token and is not a CLIP tower: the mean query's received attention
+        and the keys; a stage that needs CLS attention or CDPruner's CLIP image space is refused when attached."""
+        return frozenset({"received_attention", "keys"})
+
     # ---- language model -------------------------------------------------------------------------------------
     @property
     def inner(self):
