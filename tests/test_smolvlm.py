@@ -246,8 +246,10 @@ def _video_inputs(proc, lengths=(3,), text: str = VIDEO_TEXT) -> dict:
 
     meta = [VideoMetadata(total_num_frames=n, fps=1, frames_indices=list(range(n)), duration=float(n))
             for n in lengths]
-    out = proc(videos=[_frames(n, seed=n) for n in lengths], text=[text] * len(lengths), video_metadata=meta,
-               padding=True, return_tensors="pt")
+    # one list of videos per row: transformers 5.17's SmolVLMProcessor counts a row's videos that way (a flat list
+    # reads as frames); 5.24 takes both forms and gives the same tensors
+    out = proc(videos=[[_frames(n, seed=n)] for n in lengths], text=[text] * len(lengths),
+               video_metadata=[[m] for m in meta], padding=True, return_tensors="pt")
     return dict(out)
 
 

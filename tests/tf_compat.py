@@ -12,6 +12,8 @@ from packaging.version import Version
 #: prompt rebuilt by vision-side stages of Gemma 3 and Qwen3-VL that way, and on 5.17 through the base model's
 #: ``get_image_features`` / ``get_video_features`` (vtc/runtime/feed.py); tests build their references accordingly
 HAS_MM_ENCODER_OUTPUTS = Version(transformers.__version__) >= Version("5.18")
+#: the installed transformers is 5.17, the oldest vtc supports (tests name what differs there)
+IS_5_17 = Version(transformers.__version__) < Version("5.18")
 
 
 def scatter_logits(model, input_ids, attention_mask, feats, token_id: int, **kwargs):
