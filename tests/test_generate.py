@@ -1,6 +1,6 @@
 """Every ``generate`` mode under vtc (issue 17 §2): {greedy, beams, sampling, num_return_sequences, the three ways
 of passing the prompt, use_cache=False, output_scores / return_dict_in_generate} x {vision-side, LLM-side, both}
-x {LLaVA, LLaVA-NeXT, Qwen2-VL, Mistral 3}.
+x every family of the invariant matrix (where an oracle can be built: ``NO_ORACLE``).
 
 Each cell equals the same ``generate`` call on an oracle:
 - vision side: the unwrapped model fed the reduced prompt vtc built (captured ``inputs_embeds``, mask, positions),
@@ -35,7 +35,7 @@ from vtc.models import get_adapter
 from vtc.models.base import cache_kwarg_name
 
 FAMILY_BY_NAME = {f.name: f for f in discover()[0]}
-FAMILIES = ("llava", "llava_next", "qwen2_vl", "mistral3", "internvl", "smolvlm", "qwen3_vl")
+FAMILIES = tuple(FAMILY_BY_NAME)  # every family of the invariant matrix
 
 VISION = {"method": "random", "budget": 9}
 LLM = {"method": "random", "layer": 1, "budget": 0.5}
@@ -106,7 +106,7 @@ def reduced_prompt(model, inputs: dict, config: dict) -> dict:
 
     def capture(module, args, kwargs):
         captured.update({k: kwargs[k] for k in ("inputs_embeds", "attention_mask", "position_ids", "input_ids",
-                                                "mm_encoder_outputs") if kwargs.get(k) is not None})
+                                                "mm_encoder_outputs", "token_type_ids") if kwargs.get(k) is not None})
 
     with vtc.compress(model, config), torch.no_grad():
         handle = model.register_forward_pre_hook(capture, with_kwargs=True)
@@ -157,7 +157,23 @@ def unwrapped(family: str, mode: str):
 #: families whose vision-side prompt is fed as ids + features (the oracle passes the captured features to the unwrapped
 #: model's generate as ``mm_encoder_outputs``, which transformers 5.17's forward does not take: their vision-side cells
 #: skip there; vtc's own 5.17 path is checked by the invariant matrix and tests/test_qwen3_vl.py)
-IDS_AND_FEATURES = ("qwen3_vl",)
+IDS_AND_FEATURES = ("qwen3_vl", "gemma3")
+
+#: cells whose oracle cannot be built (vtc's result is checked another way, named in the reason)
+NO_ORACLE = {
+    # transformers' generate cannot expand Gemma 3's flat (N, D) mm_encoder_outputs per image for beams / several
+    # returned sequences (the oracle crashes in _expand_inputs_for_generation); vtc feeds each expanded row its
+    # own features instead: tests/test_gemma3.py::test_vision_side_beams_rows_equal_single
+    **{("gemma3", side, mode): "transformers cannot expand Gemma 3's mm_encoder_outputs for beams; see "
+       "test_gemma3.py::test_vision_side_beams_rows_equal_single"
+       for side in ("vision", "both") for mode in ("beams", "return2-sample", "return2-beams")},
+    # masked_keys maps a layer's mask columns to prompt positions, which a sliding-window cache layer (holding only
+    # its last entries) does not keep; the LLM side on Gemma 3 is checked by the replay oracle (side "llm" here) and
+    # the decode tests past the window in tests/test_gemma3.py
+    **{("gemma3", "both", mode): "the masking oracle cannot follow Gemma 3's sliding-window cache layers; see "
+       "the llm cells and test_gemma3.py::test_sliding_window_decode_cached_equals_uncached"
+       for mode in MODES if mode not in ("beams", "return2-sample", "return2-beams")},
+}
 
 
 def _family_side_params():
@@ -173,6 +189,8 @@ def _family_side_params():
 @pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("family,side", _family_side_params())
 def test_generate_equals_oracle(family, side, mode):
+    if (family, side, mode) in NO_ORACLE:
+        pytest.skip(NO_ORACLE[family, side, mode])
     model, inputs = model_for(family), inputs_for(family)
     config = vtc.load_config({"stages": SIDES[side]})
     with vtc.compress(model, config) as run:
