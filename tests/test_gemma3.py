@@ -128,6 +128,14 @@ def test_from_pretrained_roundtrip_and_cli(tmp_path):
     assert int(inputs["token_type_ids"].sum()) == 16
     assert roundtrip.first_stage_counts(m, inputs, {"method": "fastv", "layer": 1, "budget": 4}) == [4]
     roundtrip.cli_generate(tmp_path)
+    # vtc show: the processor squashes the whole image to one square, so the 4 x 4 grid spans the 60 x 40 image at its
+    # own aspect (cells of 84 x 56 px in the 336 x 224 picture); kept cells keep their pixels, the rest are dimmed
+    from PIL import Image
+
+    pic = Image.open(roundtrip.cli_show(tmp_path, "{method: random, budget: 5}")).convert("RGB")
+    assert pic.size == (336, 224)
+    kept = sum(max(pic.getpixel((int((i % 4 + 0.5) * 84), int((i // 4 + 0.5) * 56)))) >= 80 for i in range(16))
+    assert kept == 5
 
 
 def test_boi_eoi_are_text():
