@@ -38,6 +38,21 @@ def logits(m, inputs, **kw):
     return m(**inputs, **kw).logits
 
 
+def pooled_projection(m, inputs: dict) -> torch.Tensor:
+    """The unwrapped model's own shuffled 4 x 4 features of every tile (what its projector reads), average-pooled 2 x 2
+    and projected: the embeddings ``pool avg budget 4`` must hand the LLM."""
+    seen = {}
+    h = m.model.multi_modal_projector.register_forward_pre_hook(lambda mod, a: seen.__setitem__("x", a[0]))
+    try:
+        logits(m, inputs)
+    finally:
+        h.remove()
+    x = seen["x"]  # (tiles, 16, 4C)
+    pooled = torch.nn.functional.avg_pool2d(x.transpose(1, 2).reshape(x.shape[0], -1, 4, 4), 2).flatten(2)
+    with torch.no_grad():
+        return m.model.multi_modal_projector(pooled.transpose(1, 2))
+
+
 def test_adapter_selected_and_geometry():
     ad = get_adapter(model())
     assert isinstance(ad, InternVLAdapter)
@@ -207,16 +222,7 @@ def test_vision_side_prompt_equals_processor_prompt_for_k_tokens():
     with vtc.compress(m, {"stages": [{"method": "pool", "mode": "avg", "budget": 4}]}):
         out = logits(m, inputs)
         seq = m.generate(**inputs, max_new_tokens=3, do_sample=False)
-    seen = {}
-    h = m.model.multi_modal_projector.register_forward_pre_hook(lambda mod, a: seen.__setitem__("x", a[0]))
-    try:
-        logits(m, inputs)  # unwrapped: the model's own shuffled features
-    finally:
-        h.remove()
-    x = seen["x"]  # (3, 16, 4C)
-    pooled = torch.nn.functional.avg_pool2d(x.transpose(1, 2).reshape(3, -1, 4, 4), 2).flatten(2).transpose(1, 2)
-    with torch.no_grad():
-        emb = m.model.multi_modal_projector(pooled)
+    emb = pooled_projection(m, inputs)  # (3 tiles x 4, D)
     small = _processor(per_tile=4)(images=roundtrip.random_image(40, 90), text=text, return_tensors="pt")
     assert int((small["input_ids"] == 5).sum()) == 12
     ref = scatter_logits(m, small["input_ids"], small["attention_mask"], emb, m.config.image_token_id)
@@ -325,16 +331,7 @@ def test_video_vision_side_prompt_equals_processor_prompt_for_k_tokens():
     with vtc.compress(m, {"stages": [{"method": "pool", "mode": "avg", "budget": 4}]}):
         out = logits(m, inputs)
         seq = m.generate(**inputs, **GEN)
-    seen = {}
-    h = m.model.multi_modal_projector.register_forward_pre_hook(lambda mod, a: seen.__setitem__("x", a[0]))
-    try:
-        logits(m, inputs)  # unwrapped: the model's own shuffled features, frames and tiles in prompt order
-    finally:
-        h.remove()
-    x = seen["x"]  # (6, 16, 4C)
-    pooled = torch.nn.functional.avg_pool2d(x.transpose(1, 2).reshape(6, -1, 4, 4), 2).flatten(2).transpose(1, 2)
-    with torch.no_grad():
-        emb = m.model.multi_modal_projector(pooled)
+    emb = pooled_projection(m, inputs)  # frames and tiles in prompt order
     small = _video_inputs(per_tile=4)
     assert (small["input_ids"] == 5).sum(-1).tolist() == [12, 12]
     ref = scatter_logits(m, small["input_ids"], small["attention_mask"], emb, m.config.image_token_id)
