@@ -328,3 +328,23 @@ def test_host_syncs_do_not_grow_with_depth():
             counts.append(mode.count)
             assert len(run.stats.tokens_per_layer) == layers - 1
     assert counts[0] == counts[1], counts
+
+
+@pytest.mark.parametrize("family", ["llava", "gemma3"])
+@pytest.mark.parametrize("side", ["vision", "llm"])
+def test_chunked_prefill_is_refused(family, side):
+    """A prefill split into chunks (``prefill_chunk_size``, as an argument or in the generation config) would score
+    and cut each chunk apart: refused with an error naming the field, the model left as it was."""
+    import copy
+
+    model, inputs = model_for(family), inputs_for(family)
+    before = model.generate(**inputs, **BASE)
+    with vtc.compress(model, {"stages": SIDES[side]}):
+        with pytest.raises(vtc.ConfigError, match="prefill_chunk_size=8"):
+            model.generate(**inputs, **BASE, prefill_chunk_size=8)
+        config = copy.deepcopy(model.generation_config)
+        config.prefill_chunk_size = 8
+        with pytest.raises(vtc.ConfigError, match="prefill_chunk_size=8"):
+            model.generate(**inputs, **BASE, generation_config=config)
+    assert "generate" not in vars(model) and not hasattr(model, "_vtc_run")
+    assert torch.equal(model.generate(**inputs, **BASE), before)

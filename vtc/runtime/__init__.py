@@ -102,8 +102,7 @@ class Run:
             for i, stage in enumerate(self.config.stages):
                 self.states[i] = stage.new_state()
                 self._handles.extend(stage.attach(view, self.states[i]))
-            if self.vision.stages:
-                self._handles.append(_InstanceAttr(self.model, "generate", self._wrap_generate(self.model.generate)))
+            self._handles.append(_InstanceAttr(self.model, "generate", self._wrap_generate(self.model.generate)))
             if self.llm.stages:
                 self._handles.append(_InstanceAttr(self.model, "_reorder_cache",
                                                    self._wrap_reorder(getattr(self.model, "_reorder_cache", None))))
@@ -262,7 +261,10 @@ class Run:
         def generate(*args, **kwargs):
             call = _bind_generate(signature, args, kwargs)
             input_ids = call.get("input_ids")
-            if input_ids is None or not run.adapter.has_visual_inputs(call):
+            visual = input_ids is not None and run.adapter.has_visual_inputs(call)
+            if visual:
+                _refuse_chunked_prefill(run.model, call)
+            if not visual or not run.vision.stages:
                 return original(*args, **kwargs)
             run.stats.begin_prefill()
             prompt = run._reduce_prompt(call)
@@ -297,6 +299,20 @@ class Run:
             return cache
 
         return _reorder_cache
+
+
+def _refuse_chunked_prefill(model: nn.Module, call: dict) -> None:
+    """vtc reduces the visual tokens in one prefill forward over the whole prompt: a prefill split into chunks
+    (``prefill_chunk_size``, a ``generate`` argument or a generation-config field) would score and cut each chunk
+    apart, so it is refused instead of giving wrong results."""
+    size = call.get("prefill_chunk_size")
+    if size is None:
+        config = call.get("generation_config") or getattr(model, "generation_config", None)
+        size = getattr(config, "prefill_chunk_size", None)
+    if size is not None:
+        raise ConfigError(f"generate: prefill_chunk_size={size} (chunked prefill) is not supported under vtc, which "
+                          "reduces the visual tokens in one prefill forward over the whole prompt; leave "
+                          "prefill_chunk_size unset (None)")
 
 
 def _bind_generate(signature: inspect.Signature, args: tuple, kwargs: dict) -> dict:
