@@ -13,7 +13,7 @@ What differs from LLaVA-NeXT (:mod:`vtc.models.llava_next`, whose geometry and p
   tokens and one newline (no anyres).
 - **Video.** ``pixel_values_videos`` (V, F, C, H, W): every frame goes through the tower and the projector, is
   bilinearly pooled 2x2 (``ceil(h / 2) x ceil(w / 2)``, the model's ``apply_pooling``), frames are concatenated
-  and **one** newline ends the video. A unit is one frame (``per: frame`` budgets, on both sides): vision-side
+  and **one** newline ends the video. A unit is one frame (budgets per frame, on both sides): vision-side
   units are the pooled frame grids, already in the LLM space (the pooling follows the projector, so there is no
   per-token vision feature of a pooled token; ``feature_space: vision`` works on them too, like Qwen's merged
   tokens). Their tower scores / keys are taken before the pooling (``h x w``) and mapped through the same
