@@ -4,8 +4,9 @@
 same :class:`Run` handle (``.remove()``). Everything vtc adds is per instance and listed in ``Run._handles``:
 forward pre-hooks on the model and on decoder layers, one forward hook, the family's own hooks
 (``ModelAdapter.attach``, e.g. Qwen3-VL's DeepStack under LLM-side stages), an instance-level ``generate`` wrapper
-(only for vision-side stages) and an instance-level ``_reorder_cache`` (only for LLM-side stages: beam search
-reorders vtc's per-row state with the cache), and, for Gemma 3 / Qwen3-VL vision-side stages on transformers 5.17,
+(it reduces the images for vision-side stages and refuses a chunked prefill of a prompt with images), an
+instance-level ``_reorder_cache`` (only for LLM-side stages: beam search reorders vtc's per-row state with the
+cache), and, for Gemma 3 / Qwen3-VL vision-side stages on transformers 5.17,
 an instance-level ``get_image_features`` (``get_video_features``) on the base model through which the reduced
 features are fed (:mod:`vtc.runtime.feed`).
 Removing them restores the model bit for bit, including a ``generate`` the user had set on the instance before.
